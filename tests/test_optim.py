@@ -1,0 +1,161 @@
+"""Optimisers (Adam groups, NT-ASGD), gradient clipping and AR/TAR."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ulmfit.optim import (
+    NTASGD,
+    OptimizerConfig,
+    clip_gradients,
+    make_optimizer,
+    swap_in_averaged,
+)
+from ulmfit.regularization import (
+    activation_regularization,
+    ar_tar_penalty,
+    temporal_activation_regularization,
+)
+
+# ------------------------------------------------------------------------------ AR / TAR
+
+
+def test_activation_regularization_on_a_hand_tensor() -> None:
+    dropped = torch.tensor([[[1.0, 0.0], [2.0, -1.0]]])  # (B=1, T=2, E=2)
+    # mean of squares = (1 + 0 + 4 + 1) / 4 = 1.5
+    assert float(activation_regularization(dropped, alpha=2.0)) == pytest.approx(3.0)
+    assert float(activation_regularization(dropped, alpha=0.0)) == 0.0
+
+
+def test_temporal_activation_regularization_on_a_hand_tensor() -> None:
+    raw = torch.tensor(
+        [[[0.0, 1.0], [1.0, 1.0], [3.0, 0.0]], [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0]]]
+    )  # (B=2, T=3, E=2)
+    # differences over time: row 0: (1,0), (2,-1) -> squares 1,0,4,1; row 1: all zero
+    # mean over B*(T-1)*E = 8 values = 6 / 8
+    assert float(temporal_activation_regularization(raw, beta=1.0)) == pytest.approx(0.75)
+    assert float(temporal_activation_regularization(raw[:, :1], beta=1.0)) == 0.0
+    assert float(ar_tar_penalty(raw, raw, alpha=2.0, beta=1.0)) == pytest.approx(
+        2.0 * raw.pow(2).mean().item() + 0.75
+    )
+
+
+def test_ar_tar_are_differentiable() -> None:
+    raw = torch.randn(2, 5, 3, requires_grad=True)
+    ar_tar_penalty(raw, raw * 0.5, alpha=2.0, beta=1.0).backward()
+    assert raw.grad is not None and raw.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ Adam
+
+
+def _two_groups() -> tuple[nn.Module, list]:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    return model, [(model[0].parameters(), 0.001), (model[1].parameters(), 0.01)]
+
+
+def test_make_optimizer_builds_one_group_per_layer_group() -> None:
+    _, groups = _two_groups()
+    optimizer = make_optimizer(groups, OptimizerConfig(betas=(0.7, 0.99), weight_decay=0.1))
+    assert isinstance(optimizer, torch.optim.AdamW)  # decoupled weight decay by default
+    assert [g["lr"] for g in optimizer.param_groups] == [0.001, 0.01]
+    assert optimizer.param_groups[0]["betas"] == (0.7, 0.99)
+    _, groups = _two_groups()
+    l2 = make_optimizer(groups, OptimizerConfig(decoupled_weight_decay=False))
+    assert type(l2) is torch.optim.Adam
+    _, groups = _two_groups()
+    assert isinstance(make_optimizer(groups, OptimizerConfig(name="ntasgd")), NTASGD)
+    with pytest.raises(ValueError):
+        OptimizerConfig(name="lamb")
+
+
+def test_clip_gradients_limits_the_global_norm() -> None:
+    layer = nn.Linear(4, 4)
+    layer.weight.grad = torch.full_like(layer.weight, 3.0)
+    layer.bias.grad = torch.full_like(layer.bias, 4.0)
+    before = (16 * 9 + 4 * 16) ** 0.5
+    assert clip_gradients(layer.parameters(), 0.3) == pytest.approx(before, rel=1e-6)
+    after = torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()
+    assert float(after) == pytest.approx(0.3, rel=1e-5)
+    assert clip_gradients(layer.parameters(), 0) == pytest.approx(0.3, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ NT-ASGD
+
+
+def test_ntasgd_triggers_only_after_n_non_improving_checks() -> None:
+    weight = nn.Parameter(torch.zeros(2))
+    optimizer = NTASGD([weight], lr=0.1, nonmono=3)
+    # improving checks never trigger
+    for value in [10.0, 9.0, 8.0, 7.0, 6.0]:
+        assert optimizer.check(value) is False
+    # worse than the last one but still better than the best of the checks > 3 ago: no trigger
+    assert optimizer.check(6.5) is False
+    # history[:-3] = [10, 9, 8]: 7.5 is worse than recent checks but beats 8, no trigger
+    assert optimizer.check(7.5) is False
+    # history [10, 9, 8, 7, 6, 6.5, 7.5]; history[:-3] = [10, 9, 8, 7] -> min 7; 7.2 > 7
+    assert optimizer.check(7.2) is True
+    assert optimizer.triggered
+
+
+def test_ntasgd_needs_more_than_n_checks_before_it_can_trigger() -> None:
+    optimizer = NTASGD([nn.Parameter(torch.zeros(1))], lr=0.1, nonmono=5)
+    for value in [1.0, 2.0, 3.0, 4.0, 5.0]:
+        assert optimizer.check(value) is False  # only 0..4 earlier checks: too few
+    assert optimizer.check(6.0) is False  # 5 earlier checks: none is more than 5 checks ago
+    assert optimizer.check(7.0) is True  # 6 earlier checks: min(history[:-5]) = 1.0 < 7
+
+
+def test_ntasgd_is_plain_sgd_then_averages_every_later_step() -> None:
+    weight = nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = NTASGD([weight], lr=0.5, nonmono=1)
+    gradients = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([-1.0, 1.0])]
+
+    weight.grad = gradients[0].clone()
+    optimizer.step()  # plain SGD: w -= lr * g
+    assert torch.equal(weight.detach(), torch.tensor([0.5, -2.0]))
+    assert "average" not in optimizer.state[weight]
+
+    optimizer.check(1.0)
+    optimizer.check(0.5)
+    assert optimizer.check(2.0) is True  # 2.0 > min([1.0])
+
+    after = []
+    for gradient in gradients[1:]:
+        weight.grad = gradient.clone()
+        optimizer.step()
+        after.append(weight.detach().clone())
+    expected_average = torch.stack(after).mean(0)  # 1/(K-T+1) * sum_{i=T..K} w_i
+    assert torch.allclose(optimizer.state[weight]["average"], expected_average)
+
+    raw = weight.detach().clone()
+    with swap_in_averaged(optimizer):
+        assert torch.allclose(weight.detach(), expected_average)
+    assert torch.equal(weight.detach(), raw)
+
+
+def test_ntasgd_state_dict_round_trip_keeps_history_and_average() -> None:
+    weight = nn.Parameter(torch.tensor([1.0, 2.0]))
+    optimizer = NTASGD([weight], lr=0.1, nonmono=1, weight_decay=0.01)
+    for value in [3.0, 2.0, 4.0]:
+        optimizer.check(value)
+    weight.grad = torch.ones(2)
+    optimizer.step()
+    state = optimizer.state_dict()
+
+    other_weight = nn.Parameter(weight.detach().clone())
+    restored = NTASGD([other_weight], lr=0.1, nonmono=5)
+    restored.load_state_dict(state)
+    assert restored.triggered and restored.history == [3.0, 2.0, 4.0]
+    assert restored.nonmono == 1 and restored.averaged_steps == 1
+    assert torch.equal(restored.state[other_weight]["average"], optimizer.state[weight]["average"])
+
+
+def test_swap_in_averaged_is_a_no_op_for_adam() -> None:
+    model, groups = _two_groups()
+    optimizer = make_optimizer(groups, OptimizerConfig())
+    before = [p.detach().clone() for p in model.parameters()]
+    with swap_in_averaged(optimizer):
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -1,0 +1,90 @@
+"""STLR, discriminative learning rates and gradual unfreezing (ULMFiT sections 3.2-3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ulmfit.schedule import (
+    constant,
+    discriminative_lrs,
+    gradual_unfreezing_stages,
+    one_cycle,
+    stlr,
+)
+
+
+def paper_stlr(t: int, total: int, lr_max: float, cut_frac: float, ratio: float) -> float:
+    """Eq. 3 of the paper, written out independently of the implementation."""
+    cut = math.floor(total * cut_frac)
+    p = t / cut if t < cut else 1 - (t - cut) / (cut * (1 / cut_frac - 1))
+    return lr_max * (1 + p * (ratio - 1)) / ratio
+
+
+@pytest.mark.parametrize("total", [1000, 1234, 50])
+def test_stlr_matches_the_formula_at_start_cut_and_end(total: int) -> None:
+    lr_max, cut_frac, ratio = 0.01, 0.1, 32.0
+    cut = math.floor(total * cut_frac)
+    assert stlr(0, total, lr_max=lr_max) == pytest.approx(lr_max / ratio, rel=1e-12)
+    assert stlr(cut, total, lr_max=lr_max) == pytest.approx(lr_max, rel=1e-12)
+    expected_end = max(paper_stlr(total, total, lr_max, cut_frac, ratio), lr_max / ratio)
+    assert stlr(total, total, lr_max=lr_max) == pytest.approx(expected_end, rel=1e-12)
+    for t in range(0, total + 1, max(1, total // 37)):
+        expected = max(paper_stlr(t, total, lr_max, cut_frac, ratio), lr_max / ratio)
+        assert stlr(t, total, lr_max=lr_max, cut_frac=cut_frac, ratio=ratio) == pytest.approx(
+            expected, rel=1e-12
+        )
+
+
+def test_stlr_end_is_exactly_lr_over_ratio_when_cut_is_whole() -> None:
+    assert stlr(1000, 1000, lr_max=0.01) == pytest.approx(0.01 / 32, rel=1e-12)
+
+
+def test_stlr_rises_then_falls() -> None:
+    values = [stlr(t, 200, lr_max=1.0) for t in range(201)]
+    peak = values.index(max(values))
+    assert peak == 20
+    assert all(a < b for a, b in zip(values[:peak], values[1 : peak + 1], strict=True))
+    assert all(a > b for a, b in zip(values[peak:-1], values[peak + 1 :], strict=True))
+
+
+def test_stlr_too_few_steps_for_a_warm_up_still_decays() -> None:
+    values = [stlr(t, 5, lr_max=1.0) for t in range(6)]
+    assert values[0] == pytest.approx(1.0)
+    assert values[-1] == pytest.approx(1 / 32)
+    assert values == sorted(values, reverse=True)
+
+
+def test_stlr_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        stlr(0, 0, lr_max=1.0)
+    with pytest.raises(ValueError):
+        stlr(0, 10, lr_max=1.0, cut_frac=1.0)
+
+
+def test_constant_and_one_cycle() -> None:
+    assert constant(17, 100, lr_max=0.3) == 0.3
+    assert one_cycle(0, 100, lr_max=1.0) == pytest.approx(1 / 25)
+    assert one_cycle(25, 100, lr_max=1.0) == pytest.approx(1.0)
+    assert one_cycle(100, 100, lr_max=1.0) == pytest.approx(1e-5)
+
+
+def test_discriminative_lrs_are_in_ratio_2_6_lowest_first() -> None:
+    lrs = discriminative_lrs(0.01, 5)
+    assert lrs[-1] == 0.01
+    for lower, upper in zip(lrs[:-1], lrs[1:], strict=True):
+        assert upper / lower == pytest.approx(2.6, rel=1e-12)
+    assert lrs[0] == pytest.approx(0.01 / 2.6**4, rel=1e-12)
+    assert discriminative_lrs(0.01, 3, factor=1.0) == [0.01, 0.01, 0.01]
+
+
+def test_gradual_unfreezing_stages_unfreeze_one_more_group_from_the_top() -> None:
+    assert gradual_unfreezing_stages(5) == [
+        [4],
+        [3, 4],
+        [2, 3, 4],
+        [1, 2, 3, 4],
+        [0, 1, 2, 3, 4],
+    ]
+    assert gradual_unfreezing_stages(1) == [[0]]

@@ -1,0 +1,240 @@
+"""Optimisers: Adam for fine-tuning (ULMFiT section 4) and NT-ASGD for pretraining.
+
+* ULMFiT fine-tunes with Adam, betas (0.7, 0.99) in the paper (0.8 in its scripts), one
+  parameter group per layer group so that discriminative learning rates (paper eq. 2) are just
+  per-group ``lr`` values. Weight decay is *decoupled* by default (AdamW, Loshchilov & Hutter
+  2019), as fastai applies it ("true weight decay"); ``decoupled_weight_decay=False`` gives the
+  classic L2 penalty added to the gradient instead.
+* NT-ASGD is the optimiser of the AWD-LSTM paper (Merity et al. 2017, section 3): plain SGD
+  until the validation metric fails to improve on the best value seen more than ``nonmono``
+  checks ago; from then on it keeps the running average of the weights after every step,
+  ``w = 1/(K-T+1) * sum_{i=T..K} w_i``, and evaluation and saving use that average
+  (:func:`swap_in_averaged`). Its weight decay is L2, as in the AWD-LSTM code.
+
+Gradient clipping by global norm (0.3 for the LM, 25 for the classifier in the paper's scripts)
+is :func:`clip_gradients`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """What :func:`make_optimizer` builds.
+
+    name: ``"adam"`` (fine-tuning) or ``"ntasgd"`` (AWD-LSTM pretraining).
+    betas, eps: Adam's moment decay rates and denominator term.
+    weight_decay: decay strength; decoupled (AdamW) for Adam unless
+        ``decoupled_weight_decay`` is false, always L2 for NT-ASGD.
+    momentum: SGD momentum for NT-ASGD (0 in the AWD-LSTM paper).
+    nonmono: NT-ASGD's patience ``n``, counted in validation checks.
+    """
+
+    name: str = "adam"
+    betas: tuple[float, float] = (0.8, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    decoupled_weight_decay: bool = True
+    momentum: float = 0.0
+    nonmono: int = 5
+
+    def __post_init__(self) -> None:
+        if self.name not in ("adam", "ntasgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.name!r}")
+
+
+ParamGroups = Sequence[dict[str, Any]] | Sequence[tuple[Iterable[nn.Parameter], float]]
+
+
+def _as_param_groups(groups: ParamGroups) -> list[dict[str, Any]]:
+    """Accept ``[{"params": ..., "lr": ...}, ...]`` or ``[(params, lr), ...]``."""
+    result = []
+    for group in groups:
+        if isinstance(group, dict):
+            result.append({**group, "params": list(group["params"])})
+        else:
+            params, lr = group
+            result.append({"params": list(params), "lr": float(lr)})
+    return result
+
+
+def make_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """Build the optimiser with one parameter group per layer group (lowest first).
+
+    ``groups`` pairs each layer group's parameters with its learning rate; the training loop
+    rewrites each group's ``lr`` every step (STLR times the discriminative factor).
+    """
+    param_groups = _as_param_groups(groups)
+    if cfg.name == "ntasgd":
+        return NTASGD(
+            param_groups,
+            lr=param_groups[0]["lr"],
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            nonmono=cfg.nonmono,
+        )
+    adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
+    # foreach=False keeps the per-parameter update order fixed, which the bit-identical
+    # resume test relies on; on CUDA the multi-tensor path is much faster and still
+    # deterministic for a given device, so it is used there.
+    on_cuda = any(p.is_cuda for g in param_groups for p in g["params"])
+    return adam(
+        param_groups,
+        lr=param_groups[0]["lr"],
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        foreach=on_cuda,
+    )
+
+
+def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; return the norm before.
+
+    ``None`` or ``0`` disables clipping but still reports the norm (useful for logging).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    if not max_norm:
+        norms = torch.stack([p.grad.detach().float().norm() for p in params])
+        return float(norms.norm())
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class NTASGD(torch.optim.Optimizer):
+    """Non-monotonically triggered averaged SGD (Merity et al. 2017, algorithm 1).
+
+    Call :meth:`step` every training step and :meth:`check` with the validation metric
+    (lower is better, e.g. perplexity) every evaluation. Once triggered, every later step adds
+    the new weights to a running average kept in the optimiser state (so it is checkpointed
+    with ``state_dict``). Use :meth:`swap_in_averaged` to evaluate or save the average.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        nonmono: int = 5,
+    ) -> None:
+        if lr < 0:
+            raise ValueError(f"learning rate must be non-negative, got {lr}")
+        if nonmono < 1:
+            raise ValueError(f"nonmono must be at least 1, got {nonmono}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
+        self.nonmono = nonmono
+        self.history: list[float] = []  # validation metric of every check, oldest first
+        self.triggered = False
+        self.averaged_steps = 0  # K - T + 1 once triggered
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if group["weight_decay"]:
+                    grad = grad.add(param, alpha=group["weight_decay"])  # L2, as AWD-LSTM
+                if group["momentum"]:
+                    state = self.state[param]
+                    buffer = state.get("momentum_buffer")
+                    if buffer is None:
+                        buffer = state["momentum_buffer"] = grad.clone()
+                    else:
+                        buffer.mul_(group["momentum"]).add_(grad)
+                    grad = buffer
+                param.add_(grad, alpha=-group["lr"])
+        if self.triggered:
+            self.averaged_steps += 1
+            weight = 1.0 / self.averaged_steps
+            for group in self.param_groups:
+                for param in group["params"]:
+                    state = self.state[param]
+                    if "average" not in state:
+                        state["average"] = param.detach().clone()
+                    else:
+                        # running mean: avg_k = avg_{k-1} + (w_k - avg_{k-1}) / k
+                        state["average"].add_(param.detach() - state["average"], alpha=weight)
+        return loss
+
+    def check(self, metric: float) -> bool:
+        """Record a validation metric; switch to averaging when it stops improving.
+
+        Triggers when more than ``nonmono`` earlier checks exist and ``metric`` is worse than
+        the best of the checks made more than ``nonmono`` checks ago (AWD-LSTM's
+        ``val_loss > min(best_val_loss[:-nonmono])``). Returns whether averaging is on.
+        """
+        metric = float(metric)
+        if (
+            not self.triggered
+            and len(self.history) > self.nonmono
+            and metric > min(self.history[: -self.nonmono])
+        ):
+            self.triggered = True
+        self.history.append(metric if math.isfinite(metric) else float("inf"))
+        return self.triggered
+
+    @contextlib.contextmanager
+    def swap_in_averaged(self) -> Iterator[None]:
+        """Temporarily replace the weights with their average (no-op before the trigger)."""
+        swapped = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                for param in group["params"]:
+                    average = self.state[param].get("average") if param in self.state else None
+                    if average is not None:
+                        current = param.detach().clone()
+                        param.copy_(average)
+                        swapped.append((param, current))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, current in swapped:
+                    param.copy_(current)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["ntasgd"] = {
+            "history": list(self.history),
+            "triggered": self.triggered,
+            "averaged_steps": self.averaged_steps,
+            "nonmono": self.nonmono,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("ntasgd")
+        super().load_state_dict(state_dict)
+        self.history = [float(x) for x in extra["history"]]
+        self.triggered = bool(extra["triggered"])
+        self.averaged_steps = int(extra["averaged_steps"])
+        self.nonmono = int(extra["nonmono"])
+
+
+@contextlib.contextmanager
+def swap_in_averaged(optimizer: torch.optim.Optimizer | None) -> Iterator[None]:
+    """Evaluate or save with NT-ASGD's averaged weights; a no-op for every other optimiser."""
+    if isinstance(optimizer, NTASGD):
+        with optimizer.swap_in_averaged():
+            yield
+    else:
+        yield
