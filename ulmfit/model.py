@@ -1,0 +1,454 @@
+"""AWD-LSTM language model and BPT3C pooling classifier.
+
+Implements the model of ULMFiT (Howard & Ruder, 2018): section 3.1 (the AWD-LSTM of Merity et
+al., 2017, with its embedding dropout, locked dropout and DropConnect on the hidden-to-hidden
+weights, and a decoder tied to the embedding) and section 3.3 (the classifier: concat pooling,
+two batch-norm/dropout/linear blocks, and BPT3C, "backpropagation through time for text
+classification").
+
+State goes in and comes out: no module stores a hidden state. All tensors are batch-first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ulmfit.config import from_dict
+
+State = tuple[tuple[Tensor, Tensor], ...]  # per layer (h, c), each (1, B, H_layer)
+
+
+@dataclass(frozen=True)
+class AWDLSTMConfig:
+    """Sizes and dropouts of the AWD-LSTM (defaults: the AWD-LSTM paper's word-level model)."""
+
+    vocab_size: int
+    embed_size: int = 400
+    hidden_size: int = 1150  # fastai uses 1152; any size works
+    num_layers: int = 3
+    pad_id: int = 1
+    embed_dropout: float = 0.1  # whole words dropped from the embedding matrix
+    input_dropout: float = 0.6  # locked dropout on the embedded input
+    hidden_dropout: float = 0.2  # locked dropout between LSTM layers
+    weight_dropout: float = 0.5  # DropConnect on each layer's weight_hh
+    output_dropout: float = 0.1  # locked dropout before the decoder
+    tie_weights: bool = True
+    out_bias: bool = True
+
+    def scaled(self, multiplier: float) -> AWDLSTMConfig:
+        """All five dropouts times ``multiplier`` (the ULMFiT scripts' ``drop_mult``)."""
+        names = ("embed_dropout", "input_dropout", "hidden_dropout", "weight_dropout")
+        changes = {name: getattr(self, name) * multiplier for name in names}
+        changes["output_dropout"] = self.output_dropout * multiplier
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """An AWD-LSTM encoder with the pooling head of ULMFiT section 3.2, run with BPT3C."""
+
+    encoder: AWDLSTMConfig
+    num_classes: int
+    head_hidden: int = 50
+    head_dropouts: tuple[float, float] = (0.4, 0.1)
+    bptt: int = 70  # BPT3C chunk length
+    max_len: int = 1400  # gradients flow through (at least) the last max_len tokens of a batch
+
+
+# ----------------------------------------------------------------------------- regularisers
+
+
+class RNNDropout(nn.Module):
+    """Locked (variational) dropout: one mask per sequence, the same at every time step."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, T, E)
+        if not self.training or self.p == 0.0:
+            return x
+        mask = x.new_empty(x.size(0), 1, x.size(2)).bernoulli_(1 - self.p)  # (B, 1, E)
+        return x * mask.div_(1 - self.p)
+
+
+class EmbeddingDropout(nn.Module):
+    """Drops whole words: rows of the embedding matrix are zeroed, the rest rescaled.
+
+    Scaling the looked-up rows by ``mask[tokens]`` equals looking up in ``weight * mask`` but
+    never materialises a (V, E) copy of the matrix, so a word that is dropped is dropped at every
+    position of the batch, at the cost of only (B, T) mask look-ups.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, tokens: Tensor, embedding: nn.Embedding) -> Tensor:  # tokens: (B, T)
+        embedded = embedding(tokens)  # (B, T, E)
+        if not self.training or self.p == 0.0:
+            return embedded
+        weight = embedding.weight
+        keep = weight.new_empty(weight.size(0)).bernoulli_(1 - self.p).div_(1 - self.p)  # (V,)
+        return embedded * keep[tokens].unsqueeze(-1)
+
+
+class WeightDropout(nn.Module):
+    """DropConnect on a weight matrix: a fresh mask every call, the identity in eval mode.
+
+    It returns a new tensor computed from the raw parameter, so the gradient reaches the raw
+    weight and the caller can hand plain tensors to the fused LSTM kernel (see `LSTMLayer`).
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return F.dropout(weight, self.p, self.training) if self.p > 0 else weight
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+class LSTMLayer(nn.Module):
+    """A single-layer LSTM with weight dropout on ``weight_hh``, called functionally.
+
+    fastai swaps a dropped weight into an ``nn.LSTM`` with ``setattr`` and silences the cuDNN
+    warning that follows. Here the layer owns its raw parameters and calls the same fused kernel
+    (``torch._VF.lstm``: cuDNN on GPU, oneDNN on CPU) with the dropped weight. On CUDA the four
+    tensors are laid out in one contiguous buffer, the layout cuDNN expects, so it uses them
+    without a copy or a warning.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, weight_dropout: float) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size))
+        self.weight_dropout = WeightDropout(weight_dropout)
+        bound = hidden_size**-0.5  # nn.LSTM's initialisation
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def flat_weights(self) -> list[Tensor]:
+        """``[weight_ih, dropped weight_hh, bias_ih, bias_hh]`` as the LSTM kernel takes them."""
+        weights = [self.weight_ih, self.weight_dropout(self.weight_hh), self.bias_ih, self.bias_hh]
+        if self.weight_ih.is_cuda:  # one buffer, views in cuDNN's order: no per-call compaction
+            flat = torch.cat([w.reshape(-1) for w in weights])
+            weights = [
+                v.view_as(w)
+                for v, w in zip(flat.split([w.numel() for w in weights]), weights, strict=True)
+            ]
+        return weights
+
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # x: (B, T, I); state: h, c each (1, B, H)
+        output, h, c = torch._VF.lstm(
+            x, state, self.flat_weights(), True, 1, 0.0, self.training, False, True
+        )  # has_biases, num_layers, dropout, train, bidirectional, batch_first
+        return output, (h, c)  # (B, T, H)
+
+
+class AWDLSTM(nn.Module):
+    """Embedding and a stack of single-layer LSTMs (400 -> 1150 -> 1150 -> 400 by default).
+
+    The last layer outputs ``embed_size`` so that the decoder can share the embedding matrix.
+    """
+
+    def __init__(self, cfg: AWDLSTMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.embed_size, padding_idx=cfg.pad_id)
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)  # as fastai and awd-lstm-lm
+        self.embed_dropout = EmbeddingDropout(cfg.embed_dropout)
+        self.input_dropout = RNNDropout(cfg.input_dropout)
+        sizes = [cfg.embed_size] + [cfg.hidden_size] * (cfg.num_layers - 1) + [cfg.embed_size]
+        self.layers = nn.ModuleList(
+            LSTMLayer(sizes[i], sizes[i + 1], cfg.weight_dropout) for i in range(cfg.num_layers)
+        )
+        self.hidden_dropouts = nn.ModuleList(
+            RNNDropout(cfg.hidden_dropout) for _ in range(cfg.num_layers - 1)
+        )
+
+    def init_state(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> State:
+        """Zero state, one ``(h, c)`` pair of shape (1, B, H_layer) per layer."""
+        weight = self.embedding.weight
+        device, dtype = device or weight.device, dtype or weight.dtype
+        return tuple(
+            (torch.zeros(1, batch_size, layer.hidden_size, device=device, dtype=dtype),) * 2
+            for layer in self.layers
+        )
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        # tokens: (B, T) -> raw last-layer output (B, T, E) and the new state
+        if state is None:
+            state = self.init_state(tokens.size(0), tokens.device)
+        x = self.input_dropout(self.embed_dropout(tokens, self.embedding))  # (B, T, E)
+        new_state = []
+        for i, (layer, layer_state) in enumerate(zip(self.layers, state, strict=True)):
+            x, layer_state = layer(x, layer_state)  # (B, T, H_i)
+            new_state.append(layer_state)
+            if i < len(self.hidden_dropouts):
+                x = self.hidden_dropouts[i](x)
+        return x, tuple(new_state)
+
+
+def detach_state(state: State) -> State:
+    """Cut the graph between two BPTT windows while keeping the values."""
+    return tuple((h.detach(), c.detach()) for h, c in state)
+
+
+# ----------------------------------------------------------------------------- language model
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    raw: Tensor  # (B, T, E) last-layer output before output dropout (for TAR)
+    dropped: Tensor  # (B, T, E) the same after output dropout (for AR)
+    state: State
+
+
+class LMLoss(NamedTuple):
+    loss: Tensor  # scalar mean cross entropy
+    raw: Tensor  # (B, T, E)
+    dropped: Tensor  # (B, T, E)
+    state: State
+
+
+class LanguageModel(nn.Module):
+    """AWD-LSTM encoder, output locked dropout and a linear decoder tied to the embedding."""
+
+    def __init__(self, cfg: AWDLSTMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = AWDLSTM(cfg)
+        self.output_dropout = RNNDropout(cfg.output_dropout)
+        self.decoder = nn.Linear(cfg.embed_size, cfg.vocab_size, bias=cfg.out_bias)
+        if cfg.out_bias:
+            nn.init.zeros_(self.decoder.bias)
+        if cfg.tie_weights:  # the same Parameter, hence the same storage
+            self.decoder.weight = self.encoder.embedding.weight
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> LMOutput:
+        raw, state = self.encoder(tokens, state)  # (B, T, E)
+        dropped = self.output_dropout(raw)
+        return LMOutput(self.decoder(dropped), raw, dropped, state)  # logits (B, T, V)
+
+    def forward_loss(self, tokens: Tensor, targets: Tensor, state: State | None = None) -> LMLoss:
+        """Mean cross entropy of next-token prediction without materialising all the logits.
+
+        Same value and gradients as ``F.cross_entropy(forward(...).logits, targets)``, computed
+        in row chunks by `decoder_cross_entropy` (faster on CPU, far less memory).
+        """
+        raw, state = self.encoder(tokens, state)
+        dropped = self.output_dropout(raw)
+        loss = decoder_cross_entropy(
+            dropped.reshape(-1, dropped.size(-1)),
+            self.decoder.weight,
+            self.decoder.bias,
+            targets.reshape(-1),
+        )
+        return LMLoss(loss, raw, dropped, state)
+
+
+class _DecoderCrossEntropy(torch.autograd.Function):
+    """Linear decoder + softmax cross entropy, fused and chunked over rows.
+
+    The (N, V) logits never exist in full: each chunk's logits are turned into the gradient
+    ``softmax - one_hot`` in place while they are still in cache, and the input and weight
+    gradients are accumulated right away. The backward pass then only scales them. Everything
+    runs in the dtype of ``hidden`` (bf16/fp16 under autocast); logits and the loss in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):  # hidden (N, E), targets (N,)
+        n, dtype = hidden.size(0), hidden.dtype
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_grad = need_hidden or need_weight or need_bias
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = torch.zeros_like(bias) if need_bias else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_rows):
+                h = hidden[start : start + chunk_rows]  # (n_c, E)
+                y = targets[start : start + chunk_rows]  # (n_c,)
+                logits = F.linear(h, w, b).float()  # (n_c, V)
+                lse = torch.logsumexp(logits, dim=1)  # (n_c,)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not need_grad:
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad = grad.div_(n).to(dtype)  # d(mean loss) / d(logits), (n_c, V)
+                if need_hidden:
+                    torch.mm(grad, w, out=grad_hidden[start : start + chunk_rows])
+                if need_weight and dtype == weight.dtype:
+                    grad_weight.addmm_(grad.t(), h)
+                elif need_weight:
+                    grad_weight += torch.mm(grad.t(), h)
+                if need_bias:
+                    grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
+        return *grads, None, None
+
+
+def decoder_cross_entropy(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 1024
+) -> Tensor:
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` chunked (hidden (N, E))."""
+    return _DecoderCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+
+def masked_concat_pool(outputs: Tensor, lengths: Tensor) -> Tensor:
+    """``[h_last, max over time, mean over time]`` of the real (unpadded) steps.
+
+    outputs: (B, T, E) right-padded; lengths: (B,) >= 1 -> (B, 3E). Padding never enters.
+    """
+    steps = torch.arange(outputs.size(1), device=outputs.device)
+    real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
+    last = outputs[torch.arange(outputs.size(0), device=outputs.device), lengths - 1]  # (B, E)
+    max_pool = outputs.masked_fill(~real, float("-inf")).amax(dim=1)  # (B, E)
+    mean_pool = outputs.masked_fill(~real, 0.0).sum(dim=1) / lengths[:, None].to(outputs.dtype)
+    return torch.cat([last, max_pool, mean_pool], dim=1)
+
+
+class PoolingClassifierHead(nn.Module):
+    """BatchNorm -> Dropout -> Linear -> ReLU -> BatchNorm -> Dropout -> Linear (section 3.2)."""
+
+    def __init__(
+        self, in_features: int, hidden: int, num_classes: int, dropouts: tuple[float, float]
+    ) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.BatchNorm1d(in_features),
+            nn.Dropout(dropouts[0]),
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Dropout(dropouts[1]),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, pooled: Tensor) -> Tensor:  # (B, 3E) -> logits (B, C)
+        return self.layers(pooled)
+
+
+class SequenceClassifier(nn.Module):
+    """AWD-LSTM encoder run with BPT3C, masked concat pooling and the pooling head."""
+
+    def __init__(self, cfg: ClassifierConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = AWDLSTM(cfg.encoder)
+        self.head = PoolingClassifierHead(
+            3 * cfg.encoder.embed_size, cfg.head_hidden, cfg.num_classes, cfg.head_dropouts
+        )
+
+    def pooled_features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> (B, 3E).
+
+        The batch runs in chunks of ``bptt`` with the state carried from chunk to chunk. Max,
+        sum and the last real output are accumulated across chunks, masked per document, so
+        padding never enters the pooled features. Chunks entirely before the last ``max_len``
+        tokens of the batch run without a graph (their contributions enter as constants,
+        bounding memory); from there on gradients flow through the chunks and the carried state.
+        """
+        batch_size, total = tokens.shape
+        lengths = lengths.to(tokens.device)
+        longest = int(lengths.max())
+        window_start = max(0, longest - self.cfg.max_len)
+        state = self.encoder.init_state(batch_size, tokens.device)
+        batch_index = torch.arange(batch_size, device=tokens.device)
+        running_max = running_sum = last = None
+        entered_window = False
+        for start in range(0, longest, self.cfg.bptt):
+            chunk = tokens[:, start : start + self.cfg.bptt]  # (B, t)
+            in_window = start + chunk.size(1) > window_start
+            if in_window and not entered_window:
+                state, entered_window = detach_state(state), True
+            with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
+                output, state = self.encoder(chunk, state)  # (B, t, E)
+                steps = start + torch.arange(chunk.size(1), device=tokens.device)
+                real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, t, 1)
+                chunk_max = output.masked_fill(~real, float("-inf")).amax(dim=1)  # (B, E)
+                chunk_sum = output.masked_fill(~real, 0.0).sum(dim=1)  # (B, E)
+                offset = (lengths - 1 - start).clamp(0, chunk.size(1) - 1)  # (B,)
+                ends_here = ((lengths - 1 - start) >= 0) & ((lengths - 1 - start) < chunk.size(1))
+                chunk_last = output[batch_index, offset]  # (B, E)
+                if running_max is None:
+                    running_max, running_sum, last = chunk_max, chunk_sum, chunk_last
+                else:
+                    running_max = torch.maximum(running_max, chunk_max)
+                    running_sum = running_sum + chunk_sum
+                    last = torch.where(ends_here[:, None], chunk_last, last)
+        mean = running_sum / lengths[:, None].to(running_sum.dtype)
+        return torch.cat([last, running_max, mean], dim=1)
+
+    def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # (B, T), (B,) -> (B, C)
+        return self.head(self.pooled_features(tokens, lengths))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Parameter groups for discriminative learning rates, lowest first.
+
+    LM: one group per LSTM layer, then embedding + decoder (fastai's ``awd_lstm_lm_split``).
+    Classifier: embedding, one group per LSTM layer, then the head.
+    """
+
+    def unique(params) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for p in params:
+            seen.setdefault(id(p), p)  # the tied decoder weight appears once
+        return list(seen.values())
+
+    if isinstance(model, LanguageModel):
+        layers = [list(layer.parameters()) for layer in model.encoder.layers]
+        return [
+            *layers,
+            unique([*model.encoder.embedding.parameters(), *model.decoder.parameters()]),
+        ]
+    if isinstance(model, SequenceClassifier):
+        layers = [list(layer.parameters()) for layer in model.encoder.layers]
+        return [list(model.encoder.embedding.parameters()), *layers, list(model.head.parameters())]
+    raise TypeError(
+        f"layer_groups: expected LanguageModel or SequenceClassifier, got {type(model).__name__}"
+    )
+
+
+def build_model(kind: str, config_dict: dict[str, Any]) -> nn.Module:
+    """Rebuild a model from the config dict stored in a checkpoint (``to_dict(cfg)``)."""
+    if kind == "lm":
+        return LanguageModel(from_dict(AWDLSTMConfig, config_dict, where="model"))
+    if kind == "classifier":
+        return SequenceClassifier(from_dict(ClassifierConfig, config_dict, where="model"))
+    raise ValueError(f"build_model: kind must be 'lm' or 'classifier', got {kind!r}")
