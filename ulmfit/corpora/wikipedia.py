@@ -1,0 +1,374 @@
+"""General-domain text for LM pretraining (Howard & Ruder 2018, Section 3.1): Wikipedia dumps in
+any language, WikiText-103 (the paper's corpus) and WikiExtractor output.
+
+Dumps are tens of gigabytes of bz2 XML, so they are parsed as a stream: ``iterparse`` yields
+one ``<page>`` at a time and the tree is cleared behind it, keeping memory flat. Only the
+article namespace (0) is kept and redirects are skipped. Markup is stripped with
+``mwparserfromhell``, a maintained parser of real wikicode (templates, nested links, tables,
+tags), rather than regular expressions that break on nesting: templates, references, tables and
+file/category links are removed, link text is kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import random
+import re
+import xml.etree.ElementTree as ElementTree
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import mwparserfromhell
+import numpy as np
+from mwparserfromhell.nodes import Comment, Tag, Template, Wikilink
+
+from ulmfit.config import to_dict
+from ulmfit.corpora.archive import ExtractLimits, open_stream, sniff_format
+from ulmfit.corpora.download import ConsoleProgress, Progress
+from ulmfit.corpora.output import ArticleWriter, staged_directory, write_json
+from ulmfit.corpora.repairs import Repairs, decoded_lines
+from ulmfit.corpora.sources import (
+    FASTAI_NLP,
+    InputLog,
+    WikipediaSource,
+    fetch,
+    unpack,
+    wikipedia_dump_url,
+)
+from ulmfit.corpora.splits import length_stats
+from ulmfit.errors import InputError
+
+WIKITEXT103_URL = f"{FASTAI_NLP}/wikitext-103.tgz"
+
+#: Tags whose whole content is dropped (citations, tables, galleries, formulas).
+_DROP_TAGS = {
+    "ref",
+    "references",
+    "table",
+    "gallery",
+    "math",
+    "timeline",
+    "imagemap",
+    "score",
+    "syntaxhighlight",
+    "source",
+    "code",
+    "pre",
+}
+_INTERWIKI = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)*:")
+_BLANK_RUNS = re.compile(r"\n{3,}")
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def iter_dump_pages(path: Path, counts: Counter) -> Iterator[tuple[str, str, dict[int, str]]]:
+    """``(title, wikitext, namespace names)`` for each article page of a MediaWiki XML dump.
+
+    Non-article namespaces and redirects are counted in ``counts`` and skipped.
+    """
+    namespaces: dict[int, str] = {}
+    with open_stream(path) as stream:
+        events = ElementTree.iterparse(stream, events=("start", "end"))
+        try:
+            _, root = next(events)
+            title, ns, redirect, text = "", "0", False, ""
+            for event, elem in events:
+                if event != "end":
+                    continue
+                tag = _local(elem.tag)
+                if tag == "namespace":
+                    namespaces[int(elem.get("key", "0"))] = elem.text or ""
+                elif tag == "title":
+                    title = elem.text or ""
+                elif tag == "ns":
+                    ns = (elem.text or "0").strip()
+                elif tag == "redirect":
+                    redirect = True
+                elif tag == "text":
+                    text = elem.text or ""
+                elif tag == "page":
+                    if ns != "0":
+                        counts["skipped_namespace"] += 1
+                    elif redirect or text.lstrip().lower().startswith("#redirect"):
+                        counts["skipped_redirect"] += 1
+                    else:
+                        yield title, text, namespaces
+                    title, ns, redirect, text = "", "0", False, ""
+                    root.clear()  # drop the finished page: memory stays flat
+        except ElementTree.ParseError as err:
+            line = err.position[0] if err.position else None
+            raise InputError(
+                path,
+                f"malformed XML ({err})",
+                line=line,
+                fix="the dump is truncated or damaged: download it again",
+            ) from err
+
+
+def strip_wikicode(text: str, namespaces: dict[int, str] | None = None) -> str:
+    """Plain text of a wiki article: link text kept; templates, refs, tables, comments and
+    file/category/interlanguage links removed."""
+    namespaces = namespaces or {}
+    drop_prefixes = {
+        "file",
+        "image",
+        "category",
+        namespaces.get(6, "").lower(),
+        namespaces.get(14, "").lower(),
+    } - {""}
+    code = mwparserfromhell.parse(text)
+    doomed = []
+    for node in code.ifilter(recursive=True):
+        if (
+            isinstance(node, Template | Comment)
+            or isinstance(node, Tag)
+            and str(node.tag).lower() in _DROP_TAGS
+        ):
+            doomed.append(node)
+        elif isinstance(node, Wikilink):
+            target = str(node.title).strip()
+            prefix = target.lstrip(":").split(":", 1)[0].strip().lower() if ":" in target else ""
+            if prefix in drop_prefixes or _INTERWIKI.match(target):
+                doomed.append(node)
+    for node in doomed:
+        with contextlib.suppress(ValueError):  # already gone with a removed ancestor
+            code.remove(node)
+    plain = code.strip_code(normalize=True, collapse=True)
+    lines = [line.strip() for line in plain.replace("\xa0", " ").splitlines()]
+    return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
+
+
+_DOC_START = re.compile(r'^<doc id="[^"]*"(?: url="[^"]*")? title="(?P<title>[^"]*)"[^>]*>\s*$')
+
+
+def iter_wikiextractor(path: Path, repairs: Repairs) -> Iterator[tuple[str, str]]:
+    """``(title, text)`` per ``<doc ...>`` block of WikiExtractor output (plain, .gz or .bz2,
+    a file or a folder of ``wiki_NN`` files). The title line WikiExtractor repeats is dropped."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        title, body, start = None, [], 0
+        rows = 0
+        for number, line in decoded_lines(_raw_lines(file), file, repairs):
+            rows += 1
+            if title is None:
+                match = _DOC_START.match(line)
+                if match:
+                    title, body, start = html.unescape(match["title"]), [], number
+                elif line.strip():
+                    raise InputError(
+                        file,
+                        f"text outside a <doc> block: {line[:60]!r}",
+                        line=number,
+                        fix="point the source at WikiExtractor output (<doc id=.. url=.. title=..> ... </doc>)",
+                    )
+                continue
+            if line.startswith("</doc>"):
+                lines = [x.rstrip("\n") for x in body]
+                while lines and not lines[0].strip():
+                    lines.pop(0)
+                if lines and lines[0].strip() == title:
+                    lines.pop(0)
+                yield title, "\n".join(lines).strip()
+                title = None
+            else:
+                body.append(line)
+        if title is not None:
+            raise InputError(
+                file,
+                f"<doc> block '{title}' is not closed",
+                line=start,
+                fix="the file is truncated: recreate or download it again",
+            )
+        if rows == 0:
+            raise InputError(
+                file, "the file is empty", fix="point the source at complete WikiExtractor output"
+            )
+        repairs.check(file, rows)
+
+
+def _raw_lines(path: Path) -> Iterator[bytes]:
+    with open_stream(path) as stream:
+        yield from stream
+
+
+_WT_TITLE = re.compile(r"^ = (?!= )(.*) = $")
+_WT_HEADING = re.compile(r"^ (?:= )+(.*?)(?: =)+ $")
+_WT_SPLITS = (("@-@", "-"), ("@,@", ","), ("@.@", "."))
+
+
+def iter_wikitext(path: Path, detokenize: bool, repairs: Repairs) -> Iterator[tuple[str, str]]:
+    """``(title, text)`` per article of a WikiText-103 ``wiki.*.tokens`` file; articles start at
+    `` = Title = `` lines, section headings `` = = Name = = `` become plain lines."""
+    title, body = None, []
+
+    def finish() -> tuple[str, str]:
+        text = "\n".join(line for line in body if line)
+        if detokenize:
+            for token, char in _WT_SPLITS:
+                text = text.replace(f" {token} ", char)
+        return title or "", text.strip()
+
+    for _, line in decoded_lines(_raw_lines(path), path, repairs):
+        line = line.rstrip("\n")
+        match = _WT_TITLE.match(line)
+        if match:
+            if title is not None:
+                yield finish()
+            title, body = match[1].strip(), []
+            continue
+        heading = _WT_HEADING.match(line)
+        body.append(heading[1].strip() if heading else line.strip())
+    if title is not None:
+        yield finish()
+
+
+def _find_wikitext_files(root: Path) -> dict[str, Path]:
+    files = {}
+    for split in ("train", "valid", "test"):
+        hits = sorted(
+            p for name in (f"wiki.{split}.tokens", f"wiki.{split}.raw") for p in root.rglob(name)
+        )
+        if hits:
+            files[split] = hits[0]
+    if "train" not in files:
+        raise InputError(
+            root,
+            "no wiki.train.tokens found",
+            fix="point path= at wikitext-103.tgz / wikitext-103-v1.zip or its extracted folder",
+        )
+    return files
+
+
+def _guess_kind(local: Path) -> str:
+    if local.is_dir():
+        return "wikitext103" if any(local.rglob("wiki.train.*")) else "wikiextractor"
+    if sniff_format(local) in ("zip", "tar") or ".tar" in local.name or local.name.endswith(".tgz"):
+        return "wikitext103"
+    with open_stream(local) as stream:
+        head = stream.read(4096).lstrip()
+    if head.startswith(b"<mediawiki") or head.startswith(b"<?xml"):
+        return "dump"
+    if head.startswith(b"<doc"):
+        return "wikiextractor"
+    raise InputError(
+        local,
+        "neither a MediaWiki XML dump, WikiText-103 nor WikiExtractor output",
+        fix="set kind= and check the file",
+    )
+
+
+def prepare_wikipedia(
+    src: WikipediaSource,
+    out_dir: str | Path,
+    *,
+    cache_dir: str | Path,
+    progress: Progress | None = None,
+) -> dict:
+    """Stream ``src`` into ``out_dir/{train,valid}.parquet`` (``title``, ``text``; WikiText-103
+    adds its ``test.parquet``), ``summary.json`` and ``sources.json``, atomically."""
+    cache_dir = Path(cache_dir)
+    progress = progress or ConsoleProgress()
+    log = InputLog()
+    repairs = Repairs(strict=src.strict, max_fraction=src.max_repair_fraction)
+    if src.path is not None:
+        origin = src.path
+    elif src.url is not None:
+        origin = src.url
+    else:
+        origin = WIKITEXT103_URL if src.kind == "wikitext103" else wikipedia_dump_url(src.lang)
+    local = fetch(origin, cache_dir, sha256=src.sha256, progress=progress, role="source", log=log)
+    kind = src.kind or _guess_kind(local)
+    counts: Counter = Counter()
+
+    if kind == "wikitext103":
+        root = unpack(
+            local,
+            cache_dir,
+            ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio),
+        )
+        files = _find_wikitext_files(root)
+        streams = {
+            split: ((split, t, x) for t, x in iter_wikitext(f, src.detokenize, repairs))
+            for split, f in files.items()
+        }
+        articles = (
+            row
+            for split in ("train", "valid", "test")
+            if split in streams
+            for row in streams[split]
+        )
+    elif kind in ("dump", "wikiextractor"):
+        rng = random.Random(src.seed)
+        if kind == "dump":
+            texts = ((t, strip_wikicode(x, ns)) for t, x, ns in iter_dump_pages(local, counts))
+        else:
+            texts = iter_wikiextractor(local, repairs)
+        articles = (
+            ("valid" if rng.random() < src.valid_fraction else "train", t, x) for t, x in texts
+        )
+    else:
+        raise ValueError(
+            f"unknown Wikipedia kind {kind!r}: use 'dump', 'wikitext103' or 'wikiextractor'"
+        )
+
+    lengths: dict[str, tuple[list[int], list[int]]] = {}
+    kept = words_total = 0
+    with staged_directory(out_dir) as staging:
+        writers: dict[str, ArticleWriter] = {}
+        try:
+            for split, title, text in articles:
+                if len(text) < src.min_chars:
+                    counts["skipped_short"] += 1
+                    continue
+                if split not in writers:
+                    writers[split] = ArticleWriter(staging / f"{split}.parquet")
+                    lengths[split] = ([], [])
+                words = len(text.split())
+                writers[split].add(title, text)
+                lengths[split][0].append(len(text))
+                lengths[split][1].append(words)
+                kept += 1
+                words_total += words
+                if kept % 100 == 0:
+                    progress("parse articles", kept, src.max_articles)
+                if (src.max_articles is not None and kept >= src.max_articles) or (
+                    src.max_words is not None and words_total >= src.max_words
+                ):
+                    break
+        finally:
+            for writer in writers.values():
+                writer.close()
+        if "train" not in writers:
+            raise InputError(
+                local,
+                f"no article of at least {src.min_chars} characters was found",
+                fix="check the source, or lower min_chars",
+            )
+        if "valid" not in writers:  # tiny inputs: an empty but well-formed valid split
+            writers["valid"] = ArticleWriter(staging / "valid.parquet")
+            writers["valid"].close()
+            lengths["valid"] = ([], [])
+        progress("parse articles", kept, kept)
+        summary = {
+            "kind": kind,
+            "lang": src.lang,
+            "splits": {
+                split: {
+                    "count": len(chars),
+                    "words_total": int(np.sum(words, dtype=np.int64)),
+                    "chars": length_stats(chars),
+                    "words": length_stats(words),
+                }
+                for split, (chars, words) in lengths.items()
+            },
+            "skipped": dict(counts),
+            "repairs": repairs.as_dict(),
+            "options": to_dict(src),
+        }
+        write_json(staging / "summary.json", summary)
+        write_json(staging / "sources.json", {"inputs": log.entries})
+    return summary
