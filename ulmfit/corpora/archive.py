@@ -320,7 +320,7 @@ def _extract_zip(archive: Path, target: Path, budget: _Budget) -> None:
                     f"member '{info.filename}' is a symlink",
                     fix="do not use this archive: links are refused",
                 )
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                 raise InputError(
                     archive,
                     f"member '{info.filename}' is a special file",

@@ -59,6 +59,7 @@ _DROP_TAGS = {
 }
 _INTERWIKI = re.compile(r"^:?[a-z]{2,3}(-[a-z]+)*:")
 _BLANK_RUNS = re.compile(r"\n{3,}")
+_SPACE_RUNS = re.compile(r"[ \t]{2,}")  # where removed templates and refs leave gaps
 
 
 def _local(tag: str) -> str:
@@ -138,7 +139,7 @@ def strip_wikicode(text: str, namespaces: dict[int, str] | None = None) -> str:
         with contextlib.suppress(ValueError):  # already gone with a removed ancestor
             code.remove(node)
     plain = code.strip_code(normalize=True, collapse=True)
-    lines = [line.strip() for line in plain.replace("\xa0", " ").splitlines()]
+    lines = [_SPACE_RUNS.sub(" ", line).strip() for line in plain.replace("\xa0", " ").splitlines()]
     return _BLANK_RUNS.sub("\n\n", "\n".join(lines)).strip()
 
 
@@ -291,15 +292,10 @@ def prepare_wikipedia(
             ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio),
         )
         files = _find_wikitext_files(root)
-        streams = {
-            split: ((split, t, x) for t, x in iter_wikitext(f, src.detokenize, repairs))
-            for split, f in files.items()
-        }
         articles = (
-            row
-            for split in ("train", "valid", "test")
-            if split in streams
-            for row in streams[split]
+            (split, title, text)
+            for split, file in files.items()
+            for title, text in iter_wikitext(file, src.detokenize, repairs)
         )
     elif kind in ("dump", "wikiextractor"):
         rng = random.Random(src.seed)
@@ -321,7 +317,8 @@ def prepare_wikipedia(
         writers: dict[str, ArticleWriter] = {}
         try:
             for split, title, text in articles:
-                if len(text) < src.min_chars:
+                # WikiText-103 keeps every article, so its splits stay the published ones.
+                if kind != "wikitext103" and len(text) < src.min_chars:
                     counts["skipped_short"] += 1
                     continue
                 if split not in writers:
