@@ -1,0 +1,454 @@
+"""The LM and classifier training loops: learning, schedules, determinism, kill-and-resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ulmfit.batches import ClassifierBatches
+from ulmfit.checkpoint import latest_checkpoint, load_checkpoint
+from ulmfit.errors import InputError
+from ulmfit.model import (
+    AWDLSTMConfig,
+    ClassifierConfig,
+    LanguageModel,
+    SequenceClassifier,
+    layer_groups,
+)
+from ulmfit.schedule import stlr
+from ulmfit.storage import TokenDocs
+from ulmfit.train import (
+    ClassifierTrainConfig,
+    LMTrainConfig,
+    TrainEvent,
+    evaluate_classifier,
+    evaluate_lm,
+    train_classifier,
+    train_language_model,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOCAB = 30
+TINY = AWDLSTMConfig(vocab_size=VOCAB, embed_size=16, hidden_size=24, num_layers=2)
+NO_DROPOUT = TINY.scaled(0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lm_docs(n_docs: int = 12, seed: int = 0) -> TokenDocs:
+    rng = np.random.default_rng(seed)
+    return TokenDocs.from_lists(
+        [
+            [2, *rng.integers(4, VOCAB, size=int(rng.integers(6, 20))).tolist()]
+            for _ in range(n_docs)
+        ]
+    )
+
+
+def classifier_docs(n_docs: int = 16, seed: int = 0) -> TokenDocs:
+    """Class 1 documents contain token 5 often, class 0 documents token 6: learnable."""
+    rng = np.random.default_rng(seed)
+    lists, labels = [], []
+    for i in range(n_docs):
+        label = i % 2
+        length = int(rng.integers(5, 14))
+        tokens = rng.integers(7, VOCAB, size=length)
+        tokens[rng.random(length) < 0.4] = 5 if label else 6
+        lists.append([2, *tokens.tolist()])
+        labels.append(label)
+    return TokenDocs.from_lists(lists, labels=labels)
+
+
+def record(events: list[TrainEvent]):
+    return events.append
+
+
+def step_losses(events: list[TrainEvent]) -> list[float]:
+    return [e.metrics["loss"] for e in events if e.kind == "step"]
+
+
+# ------------------------------------------------------------------------------ language model
+
+
+def test_lm_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(NO_DROPOUT)
+    # one document, so the per-epoch shuffle cannot change it: 2 streams of 16 tokens, read
+    # as one batch of 15 inputs and targets per row
+    docs = TokenDocs.from_lists([[2, *np.random.default_rng(0).integers(4, VOCAB, 31).tolist()]])
+    cfg = LMTrainConfig(
+        epochs=150,
+        batch_size=2,
+        bptt=16,
+        variable_bptt=False,
+        lr=0.02,
+        stlr=False,
+        discriminative=False,
+        ar_alpha=0.0,
+        tar_beta=0.0,
+        weight_decay=0.0,
+        clip=1.0,
+    )
+    events: list[TrainEvent] = []
+    result = train_language_model(model, docs, docs, cfg, callback=record(events))
+    losses = step_losses(events)
+    assert len(losses) == 150  # one step per epoch
+    assert losses[-1] < 0.1 * losses[0]
+    assert result.metrics["accuracy"] > 0.9
+    metrics = evaluate_lm(model, docs, batch_size=2, bptt=16)
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]))
+    assert metrics["accuracy"] == pytest.approx(result.metrics["accuracy"])
+
+
+def test_lm_same_seed_gives_identical_losses() -> None:
+    cfg = LMTrainConfig(epochs=2, batch_size=3, bptt=5, lr=0.01, seed=7)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = LanguageModel(TINY)  # dropouts on: the seed must fix the masks too
+        events: list[TrainEvent] = []
+        train_language_model(model, lm_docs(), lm_docs(seed=1), cfg, callback=record(events))
+        runs.append((step_losses(events), [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0] and len(runs[0][0]) > 5
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+    torch.manual_seed(0)
+    other_seed: list[TrainEvent] = []
+    train_language_model(
+        LanguageModel(TINY),
+        lm_docs(),
+        None,
+        dataclasses.replace(cfg, seed=8),
+        callback=record(other_seed),
+    )
+    assert step_losses(other_seed) != runs[0][0]
+
+
+def test_lm_step_lr_is_stlr_times_the_bptt_rescaling(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = LMTrainConfig(epochs=3, batch_size=2, bptt=6, lr=0.01, seed=3)
+    events: list[TrainEvent] = []
+    train_language_model(
+        LanguageModel(TINY),
+        lm_docs(),
+        None,
+        cfg,
+        checkpoint_dir=tmp_path,
+        callback=record(events),
+    )
+    steps = [e for e in events if e.kind == "step"]
+    total = load_checkpoint(latest_checkpoint(tmp_path))["schedule"]["total_steps"]
+    seq_lens = {e.metrics["seq_len"] for e in steps}
+    assert len(seq_lens) > 1  # variable BPTT really varies
+    for event in steps:
+        expected = stlr(event.step - 1, total, lr_max=0.01) * event.metrics["seq_len"] / 6
+        assert event.metrics["lr"] == pytest.approx(expected, rel=1e-12)
+        assert event.metrics["penalty"] > 0  # AR/TAR are on (fastai's are silently off)
+    # discriminative LRs: the optimiser's groups stand in ratio 2.6, lowest group smallest
+    lrs = [
+        g["lr"] for g in load_checkpoint(latest_checkpoint(tmp_path))["optimizer"]["param_groups"]
+    ]
+    assert len(lrs) == 3
+    assert lrs[1] / lrs[0] == pytest.approx(2.6) and lrs[2] / lrs[1] == pytest.approx(2.6)
+
+
+def test_lm_ar_tar_off_gives_zero_penalty() -> None:
+    torch.manual_seed(0)
+    events: list[TrainEvent] = []
+    cfg = LMTrainConfig(epochs=1, batch_size=2, bptt=6, ar_alpha=0.0, tar_beta=0.0)
+    train_language_model(LanguageModel(TINY), lm_docs(), None, cfg, callback=record(events))
+    assert all(e.metrics["penalty"] == 0.0 for e in events if e.kind == "step")
+
+
+def test_ntasgd_through_the_lm_loop_ends_with_the_averaged_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(NO_DROPOUT)
+    # a huge SGD rate makes validation worse quickly, so the trigger fires
+    cfg = LMTrainConfig(
+        epochs=1,
+        batch_size=2,
+        bptt=4,
+        variable_bptt=False,
+        lr=50.0,
+        stlr=False,
+        discriminative=False,
+        optimizer="ntasgd",
+        nonmono=1,
+        eval_every=1,
+        clip=0.0,
+        weight_decay=0.0,
+    )
+    events: list[TrainEvent] = []
+    train_language_model(
+        model, lm_docs(), lm_docs(seed=1), cfg, checkpoint_dir=tmp_path, callback=record(events)
+    )
+    evals = [e.metrics for e in events if e.kind == "eval"]
+    assert any(m["averaging"] == 1.0 for m in evals)
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    assert saved["optimizer"]["ntasgd"]["triggered"]
+    state = saved["optimizer"]["state"]  # keyed by position in the optimiser's groups
+    in_group_order = [p for group in layer_groups(model) for p in group]
+    assert len(state) == len(in_group_order)
+    for position, param in enumerate(in_group_order):
+        assert torch.equal(param.detach(), state[position]["average"])
+    # ...while the checkpoint keeps the raw SGD weights, so a resumed run can go on averaging
+    raw = saved["model"]["encoder.embedding.weight"]
+    assert not torch.equal(raw, model.encoder.embedding.weight.detach())
+
+
+# ------------------------------------------------------------------------------ classifier
+
+
+def test_classifier_overfits_one_batch() -> None:
+    torch.manual_seed(0)
+    docs = classifier_docs(n_docs=8)
+    model = SequenceClassifier(
+        ClassifierConfig(
+            encoder=NO_DROPOUT, num_classes=2, head_hidden=8, head_dropouts=(0.0, 0.0), bptt=5
+        )
+    )
+    cfg = ClassifierTrainConfig(
+        epochs=40,
+        batch_size=8,
+        lr=0.02,
+        gradual_unfreezing=False,
+        stlr=False,
+        discriminative=False,
+        weight_decay=0.0,
+    )
+    events: list[TrainEvent] = []
+    train_classifier(model, docs, docs, cfg, callback=record(events))
+    losses = step_losses(events)
+    assert len(losses) == 40  # one batch per epoch
+    assert losses[-1] < 0.02 * losses[0]
+    # batch-norm uses the batch's statistics in training mode: that is the mode that overfit
+    batch = next(iter(ClassifierBatches(docs, 8, shuffle=False)))
+    model.train()
+    with torch.no_grad():
+        predicted = model(batch.tokens, batch.lengths).argmax(dim=1)
+    assert torch.equal(predicted, batch.labels)
+
+
+def test_evaluate_classifier_returns_probabilities_in_input_order() -> None:
+    torch.manual_seed(0)
+    docs = classifier_docs(n_docs=11)
+    model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=3, bptt=4)).eval()
+    metrics, probs = evaluate_classifier(model, docs, batch_size=3)
+    assert probs.shape == (11, 3)
+    with torch.no_grad():
+        for i in range(len(docs)):  # one document at a time, in input order
+            tokens = torch.from_numpy(docs[i].astype(np.int64))[None]  # (1, T)
+            logits = model(tokens, torch.tensor([tokens.size(1)]))
+            expected = torch.softmax(logits, dim=1)[0].numpy()
+            np.testing.assert_allclose(probs[i], expected, atol=1e-5)
+    accuracy = float((probs.argmax(axis=1) == docs.labels).mean())
+    assert metrics["accuracy"] == pytest.approx(accuracy)
+    assert metrics["error_rate"] == pytest.approx(1 - accuracy)
+    expected_loss = -np.log(probs[np.arange(11), docs.labels]).mean()
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_gradual_unfreezing_trains_one_more_group_per_epoch() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, head_hidden=8, bptt=5))
+    groups = layer_groups(model)  # embedding, rnn0, rnn1, head
+    snapshots = []
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind in ("stage", "epoch"):
+            snapshots.append((event.kind, [[p.detach().clone() for p in g] for g in groups]))
+
+    cfg = ClassifierTrainConfig(epochs=5, batch_size=4, lr=0.01)
+    events: list[TrainEvent] = []
+    result = train_classifier(
+        model,
+        classifier_docs(),
+        classifier_docs(seed=1),
+        cfg,
+        callback=lambda e: (events.append(e), on_event(e)),
+    )
+    stages = [e.metrics for e in events if e.kind == "stage"]
+    assert [s["trainable_groups"] for s in stages] == [1, 2, 3, 4]
+    assert [s["epochs"] for s in stages] == [1, 1, 1, 2]  # 5 epochs: 3 unfreezing + 2 full
+    assert result.epochs == 5
+
+    def changed(before, after) -> list[bool]:
+        return [
+            any(not torch.equal(a, b) for a, b in zip(ga, gb, strict=True))
+            for ga, gb in zip(before, after, strict=True)
+        ]
+
+    # snapshots: stage0, epoch1, stage1, epoch2, stage2, epoch3, stage3, epoch4, epoch5
+    kinds = [k for k, _ in snapshots]
+    assert kinds[:6] == ["stage", "epoch", "stage", "epoch", "stage", "epoch"]
+    assert changed(snapshots[0][1], snapshots[1][1]) == [False, False, False, True]
+    assert changed(snapshots[2][1], snapshots[3][1]) == [False, False, True, True]
+    assert changed(snapshots[4][1], snapshots[5][1]) == [False, True, True, True]
+    assert changed(snapshots[6][1], snapshots[-1][1]) == [True, True, True, True]
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
+
+
+def test_classifier_stlr_restarts_each_stage() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
+    events: list[TrainEvent] = []
+    cfg = ClassifierTrainConfig(epochs=4, batch_size=4, lr=0.01, cut_frac=0.25)
+    train_classifier(model, classifier_docs(), None, cfg, callback=record(events))
+    steps = [e for e in events if e.kind == "step"]
+    per_stage: dict[float, list[float]] = {}
+    for event in steps:
+        per_stage.setdefault(event.metrics["stage"], []).append(event.metrics["lr"])
+    assert len(per_stage) == 4  # embedding, 2 LSTM layers, head: 4 stages of one epoch
+    for lrs in per_stage.values():
+        assert lrs[0] == pytest.approx(0.01 / 32)  # every stage starts low again
+        total = len(lrs)
+        assert lrs == pytest.approx(
+            [stlr(t, total, lr_max=0.01, cut_frac=0.25) for t in range(total)]
+        )
+
+
+# ------------------------------------------------------------------------------ resume
+
+RUNNER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, {tests!r})
+    from test_train import TINY, classifier_docs, lm_docs
+    from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier
+    from ulmfit.train import (ClassifierTrainConfig, LMTrainConfig, train_classifier,
+                              train_language_model)
+
+    kind, checkpoint_dir, out, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    torch.manual_seed(123)  # a resumed run's fresh model is overwritten by the checkpoint
+    losses = []
+
+    def callback(event):
+        if event.kind == "step":
+            losses.append((event.step, event.metrics["loss"].hex()))
+            if event.step == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    if kind == "lm":
+        model = LanguageModel(TINY)
+        cfg = LMTrainConfig(epochs=3, batch_size=3, bptt=5, lr=0.01, checkpoint_every=4,
+                            seed=5)
+        result = train_language_model(model, lm_docs(), lm_docs(seed=1), cfg,
+                                      checkpoint_dir=checkpoint_dir, callback=callback)
+    else:
+        model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
+        cfg = ClassifierTrainConfig(epochs=4, batch_size=4, lr=0.01, checkpoint_every=3,
+                                    seed=5)
+        result = train_classifier(model, classifier_docs(), classifier_docs(seed=1), cfg,
+                                  checkpoint_dir=checkpoint_dir, callback=callback)
+    torch.save({{"state": model.state_dict(), "losses": losses,
+                "metrics": json.dumps(result.history)}}, out)
+    """
+)
+
+
+def run_training(
+    tmp_path: Path, kind: str, name: str, kill_at: int = -1
+) -> subprocess.CompletedProcess:
+    script = tmp_path / "runner.py"
+    script.write_text(RUNNER.format(tests=str(REPO_ROOT / "tests")))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            kind,
+            str(tmp_path / name),
+            str(tmp_path / f"{name}.pt"),
+            str(kill_at),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("kind, kill_at", [("lm", 10), ("classifier", 10)])
+def test_kill_and_resume_equals_an_uninterrupted_run(
+    tmp_path: Path, kind: str, kill_at: int
+) -> None:
+    whole = run_training(tmp_path, kind, "whole")
+    assert whole.returncode == 0, whole.stderr
+    reference = torch.load(tmp_path / "whole.pt", weights_only=True)
+    assert len(reference["losses"]) > kill_at + 2
+
+    killed = run_training(tmp_path, kind, "resumed", kill_at=kill_at)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "resumed.pt").exists()
+    resumed_from = latest_checkpoint(tmp_path / "resumed")
+    assert resumed_from is not None
+    last_step = load_checkpoint(resumed_from)["step"]
+    assert 0 < last_step < kill_at  # the kill lost some steps that must be redone
+
+    finished = run_training(tmp_path, kind, "resumed")
+    assert finished.returncode == 0, finished.stderr
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    # the resumed process ran exactly the steps after the checkpoint, with identical losses
+    assert resumed["losses"] == reference["losses"][last_step:]
+    assert resumed["state"].keys() == reference["state"].keys()
+    for name, tensor in reference["state"].items():
+        assert torch.equal(resumed["state"][name], tensor), name
+    assert json.loads(resumed["metrics"]) == json.loads(reference["metrics"])
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = LMTrainConfig(epochs=1, batch_size=2, bptt=5)
+    train_language_model(LanguageModel(TINY), lm_docs(), None, cfg, checkpoint_dir=tmp_path)
+    with pytest.raises(InputError, match="different training config"):
+        train_language_model(
+            LanguageModel(TINY),
+            lm_docs(),
+            None,
+            dataclasses.replace(cfg, lr=0.1),
+            checkpoint_dir=tmp_path,
+        )
+    with pytest.raises(InputError, match="not a classifier run"):
+        train_classifier(
+            SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2)),
+            classifier_docs(),
+            None,
+            ClassifierTrainConfig(epochs=1, batch_size=4),
+            checkpoint_dir=tmp_path,
+        )
+
+
+def test_a_finished_run_called_again_does_nothing_more(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(TINY)
+    cfg = LMTrainConfig(epochs=1, batch_size=2, bptt=5)
+    first = train_language_model(model, lm_docs(), lm_docs(seed=1), cfg, checkpoint_dir=tmp_path)
+    weights = [p.detach().clone() for p in model.parameters()]
+    again = LanguageModel(TINY)
+    events: list[TrainEvent] = []
+    second = train_language_model(
+        again, lm_docs(), lm_docs(seed=1), cfg, checkpoint_dir=tmp_path, callback=record(events)
+    )
+    assert not [e for e in events if e.kind == "step"]
+    assert second.steps == first.steps and second.resumed_from is not None
+    assert second.metrics == first.metrics
+    assert all(torch.equal(a, b) for a, b in zip(weights, again.parameters(), strict=True))
