@@ -131,3 +131,16 @@ def test_sniffing_names_html_empty_and_mismatched_files(tmp_path):
         safe_extract(tmp_path / "empty.tgz", tmp_path / "o2")
     with pytest.raises(InputError, match="promises gzip"):
         safe_extract(tmp_path / "plain.tgz", tmp_path / "o3")
+
+
+def test_zip_symlink_is_refused(tmp_path):
+    import stat
+    import zipfile
+
+    info = zipfile.ZipInfo("data/link")
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    with zipfile.ZipFile(tmp_path / "link.zip", "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(InputError, match="symlink"):
+        safe_extract(tmp_path / "link.zip", tmp_path / "out")
+    _assert_nothing_left(tmp_path, tmp_path / "out")

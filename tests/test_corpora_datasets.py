@@ -264,6 +264,7 @@ def test_truncated_archive_from_the_server_is_fatal(server, tmp_path):
     with pytest.raises(InputError, match="truncated or corrupt"):
         _prepare(tmp_path, name="ag_news", url=server.url("cut.tgz"))
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache" / "downloads" / "cut.tgz").exists()  # fetched afresh next time
 
 
 def test_checksum_mismatch_and_html_page_from_the_server(server, tmp_path):

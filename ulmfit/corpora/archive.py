@@ -166,7 +166,8 @@ def open_stream(path: str | Path) -> Iterator[BinaryIO]:
             fix="point the source at the text (or .gz/.bz2) file",
         )
     try:
-        yield _TruncationReporter(handle, path)
+        # Buffered: line iteration over a raw stream would read one byte at a time.
+        yield io.BufferedReader(_TruncationReporter(handle, path), buffer_size=1 << 20)
     finally:
         handle.close()
 

@@ -95,9 +95,8 @@ class ArticleWriter:
 
     def _flush(self) -> None:
         if self._texts:
-            self._writer.write_table(
-                pa.table({"title": self._titles, "text": self._texts}, schema=ARTICLE_SCHEMA)
-            )
+            columns = [pa.array(self._titles, pa.string()), pa.array(self._texts, pa.string())]
+            self._writer.write_table(pa.Table.from_arrays(columns, schema=ARTICLE_SCHEMA))
             self._titles, self._texts = [], []
 
     def close(self) -> None:

@@ -301,7 +301,18 @@ def unpack(local: Path, cache_dir: Path, limits: ExtractLimits) -> Path:
     if local.is_file() and is_archive(local):
         digest = sha256_file(local)[:16]
         stem = local.name.split(".")[0]
-        return safe_extract(local, cache_dir / "extracted" / f"{stem}-{digest}", limits)
+        try:
+            return safe_extract(local, cache_dir / "extracted" / f"{stem}-{digest}", limits)
+        except InputError as err:
+            if (cache_dir / "downloads") in local.parents:
+                # Our own download is damaged: delete it so the next run fetches it afresh.
+                local.unlink(missing_ok=True)
+                raise InputError(
+                    err.path,
+                    err.message,
+                    fix="the download was deleted; run again to fetch it afresh",
+                ) from err
+            raise
     return local
 
 
