@@ -87,3 +87,19 @@ def test_existing_complete_file_is_not_downloaded_again(server, tmp_path):
     download(server.url("a.tar.gz"), tmp_path / "a.tar.gz", sha256=digest)
     download(server.url("a.tar.gz"), tmp_path / "a.tar.gz", sha256=digest)
     assert len(server.requests) == 1
+
+
+def test_console_progress_logs_lines_when_not_on_a_terminal(caplog):
+    import logging
+
+    from ulmfit.corpora.download import ConsoleProgress
+
+    progress = ConsoleProgress(interval=3600)
+    with caplog.at_level(logging.INFO, logger="ulmfit.corpora"):
+        progress("download x.tgz", 10, 100)
+        progress("download x.tgz", 50, 100)  # within the interval: no line
+        progress("download x.tgz", 100, 100)  # finished: always a line
+    assert [r.getMessage() for r in caplog.records] == [
+        "download x.tgz: 10/100",
+        "download x.tgz: 100/100",
+    ]

@@ -57,7 +57,7 @@ class ConsoleProgress:
             return
         now = time.monotonic()
         finished = total is not None and done >= total
-        if finished or now - self._last.get(stage, 0.0) >= self.interval:
+        if finished or stage not in self._last or now - self._last[stage] >= self.interval:
             self._last[stage] = now
             of = f"/{total}" if total is not None else ""
             _log.info("%s: %d%s", stage, done, of)

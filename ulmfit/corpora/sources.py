@@ -178,11 +178,12 @@ class WikipediaSource:
     """A general-domain corpus for LM pretraining (paper Section 3.1).
 
     ``kind`` is ``"dump"`` (MediaWiki XML, any language), ``"wikitext103"`` or
-    ``"wikiextractor"``; ``None`` guesses it from ``path``. Without ``path``/``url`` the latest
-    ``{lang}`` dump (or fastai's WikiText-103 mirror) is downloaded.
+    ``"wikiextractor"``; ``None`` (the default) guesses it from the content. Without
+    ``path``/``url`` the latest ``{lang}`` dump (or, with ``kind="wikitext103"``, fastai's
+    WikiText-103 mirror) is downloaded.
     """
 
-    kind: str | None = "dump"
+    kind: str | None = None
     lang: str = "en"
     path: str | None = None
     url: str | None = None
