@@ -137,3 +137,12 @@ def test_encode_corpus_failure_leaves_no_file(tmp_path: Path, tokenizer: Tokeniz
     with pytest.raises(ValueError, match="fewer labels"):
         encode_corpus(iter(["a", "b"]), tokenizer.path, out, labels=[1], workers=1)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_encode_corpus_works_with_spawned_workers(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    # "spawn" starts workers from nothing (macOS/Windows default): nothing may rely on fork.
+    texts = synthetic_corpus(20, seed=9)
+    out = tmp_path / "spawn.parquet"
+    stats = encode_corpus(texts, tokenizer.path, out, workers=2, chunk_docs=5, start_method="spawn")
+    assert stats.docs == 20
+    assert [d.tolist() for d in read_tokens(out, tokenizer)] == tokenizer.encode(texts)

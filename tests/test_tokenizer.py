@@ -17,7 +17,38 @@ from ulmfit.tokenizer import (
     train_tokenizer,
 )
 
-WORDS = ["the", "a", "movie", "film", "was", "is", "great", "bad", "actor", "story", "plot", "and", "of", "to", "in", "it", "this", "that", "not", "but", "very", "good", "really", "one", "time", "character", "scene", "ending", "director", "watch"]
+WORDS = [
+    "the",
+    "a",
+    "movie",
+    "film",
+    "was",
+    "is",
+    "great",
+    "bad",
+    "actor",
+    "story",
+    "plot",
+    "and",
+    "of",
+    "to",
+    "in",
+    "it",
+    "this",
+    "that",
+    "not",
+    "but",
+    "very",
+    "good",
+    "really",
+    "one",
+    "time",
+    "character",
+    "scene",
+    "ending",
+    "director",
+    "watch",
+]
 
 
 def synthetic_corpus(num_docs: int, seed: int = 0) -> list[str]:
@@ -127,3 +158,26 @@ def test_bad_or_missing_model_raises_input_error(tmp_path: Path) -> None:
     bad.write_bytes(b"not a sentencepiece model")
     with pytest.raises(InputError, match="bad.model"):
         Tokenizer.load(bad)
+
+
+@pytest.mark.realdata
+def test_exact_round_trip_on_real_wikipedia_and_imdb(shared_data: Path, tmp_path: Path) -> None:
+    import itertools
+    import re
+    import tarfile
+
+    wiki = (shared_data / "wikipedia" / "enwiki2015_sample_2MB.txt").read_text(encoding="utf-8")
+    articles = re.split(r"<doc [^>]*>\n|</doc>\n", wiki)
+    articles = [a for a in articles if a.strip()]
+    tok = train_tokenizer(iter(articles), tmp_path / "wiki.model", TokenizerConfig(vocab_size=2000))
+    reviews = []
+    with tarfile.open(shared_data / "imdb" / "aclImdb_labeled_50k.tar.gz", "r:gz") as archive:
+        for member in itertools.islice((m for m in archive if m.name.endswith(".txt")), 400):
+            if "/pos/" in member.name or "/neg/" in member.name:
+                reviews.append(archive.extractfile(member).read().decode("utf-8"))
+    texts = articles + reviews
+    assert len(reviews) > 100
+    for text, ids in zip(texts, tok.encode(texts), strict=True):
+        assert tok.decode(ids) == text
+    # byte fallback keeps rare characters exact without <unk>
+    assert not any(tok.unk_id in ids for ids in tok.encode(texts))
