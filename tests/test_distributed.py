@@ -12,11 +12,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ulmfit import distributed
-from ulmfit.model import LanguageModel
-from ulmfit.train import LMTrainConfig, evaluate_lm, train_language_model
+from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier
+from ulmfit.train import (
+    ClassifierTrainConfig,
+    LMTrainConfig,
+    evaluate_classifier,
+    evaluate_lm,
+    train_classifier,
+    train_language_model,
+)
 
 WORLD_SIZE = 2
 CFG = LMTrainConfig(epochs=2, batch_size=4, bptt=5, lr=0.01, seed=3, max_steps=6)
+CLASSIFIER_CFG = ClassifierTrainConfig(epochs=2, batch_size=4, lr=0.01, gradual_unfreezing=False)
 
 
 def _free_port() -> int:
@@ -32,8 +40,15 @@ def _model() -> LanguageModel:
     return LanguageModel(TINY.scaled(0.0))  # no dropout: every rank computes the same thing
 
 
+def _classifier() -> SequenceClassifier:
+    from test_train import TINY
+
+    torch.manual_seed(0)
+    return SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from test_train import lm_docs
+    from test_train import classifier_docs, lm_docs
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -59,9 +74,27 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         )
         metrics = evaluate_lm(model, lm_docs(seed=1), batch_size=4, bptt=5)
         mean = distributed.all_reduce_mean({"rank": float(rank)})
+        classifier = _classifier()
+        train_classifier(classifier, classifier_docs(), classifier_docs(seed=1), CLASSIFIER_CFG)
+        # every rank must hold the same classifier weights after DDP training
+        flat = torch.cat([p.detach().flatten() for p in classifier.parameters()])
+        copies = [torch.empty_like(flat) for _ in range(WORLD_SIZE)]
+        dist.all_gather(copies, flat)
+        assert all(torch.equal(copies[0], copy) for copy in copies)
+        classifier_metrics, probs = evaluate_classifier(
+            classifier, classifier_docs(n_docs=13), batch_size=4
+        )
         if distributed.is_main_process():
             torch.save(
-                {"state": model.state_dict(), "metrics": metrics, "mean": mean, "steps": losses},
+                {
+                    "state": model.state_dict(),
+                    "metrics": metrics,
+                    "mean": mean,
+                    "steps": losses,
+                    "classifier": classifier.state_dict(),
+                    "classifier_metrics": classifier_metrics,
+                    "probs": torch.from_numpy(probs),
+                },
                 Path(out_dir) / "ddp.pt",
             )
         distributed.barrier()
@@ -80,7 +113,7 @@ def test_single_process_helpers_are_no_ops() -> None:
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path: Path) -> None:
-    from test_train import lm_docs
+    from test_train import classifier_docs, lm_docs
 
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD_SIZE, join=True)
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
@@ -103,6 +136,15 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path
     assert moved > 1e-3  # training really changed the weights, so the comparison means something
     for key in ("loss", "accuracy", "tokens"):
         assert ddp["metrics"][key] == pytest.approx(single_metrics[key], rel=1e-5)
+    # the classifier trains under DDP (batch-norm statistics are per rank, so its weights are
+    # not compared with a single process); its evaluation gathers every document, in order
+    classifier = _classifier()
+    classifier.load_state_dict(ddp["classifier"])
+    single_classifier_metrics, single_probs = evaluate_classifier(
+        classifier, classifier_docs(n_docs=13), batch_size=4
+    )
+    torch.testing.assert_close(ddp["probs"], torch.from_numpy(single_probs), atol=1e-6, rtol=1e-5)
+    assert ddp["classifier_metrics"]["accuracy"] == single_classifier_metrics["accuracy"]
     # the checkpoint holds the recurrent state of the whole global batch
     checkpoint = torch.load(
         sorted((tmp_path / "checkpoints").glob("step-*.pt"))[-1], weights_only=True

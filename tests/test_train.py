@@ -452,3 +452,32 @@ def test_a_finished_run_called_again_does_nothing_more(tmp_path: Path) -> None:
     assert second.steps == first.steps and second.resumed_from is not None
     assert second.metrics == first.metrics
     assert all(torch.equal(a, b) for a, b in zip(weights, again.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused() -> None:
+    torch.manual_seed(0)
+    cfg = LMTrainConfig(epochs=1, batch_size=2, bptt=6, amp="bf16")
+    result = train_language_model(LanguageModel(TINY), lm_docs(), lm_docs(seed=1), cfg)
+    assert np.isfinite(result.metrics["loss"]) and np.isfinite(result.train_loss)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        train_language_model(
+            LanguageModel(TINY), lm_docs(), None, dataclasses.replace(cfg, amp="fp16")
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["auto", "fp16"])
+def test_amp_on_cuda_trains_and_resumes_the_scaler(tmp_path: Path, amp: str) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(TINY)
+    cfg = LMTrainConfig(epochs=2, batch_size=2, bptt=6, amp=amp, checkpoint_every=3)
+    result = train_language_model(
+        model, lm_docs(), lm_docs(seed=1), cfg, checkpoint_dir=tmp_path, device="cuda"
+    )
+    assert np.isfinite(result.metrics["loss"])
+    saved = load_checkpoint(latest_checkpoint(tmp_path))
+    assert (saved["scaler"] is not None) == (amp == "fp16" or not torch.cuda.is_bf16_supported())

@@ -83,17 +83,12 @@ def make_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Opt
             nonmono=cfg.nonmono,
         )
     adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
-    # foreach=False keeps the per-parameter update order fixed, which the bit-identical
-    # resume test relies on; on CUDA the multi-tensor path is much faster and still
-    # deterministic for a given device, so it is used there.
-    on_cuda = any(p.is_cuda for g in param_groups for p in g["params"])
     return adam(
         param_groups,
         lr=param_groups[0]["lr"],
         betas=tuple(cfg.betas),
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
-        foreach=on_cuda,
     )
 
 

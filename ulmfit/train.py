@@ -384,6 +384,24 @@ def _restore_rng(payload: dict) -> None:
     set_rng_states(states[distributed.rank()])
 
 
+def _sync_buffers(model: nn.Module) -> None:
+    """Make every rank's buffers equal (batch-norm running statistics) before evaluating.
+
+    ``DistributedDataParallel`` copies rank 0's buffers into the others at the start of each
+    forward pass, so after the last training step each rank holds statistics of its own rows.
+    Averaging them gives every rank the same model, with statistics of the whole batch.
+    """
+    if not distributed.is_initialized():
+        return
+    world = distributed.world_size()
+    for buffer in unwrap_model(model).buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world)
+        else:
+            dist.broadcast(buffer, src=0)
+
+
 def _wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     if not distributed.is_initialized():
         return module
@@ -693,6 +711,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
         last_checkpoint_step = step
 
     def evaluate() -> dict[str, float]:
+        _sync_buffers(model)
         valid_stream = LMStream(
             valid,
             eval_batch_size,
@@ -817,6 +836,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
+    _sync_buffers(model)
     _adopt_averaged(model, optimizer)
     if tokens_seen and math.isnan(last_epoch_loss):
         last_epoch_loss = loss_sum / tokens_seen
@@ -945,6 +965,7 @@ def _train_classifier(
         last_checkpoint_step = step
 
     def evaluate() -> dict[str, float]:
+        _sync_buffers(model)
         with swap_in_averaged(optimizer):
             metrics, _ = evaluate_classifier(
                 model,
@@ -1078,6 +1099,7 @@ def _train_classifier(
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
+    _sync_buffers(model)
     _adopt_averaged(model, optimizer)
     if seen and math.isnan(last_epoch_loss):
         last_epoch_loss = loss_sum / seen
