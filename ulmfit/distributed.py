@@ -83,18 +83,23 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean(
-    metrics: Mapping[str, float], weight: float = 1.0, device: str | torch.device = "cpu"
-) -> dict[str, float]:
+def communication_device() -> torch.device:
+    """Where collective tensors must live: the current GPU for NCCL, the CPU otherwise."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> dict[str, float]:
     """Average ``metrics`` over ranks, each rank counting ``weight`` times (e.g. its token count).
 
-    In a single process the metrics come back unchanged. With NCCL the tensor must live on the
-    GPU, hence ``device``.
+    In a single process the metrics come back unchanged.
     """
     metrics = dict(metrics)
     if not is_initialized() or not metrics:
         return {key: float(value) for key, value in metrics.items()}
     keys = sorted(metrics)
+    device = communication_device()
     # float64 so that sums of many per-token losses do not lose precision
     values = torch.tensor(
         [float(metrics[key]) * weight for key in keys] + [weight],

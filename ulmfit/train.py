@@ -482,8 +482,9 @@ def _evaluate_lm_stream(
     return {"loss_sum": loss_sum, "correct": correct, "tokens": tokens}
 
 
-def _lm_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    totals = _all_reduce_sum(sums, device)
+def _lm_metrics(sums: dict[str, float]) -> dict[str, float]:
+    """Loss, perplexity and accuracy from the summed counts of every rank."""
+    totals = _all_reduce_sum(sums)
     if totals["tokens"] == 0:
         nan = float("nan")
         return {"loss": nan, "perplexity": nan, "accuracy": nan, "tokens": 0.0}
@@ -496,12 +497,14 @@ def _lm_metrics(sums: dict[str, float], device: torch.device) -> dict[str, float
     }
 
 
-def _all_reduce_sum(values: dict[str, float], device: torch.device) -> dict[str, float]:
+def _all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
+    """Sum ``values`` over ranks (unchanged in a single process)."""
     if not distributed.is_initialized():
         return dict(values)
     keys = sorted(values)
-    reduce_device = device if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=reduce_device)
+    tensor = torch.tensor(
+        [values[k] for k in keys], dtype=torch.float64, device=distributed.communication_device()
+    )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return {k: float(tensor[i]) for i, k in enumerate(keys)}
 
@@ -534,7 +537,7 @@ def evaluate_lm(
         world_size=distributed.world_size(),
     )
     sums = _evaluate_lm_stream(model, stream, device, _precision(amp, device))
-    return _lm_metrics(sums, device)
+    return _lm_metrics(sums)
 
 
 @torch.no_grad()
@@ -723,9 +726,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
             world_size=world,
         )
         with swap_in_averaged(optimizer):
-            metrics = _lm_metrics(
-                _evaluate_lm_stream(model, valid_stream, device, precision), device
-            )
+            metrics = _lm_metrics(_evaluate_lm_stream(model, valid_stream, device, precision))
         if isinstance(optimizer, NTASGD):
             metrics["averaging"] = float(optimizer.check(metrics["perplexity"]))
         metrics.update(step=float(step), epoch=float(epoch))
@@ -824,7 +825,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
         epoch += 1
         stream.set_epoch(epoch)
         recurrent = None  # each epoch's streams start afresh
-        reduced = _all_reduce_sum({"loss": loss_sum, "tokens": tokens_seen}, device)
+        reduced = _all_reduce_sum({"loss": loss_sum, "tokens": tokens_seen})
         last_epoch_loss = reduced["loss"] / max(reduced["tokens"], 1.0)
         loss_sum = tokens_seen = 0.0
         epoch_steps = 0
@@ -1087,7 +1088,7 @@ def _train_classifier(
         batches.set_epoch(epoch)
         if epoch < total_epochs and stage_of_epoch[epoch] != stage:
             stage_start_step = step  # the next stage's STLR starts from here
-        reduced = _all_reduce_sum({"loss": loss_sum, "seen": seen}, device)
+        reduced = _all_reduce_sum({"loss": loss_sum, "seen": seen})
         last_epoch_loss = reduced["loss"] / max(reduced["seen"], 1.0)
         loss_sum = seen = 0.0
         epoch_steps = 0
