@@ -182,72 +182,82 @@ def main() -> None:
     parser.add_argument(
         "--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}"
     )
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--threads", default=str(torch.get_num_threads()), help="comma list of thread counts"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="fastai")  # fastai's own import-time chatter
-    torch.set_num_threads(args.threads)
     variants = [v.strip() for v in args.variants.split(",")]
     if "fastai" in variants:
         variants.remove("fastai")
         variants.insert(0, "fastai")
+    thread_counts = [int(t) for t in args.threads.split(",")]
 
-    rates = {
-        (dtype, backend): gemm_rate(dtype, backend)
-        for dtype in (torch.float32, torch.bfloat16)
-        for backend in ("mkl", "onednn")
-    }
-    fp32_rate = max(rates[torch.float32, b] for b in ("mkl", "onednn"))
-    bf16_rate = max(rates[torch.bfloat16, b] for b in ("mkl", "onednn"))
     load = os.getloadavg()[0]
-    lines = [
+    header = [
         "# LM training throughput: ours vs fastai AWD_LSTM",
         "",
         f"Reproduce: `python bench/bench_lm_throughput.py --steps {args.steps} "
         f"--warmup {args.warmup} --configs {args.configs} --variants {','.join(variants)} "
         f"--threads {args.threads}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.threads} torch thread(s), "
-        f"torch {torch.__version__}. **Measured under load**: the machine was shared with other "
-        f"jobs (load average {load:.1f} at start), so wall-clock figures are noisy; the steps "
-        "are interleaved and the ratios use the median CPU time per step, which time-slicing "
-        "does not inflate.",
-        "",
-        "GEMM rate per CPU-second (2048^3 matmul): "
-        + ", ".join(
-            f"{'fp32' if d == torch.float32 else 'bf16'} {b} {r / 1e9:.0f} GFLOP/s"
-            for (d, b), r in rates.items()
-        )
-        + ". '% of GEMM' uses the faster backend of each dtype.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}. "
+        "**Measured under load**: the machine was shared with other jobs (load average "
+        f"{load:.1f} at start), so wall-clock figures are noisy. The steps are interleaved and "
+        "the ratios use the median CPU time per step, which time-slicing does not inflate "
+        "(with 2 threads, CPU time also counts OpenMP spin-waiting).",
         "",
         "One step = forward, plain cross entropy, backward, `torch.optim.Adam` step; all dropouts "
         f"on ({', '.join(f'{k}={p}' for k, (_, p) in DROPOUTS.items())}); AR/TAR off for both; "
         "the state carried (detached) between steps. FLOPs per step counted analytically "
-        "(LSTM and decoder matrix products, forward and backward).",
+        "(LSTM and decoder matrix products, forward and backward); '% of GEMM' divides the "
+        "step's FLOPs per CPU-second by the faster backend's 2048^3 matmul rate per CPU-second "
+        "for that dtype and thread count.",
         "",
-        "| config | variant | median wall s/step | tokens/s (wall) | median CPU s/step "
-        "| tokens per CPU-s | vs fastai (CPU time) | vs fastai (wall) | % of GEMM rate |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in args.configs.split(","):
-        size = SIZES[name.strip()]
-        times = measure(size, variants, args.steps, args.warmup)
-        tokens = size.batch * size.bptt
-        walls = {v: statistics.median(t[0] for t in times[v]) for v in variants}
-        cpus = {v: statistics.median(t[1] for t in times[v]) for v in variants}
-        for v in variants:
-            rate = bf16_rate if v.endswith("bf16") else fp32_rate
-            vs_cpu = f"{cpus['fastai'] / cpus[v]:.2f}x" if "fastai" in cpus else "-"
-            vs_wall = f"{walls['fastai'] / walls[v]:.2f}x" if "fastai" in walls else "-"
-            lines.append(
-                f"| {size.name} (V={size.vocab}, {size.embed}/{size.hidden}x3, "
-                f"{size.batch}x{size.bptt}) | {VARIANTS[v][0]} | {walls[v]:.2f} | "
-                f"{tokens / walls[v]:.0f} | {cpus[v]:.2f} | {tokens / cpus[v]:.0f} | {vs_cpu} | "
-                f"{vs_wall} | {100 * step_flops(size) / cpus[v] * args.threads / rate:.0f}% |"
+    gemm_lines: list[str] = []
+    rows = [
+        "| threads | config | variant | median wall s/step | tokens/s (wall) "
+        "| median CPU s/step | tokens per CPU-s | vs fastai (CPU time) | vs fastai (wall) "
+        "| % of GEMM rate |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        rates = {
+            (dtype, backend): gemm_rate(dtype, backend)
+            for dtype in (torch.float32, torch.bfloat16)
+            for backend in ("mkl", "onednn")
+        }
+        gemm_lines.append(
+            f"- {threads} thread(s), GEMM rate per CPU-second: "
+            + ", ".join(
+                f"{'fp32' if d == torch.float32 else 'bf16'} {b} {r / 1e9:.0f} GFLOP/s"
+                for (d, b), r in rates.items()
             )
-        print("\n".join(lines[-len(variants) :]), flush=True)
-    lines += ["", f"Steps measured per variant: {args.steps} (after {args.warmup} warm-up).", ""]
-    text = "\n".join(lines)
+        )
+        fp32_rate = max(rates[torch.float32, b] for b in ("mkl", "onednn"))
+        bf16_rate = max(rates[torch.bfloat16, b] for b in ("mkl", "onednn"))
+        for name in args.configs.split(","):
+            size = SIZES[name.strip()]
+            times = measure(size, variants, args.steps, args.warmup)
+            tokens = size.batch * size.bptt
+            walls = {v: statistics.median(t[0] for t in times[v]) for v in variants}
+            cpus = {v: statistics.median(t[1] for t in times[v]) for v in variants}
+            for v in variants:
+                rate = bf16_rate if v.endswith("bf16") else fp32_rate
+                vs_cpu = f"{cpus['fastai'] / cpus[v]:.2f}x" if "fastai" in cpus else "-"
+                vs_wall = f"{walls['fastai'] / walls[v]:.2f}x" if "fastai" in walls else "-"
+                rows.append(
+                    f"| {threads} | {size.name} (V={size.vocab}, {size.embed}/{size.hidden}x3, "
+                    f"{size.batch}x{size.bptt}) | {VARIANTS[v][0]} | {walls[v]:.2f} | "
+                    f"{tokens / walls[v]:.0f} | {cpus[v]:.2f} | {tokens / cpus[v]:.0f} | "
+                    f"{vs_cpu} | {vs_wall} | {100 * step_flops(size) / cpus[v] / rate:.0f}% |"
+                )
+            print("\n".join(rows[-len(variants) :]), flush=True)
+    footer = ["", f"Steps measured per variant: {args.steps} (after {args.warmup} warm-up).", ""]
+    text = "\n".join(header + gemm_lines + [""] + rows + footer)
     print(text)
     with atomic_write(args.output, "w") as f:
         f.write(text)

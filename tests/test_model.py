@@ -281,3 +281,20 @@ def test_no_warnings_at_run_time(recwarn):
     model(tokens()).logits.sum().backward()
     tiny_classifier()(tokens(seq=11), torch.tensor([11, 4, 2])).sum().backward()
     assert len(recwarn) == 0, [str(w.message) for w in recwarn]
+
+
+def test_decoder_cross_entropy_under_bf16_autocast_is_close_to_fp32():
+    hidden = torch.randn(40, EMBED, requires_grad=True)
+    weight = (torch.randn(VOCAB, EMBED) * 0.3).requires_grad_()
+    targets = torch.randint(0, VOCAB, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = decoder_cross_entropy(hidden.to(torch.bfloat16), weight, None, targets, 16)
+    loss.backward()
+    assert loss.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    grads = [hidden.grad.clone(), weight.grad.clone()]
+    hidden.grad = weight.grad = None
+    reference = F.cross_entropy(F.linear(hidden, weight), targets)
+    reference.backward()
+    assert torch.allclose(loss, reference, rtol=1e-2)
+    for got, want in zip(grads, (hidden.grad, weight.grad), strict=True):
+        assert (got - want).abs().max() < 2e-2 * want.abs().max()

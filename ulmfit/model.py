@@ -305,7 +305,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
     """Linear decoder + softmax cross entropy, fused and chunked over rows.
 
     The (N, V) logits never exist in full: each chunk's logits become the gradient
-    ``(softmax - one_hot) / N`` in place while they are still in cache, and the input and
+    ``softmax - one_hot`` in place while they are still in cache, and the input and
     weight gradients are accumulated right away, so the backward pass only scales them. Same
     three matrix products as the unfused version (through oneDNN, see `_linear`), fewer passes
     over (N, V) memory (one exp instead of two) and no (N, V) allocation. Everything runs in the dtype of ``hidden`` (bf16 under autocast);
@@ -318,7 +318,9 @@ class _DecoderCrossEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # Gradients are kept unscaled by 1/N (and in fp32 for the input) until backward, so
+        # that fp16 values of size softmax/N cannot underflow before GradScaler's factor.
+        grad_hidden = torch.empty_like(hidden, dtype=torch.float32) if need_hidden else None
         grad_weight_t = weight.new_zeros(weight.t().shape) if need_weight else None  # (E, V)
         grad_bias = torch.zeros_like(bias) if need_bias else None
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -334,9 +336,9 @@ class _DecoderCrossEntropy(torch.autograd.Function):
                 total += (row_max + row_sum.log()).squeeze(1).sub_(target_logits).sum()
                 if not (need_hidden or need_weight or need_bias):
                     continue
-                grad = exp.mul_((row_sum * n).reciprocal_())  # softmax / N
-                grad[torch.arange(len(y), device=y.device), y] -= 1.0 / n
-                grad = grad.to(dtype)  # d(mean loss) / d(logits), (n_c, V)
+                grad = exp.mul_(row_sum.reciprocal_())  # softmax, in place
+                grad[torch.arange(len(y), device=y.device), y] -= 1.0
+                grad = grad.to(dtype)  # N * d(mean loss) / d(logits), (n_c, V)
                 if need_hidden:
                     grad_hidden[start : start + chunk_rows] = _linear(grad, w.t())  # (n_c, E)
                 if need_weight:  # (E, V): the fast orientation for oneDNN
@@ -345,12 +347,18 @@ class _DecoderCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(0)
         grad_weight = None if grad_weight_t is None else grad_weight_t.t().contiguous()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.n, ctx.hidden_dtype = n, dtype
         return total / n
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = [None if g is None else g * grad_output.to(g.dtype) for g in ctx.saved_tensors]
-        return *grads, None, None
+        scale = grad_output.float() / ctx.n
+        grad_hidden, grad_weight, grad_bias = (
+            None if g is None else g * scale.to(g.dtype) for g in ctx.saved_tensors
+        )
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(ctx.hidden_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def decoder_cross_entropy(
