@@ -99,9 +99,9 @@ def stage_prepare(args: argparse.Namespace, out: Path) -> dict:
     )
     docs = sum(s["count"] for s in summary["splits"].values())
     words = sum(s["words_total"] for s in summary["splits"].values())
-    return {"seconds": seconds, "text_bytes": text_bytes, "docs": docs, "words": words} | _peaks(
-        tree
-    )
+    skipped = summary["skipped"].get("skipped_short", 0)
+    counts = {"docs": docs, "words": words, "skipped_short": skipped}
+    return {"seconds": seconds, "text_bytes": text_bytes} | counts | _peaks(tree)
 
 
 def stage_tokenizer(args: argparse.Namespace, out: Path) -> dict:
@@ -206,14 +206,25 @@ def main() -> None:
     input_mb = args.input.stat().st_size / 1e6
     command = "python bench/bench_ingest.py" + ("" if not argv else " " + " ".join(argv))
     header = (
-        f"Input: `{args.input.name}` ({input_mb:.1f} MB gzip); {results['prepare']['docs']} articles, "
+        f"Input: `{args.input.name}` ({input_mb:.1f} MB gzip); {results['prepare']['docs']} articles kept "
+        f"({results['prepare']['skipped_short']} shorter than 200 characters skipped), "
         f"{results['prepare']['words']:,} words, {text_mb:.1f} MB of article text (UTF-8) after ingest. "
         f"Tokenizer: SentencePiece unigram, vocab {results['tokenizer']['vocab_size']}, trained on a "
         f"{args.sample_docs}-article reservoir sample. Encoding workers: {args.workers or os.cpu_count()}. "
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}; "
         "shared with other jobs while measured (figures are under load)."
     )
-    report = f"# Ingest and tokenisation throughput\n\n{header}\n\n{_table(results, text_mb)}\n\nReproduce: `{command}`\n"
+    notes = (
+        "MB text / s is the same MB of article text divided by each stage's seconds. The tokenizer "
+        "reads every article once (reservoir sample), then trains on the sample only, so its figure "
+        "is the rate at which it serves this corpus, not a scan rate. Peak RSS is the stage's own "
+        "process (`ru_maxrss`); the last column samples the whole process tree every 0.1 s, "
+        "including the encode workers."
+    )
+    report = (
+        f"# Ingest and tokenisation throughput\n\n{header}\n\n{_table(results, text_mb)}\n\n"
+        f"{notes}\n\nReproduce: `{command}`\n"
+    )
     print(report)
     if not args.no_write:
         from ulmfit.io import atomic_write

