@@ -174,6 +174,20 @@ def measure(
     return times
 
 
+def profile(size: Size, variants: list[str]) -> None:
+    """Where one step's time goes, per variant (self CPU time of the top operators)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for v in variants:
+        step = VARIANTS[v][1](size, 0)
+        step()  # warm-up
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f"\n## {VARIANTS[v][0]} ({size.name})")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="measured steps per model and size")
@@ -186,6 +200,9 @@ def main() -> None:
         "--threads", default=str(torch.get_num_threads()), help="comma list of thread counts"
     )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--profile", action="store_true", help="print a torch.profiler table per variant and exit"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="fastai")  # fastai's own import-time chatter
     variants = [v.strip() for v in args.variants.split(",")]
@@ -193,6 +210,10 @@ def main() -> None:
         variants.remove("fastai")
         variants.insert(0, "fastai")
     thread_counts = [int(t) for t in args.threads.split(",")]
+    if args.profile:
+        torch.set_num_threads(thread_counts[0])
+        profile(SIZES[args.configs.split(",")[0].strip()], variants)
+        return
 
     load = os.getloadavg()[0]
     header = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -114,3 +116,18 @@ def test_checkpoint_file_and_clear_errors(tmp_path):
         load_fastai_state_dict(state_dict, "lm")
     with pytest.raises(InputError, match="classifier head key .decoder.weight"):
         load_fastai_state_dict(reference.state_dict(), "classifier")
+
+
+def test_older_fastai_key_layouts_convert_to_the_same_weights():
+    reference = fastai_classifier()
+    current, _ = load_fastai_state_dict(reference.state_dict(), "classifier")
+    older = {}
+    for key, tensor in reference.state_dict().items():
+        key = re.sub(
+            r"rnns\.(\d)\.weight_hh_l0_raw", r"rnns.\1.module.weight_hh_l0_raw", key
+        )  # 0.7
+        block = re.fullmatch(r"1\.layers\.(\d)\.(\d)\.(.+)", key)  # 1.x: one flat Sequential
+        older[f"1.layers.{4 * int(block[1]) + int(block[2])}.{block[3]}" if block else key] = tensor
+    converted, _ = load_fastai_state_dict(older, "classifier")
+    assert converted.keys() == current.keys()
+    assert all(torch.equal(converted[k], current[k]) for k in current)

@@ -3,7 +3,8 @@
 Covers the models of ULMFiT section 3 as fastai saves them: the language model
 ``SequentialRNN(AWD_LSTM, LinearDecoder)`` and the classifier
 ``SequentialRNN(SentenceEncoder(AWD_LSTM), PoolingLinearClassifier)``, in the key layouts of
-fastai 2.x and 1.x (``0.rnns.0.weight_hh_l0_raw``) and 0.7 (``0.rnns.0.module.weight_hh_l0_raw``).
+fastai 2.x and 1.x (``0.rnns.0.weight_hh_l0_raw``; 1.x's head is one flat ``Sequential``), and
+0.7's encoder keys (``0.rnns.0.module.weight_hh_l0_raw``, ``0.encoder_with_dropout``).
 The sizes are read from the tensors, so fastai's hidden size 1152 converts as is; dropouts are
 not stored by fastai and come from ``overrides`` (or our defaults).
 """
