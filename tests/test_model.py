@@ -169,6 +169,8 @@ def test_bpt3c_gradient_reaches_the_first_chunk():
     classifier(pair, torch.tensor([5 * bptt] * 2)).sum().backward()
     grad = classifier.encoder.embedding.weight.grad
     assert grad[10 : 10 + bptt].abs().sum(dim=1).gt(0).all()
+    with pytest.raises(ValueError, match="lengths"):
+        classifier(pair, torch.tensor([5 * bptt, 0]))
 
 
 def test_bpt3c_no_gradient_before_the_max_len_window():

@@ -425,8 +425,10 @@ class SequenceClassifier(nn.Module):
         tokens of the batch run without a graph (their contributions enter as constants,
         bounding memory); from there on gradients flow through the chunks and the carried state.
         """
-        batch_size, total = tokens.shape
+        batch_size = tokens.size(0)
         lengths = lengths.to(tokens.device)
+        if int(lengths.min()) < 1 or int(lengths.max()) > tokens.size(1):
+            raise ValueError(f"lengths must lie in [1, {tokens.size(1)}], got {lengths.tolist()}")
         longest = int(lengths.max())
         window_start = max(0, longest - self.cfg.max_len)
         state = self.encoder.init_state(batch_size, tokens.device)
