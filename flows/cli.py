@@ -1,0 +1,333 @@
+"""``ulmfit``: the command line of the pipeline.
+
+The stage commands are what ``dvc.yaml`` runs; a person normally runs ``ulmfit repro`` (the
+whole pipeline), ``ulmfit predict`` and ``ulmfit profile``. Heavy imports (torch, Prefect,
+MLflow) happen only inside the command that needs them, so ``ulmfit --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_INPUT_ERROR = 2
+EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
+
+# Environment defaults for every command (an explicit value in the environment wins).
+ENV_DEFAULTS = {
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    # Prefect's ephemeral server (a bare `dvc repro`) can take well over 20 s to start on a
+    # loaded machine; the default timeout would fail the stage.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+    # DVC is the one cache: Prefect keeps no results.
+    "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
+    # The `ulmfit` logger (progress lines) goes through Prefect's handlers: console and UI.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "ulmfit",
+}
+
+# DVC stage group -> the Prefect flow that runs it.
+STAGE_FLOWS = {
+    "prepare_wikipedia": "flows.prepare:prepare_wikipedia_flow",
+    "train_tokenizer": "flows.tokenize:train_tokenizer_flow",
+    "tokenize_wikipedia": "flows.tokenize:tokenize_wikipedia_flow",
+    "pretrain": "flows.train:pretrain_flow",
+    "prepare_dataset": "flows.prepare:prepare_dataset_flow",
+    "tokenize_dataset": "flows.tokenize:tokenize_dataset_flow",
+    "finetune_lm": "flows.train:finetune_lm_flow",
+    "train_classifier": "flows.train:train_classifier_flow",
+    "evaluate": "flows.evaluate:evaluate_flow",
+    "report": "flows.report:report_flow",
+}
+
+STAGE_HELP = {
+    "prepare-wikipedia": (
+        "Stage 1: read the Wikipedia source of params.yaml (section 'wikipedia': a dump, "
+        "WikiText-103 or WikiExtractor output; local, packaged or downloaded) into "
+        "data/wikipedia/{train,valid}.parquet."
+    ),
+    "train-tokenizer": (
+        "Stage 2: train the SentencePiece tokenizer (section 'tokenizer') on the Wikipedia "
+        "training text -> data/tokenizer/tokenizer.model."
+    ),
+    "tokenize-wikipedia": (
+        "Stage 3: encode the Wikipedia splits into token files (section 'tokenize') -> "
+        "data/wikipedia_tokens/."
+    ),
+    "pretrain": (
+        "Stage 4: pretrain the AWD-LSTM language model on Wikipedia (section 'pretrain'), one "
+        "direction per run -> data/pretrained/<direction>/model.pt."
+    ),
+    "prepare-dataset": (
+        "Stage 5a: read one classification dataset (section 'datasets.<name>.source') into "
+        "data/datasets/<name>/prepared/{train,valid,test[,unsup]}.parquet."
+    ),
+    "tokenize-dataset": (
+        "Stage 5b: encode one dataset's splits, labels kept -> data/datasets/<name>/tokens/."
+    ),
+    "finetune-lm": (
+        "Stage 5c: fine-tune the pretrained LM on the dataset's texts, all splits, never the "
+        "labels (section 'finetune') -> data/datasets/<name>/lm_<direction>/."
+    ),
+    "train-classifier": (
+        "Stage 5d: train the classifier on the fine-tuned encoder with gradual unfreezing, "
+        "discriminative learning rates, slanted triangular LRs and BPT3C (section "
+        "'classifier') -> data/datasets/<name>/classifier_<direction>/."
+    ),
+    "evaluate": (
+        "Stage 5e: test error of the forward, backward and ensembled classifiers, confusion "
+        "matrix, and the ensemble saved to data/datasets/<name>/model/ and registered in "
+        "MLflow as '<prefix>-<name>'."
+    ),
+    "report": (
+        "Stage 6: write reports/results.md, one table over every dataset with the MLflow run "
+        "id of each figure."
+    ),
+}
+
+
+def _project_root() -> Path:
+    return Path.cwd().resolve()
+
+
+def _set_environment(root: Path) -> None:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    from tasks.workspace import Layout
+
+    os.environ.setdefault("PREFECT_HOME", str(root / Layout.prefect_home))
+
+
+def _setup_logging(verbose: bool, stage: bool) -> None:
+    """Stage commands log through Prefect's handlers (console, and the server's UI); the other
+    commands through a plain stderr handler. Libraries stay at WARNING either way."""
+    logging.getLogger("ulmfit").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if stage:
+        import prefect  # noqa: F401 - importing Prefect configures its logging
+    else:
+        logging.basicConfig(
+            level=logging.WARNING,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+
+
+class _NoInputErrorTraceback(logging.Filter):
+    """Prefect logs a failing task's traceback; for bad input the CLI's one-line message
+    (file, problem, fix) is the whole story, so the traceback is dropped from the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from ulmfit.errors import InputError
+
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_input_error_tracebacks() -> None:
+    quiet = _NoInputErrorTraceback()
+    for name in [
+        "prefect",
+        *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")],
+    ]:
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and quiet not in handler.filters:
+                handler.addFilter(quiet)
+
+
+# ----------------------------------------------------------------------------- stage commands
+
+
+def _run_stage(group: str, dataset: str | None = None, direction: str | None = None) -> int:
+    """Run one stage's flow under the workspace lock."""
+    root = _project_root()
+    from tasks.workspace import workspace_lock
+
+    item = "-".join(x for x in (dataset, direction) if x)
+    with workspace_lock(root, f"{group}@{item}" if item else group):
+        module, name = STAGE_FLOWS[group].split(":")
+        flow_fn = getattr(importlib.import_module(module), name)
+        kwargs = {"root": str(root)}
+        if dataset is not None:
+            kwargs["dataset"] = dataset
+        if direction is not None:
+            kwargs["direction"] = direction
+        _quiet_input_error_tracebacks()
+        flow_fn(**kwargs)
+    return 0
+
+
+# -------------------------------------------------------------------------------- commands
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    return _run_stage(
+        args.command.replace("-", "_"),
+        getattr(args, "dataset", None),
+        getattr(args, "direction", None),
+    )
+
+
+def cmd_repro(args: argparse.Namespace) -> int:
+    from flows.repro import repro
+
+    return repro(_project_root(), list(args.dvc_args))
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from flows.predict import predict_csv
+
+    out = predict_csv(
+        _project_root(),
+        args.model,
+        Path(args.input),
+        Path(args.output),
+        text_column=args.text_column,
+        batch_size=args.batch_size,
+    )
+    logging.getLogger("ulmfit").info("wrote %s", out)
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from flows.profiles import list_profiles, use_profile
+
+    root = _project_root()
+    if args.list or not args.name:
+        for name, summary in list_profiles(root):
+            print(f"{name:14s} {summary}")
+        return 0
+    path = use_profile(root, args.name)
+    print(f"params.yaml now holds profile '{args.name}' ({path}); run: ulmfit repro")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ulmfit",
+        description=(
+            "ULMFiT (Howard & Ruder 2018) as a reproducible pipeline: pretrain an AWD-LSTM "
+            "language model on Wikipedia, fine-tune it on each dataset's texts, train "
+            "classifiers, evaluate and report. DVC decides what needs re-running, each stage "
+            "runs as a Prefect flow, and MLflow records every run. Run commands from the "
+            "project root."
+        ),
+        epilog=(
+            "Start here: 'ulmfit repro' runs the whole pipeline for the parameters in "
+            "params.yaml (the offline demo by default); 'ulmfit profile --list' shows other "
+            "settings; 'ulmfit predict --model data/datasets/bbc_news/model --input in.csv "
+            "--output out.csv' classifies texts. Stage commands are what dvc.yaml calls."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    repro = sub.add_parser(
+        "repro",
+        help="run the whole pipeline (dvc repro) with one local Prefect server",
+        description=(
+            "Run every stage that is out of date ('dvc repro'), as Prefect flows tracked in "
+            "MLflow. Starts one local Prefect server for all stages (unless PREFECT_API_URL "
+            "points at one), groups the MLflow runs under one pipeline run, and stops the "
+            "server at the end. Anything after 'repro' goes to 'dvc repro', e.g. "
+            "'ulmfit repro --force report' or 'ulmfit repro evaluate@bbc_news'."
+        ),
+    )
+    repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
+    repro.set_defaults(func=cmd_repro)
+
+    predict = sub.add_parser(
+        "predict",
+        help="classify the texts of a CSV file with a trained model",
+        description=(
+            "Read a CSV with a text column, classify every row with a trained classifier, "
+            "and write the rows back with 'label', 'probability' and one 'prob_<label>' "
+            "column per class. --model is a registered MLflow model "
+            "(models:/ulmfit-bbc_news@champion, models:/ulmfit-bbc_news@latest, "
+            "models:/ulmfit-bbc_news/3) or a directory written by the evaluate stage "
+            "(data/datasets/bbc_news/model)."
+        ),
+    )
+    predict.add_argument(
+        "--model", required=True, help="models:/<name>@<alias> or a model directory"
+    )
+    predict.add_argument("--input", required=True, help="CSV file to classify")
+    predict.add_argument("--output", required=True, help="CSV file to write")
+    predict.add_argument(
+        "--text-column", default="text", help="column holding the texts (default: text)"
+    )
+    predict.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
+    predict.set_defaults(func=cmd_predict)
+
+    profile = sub.add_parser(
+        "profile",
+        help="switch params.yaml to a named profile (default, paper, paper-slice)",
+        description=(
+            "Copy profiles/<name>.yaml over params.yaml. 'default': the offline demo "
+            "(embedded data, CPU, minutes). 'paper': the paper's setting (WikiText-103 or a "
+            "Wikipedia dump, the six datasets, the paper's hyperparameters; GPU). "
+            "'paper-slice': the paper's setting on small slices of the real corpora in "
+            "../shared/data. Then run 'ulmfit repro'."
+        ),
+    )
+    profile.add_argument("name", nargs="?", help="profile name (see --list)")
+    profile.add_argument("--list", action="store_true", help="list the profiles")
+    profile.set_defaults(func=cmd_profile)
+
+    for name, text in STAGE_HELP.items():
+        stage = sub.add_parser(
+            name,
+            help=text.split(": ", 1)[1].split(" (")[0].split(" ->")[0],
+            description=text + " Normally run by 'ulmfit repro' / 'dvc repro'.",
+        )
+        if name in (
+            "prepare-dataset",
+            "tokenize-dataset",
+            "finetune-lm",
+            "train-classifier",
+            "evaluate",
+        ):
+            stage.add_argument("--dataset", required=True, help="a dataset name from params.yaml")
+        if name in ("pretrain", "finetune-lm", "train-classifier"):
+            stage.add_argument(
+                "--direction",
+                required=True,
+                choices=("fwd", "bwd"),
+                help="fwd: left-to-right text; bwd: right-to-left",
+            )
+        stage.set_defaults(func=cmd_stage)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _set_environment(_project_root())
+    _setup_logging(args.verbose, stage=args.func is cmd_stage)
+    from tasks.workspace import WorkspaceBusy
+    from ulmfit.errors import InputError
+
+    try:
+        return int(args.func(args) or 0)
+    except InputError as error:
+        print(f"ulmfit {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except WorkspaceBusy as error:
+        print(f"ulmfit {args.command}: {error}", file=sys.stderr)
+        return EXIT_BUSY
+    except KeyboardInterrupt:
+        print(f"ulmfit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

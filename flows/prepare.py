@@ -1,0 +1,68 @@
+"""Flows of stages ``prepare_wikipedia`` and ``prepare_dataset`` (corpus ingest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.data import prepare_dataset_task, prepare_wikipedia_task
+from tasks.params import load_params, section_dict
+from tasks.stage import record_outputs, stage_run
+from tasks.workspace import Layout
+
+
+def _summary_metrics(summary: dict) -> dict:
+    """The numeric leaves of a corpus summary (counts, lengths, repairs), minus the echoed
+    options: what ``dvc metrics show`` and MLflow display for a prepare stage."""
+    out = {}
+    for key, value in summary.items():
+        if key == "options":
+            continue
+        if isinstance(value, dict):
+            nested = _summary_metrics(value)
+            if nested:
+                out[key] = nested
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+@flow(name="prepare_wikipedia", persist_result=False)
+def prepare_wikipedia_flow(root: str = ".") -> str:
+    """Wikipedia source -> ``data/wikipedia/{train,valid}.parquet``."""
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    spec = Layout.stage("prepare_wikipedia")
+    with stage_run(root_path, spec, params, section_dict(params, "wikipedia")) as ctx:
+        out = ctx.path(Layout.wikipedia)
+        summary = prepare_wikipedia_task(params.wikipedia, out, ctx.path(Layout.cache_dir))
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            _summary_metrics(summary),
+            artifacts=(out / "summary.json", out / "sources.json"),
+        )
+    return str(out)
+
+
+@flow(name="prepare_dataset", persist_result=False, flow_run_name="prepare_dataset-{dataset}")
+def prepare_dataset_flow(dataset: str, root: str = ".") -> str:
+    """One classification dataset -> ``data/datasets/<dataset>/prepared/``."""
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    source = params.dataset(dataset).source
+    spec = Layout.stage("prepare_dataset", dataset)
+    section = {"source": section_dict(params, "datasets", dataset=dataset)["dataset"]["source"]}
+    with stage_run(root_path, spec, params, section) as ctx:
+        out = ctx.path(Layout.prepared(dataset))
+        summary = prepare_dataset_task(source, out, ctx.path(Layout.cache_dir))
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            _summary_metrics(summary),
+            artifacts=(out / "summary.json", out / "sources.json"),
+        )
+    return str(out)

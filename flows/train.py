@@ -1,0 +1,179 @@
+"""Flows of stages ``pretrain``, ``finetune_lm`` and ``train_classifier`` (paper sections
+3.1-3.3), one direction per run: ``fwd`` reads text left to right, ``bwd`` right to left."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.params import DIRECTIONS, load_params, section_dict
+from tasks.stage import record_outputs, require, runtime, stage_run
+from tasks.tokens import TOKENIZER_FILE
+from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
+from tasks.workspace import Layout
+from ulmfit.errors import InputError
+
+
+def _check_direction(direction: str) -> bool:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return direction == "bwd"
+
+
+@flow(name="pretrain", persist_result=False, flow_run_name="pretrain-{direction}")
+def pretrain_flow(direction: str, root: str = ".") -> str:
+    """General-domain LM on the Wikipedia token files -> ``data/pretrained/<direction>/``."""
+    backward = _check_direction(direction)
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    spec = Layout.stage("pretrain", direction=direction)
+    tokens = require(root_path / Layout.wikipedia_tokens, "tokenize_wikipedia")
+    tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
+    section = section_dict(params, "pretrain")
+    section["direction"] = direction
+    with stage_run(root_path, spec, params, section) as ctx:
+        pretrain = params.pretrain
+        out = ctx.path(Layout.pretrained(direction))
+        result = train_lm_task(
+            root=root_path,
+            run_id=ctx.run_id,
+            tokenizer_path=tokenizer,
+            token_files=[tokens / "train.parquet"],
+            valid_file=tokens / "valid.parquet",
+            model_cfg=pretrain.model.scaled(pretrain.dropout_multiplier),
+            train_cfg=dataclasses.replace(pretrain.train, backward=backward),
+            init_model=None,
+            out_dir=out,
+            checkpoint_dir=ctx.checkpoint_dir(),
+            device=runtime(pretrain.device, pretrain.threads),
+            log_every=params.mlflow.log_every_steps,
+            description=f"pretrain {direction}",
+        )
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            result["metrics"],
+            result["steps"],
+            result["evals"],
+            artifacts=(out / MODEL_FILE,),
+        )
+    return result["model"]
+
+
+@flow(name="finetune_lm", persist_result=False, flow_run_name="finetune_lm-{dataset}-{direction}")
+def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
+    """Target-task LM fine-tuning on the dataset's texts (every split, never a label)."""
+    backward = _check_direction(direction)
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    finetune = params.dataset(dataset).finetune
+    spec = Layout.stage("finetune_lm", dataset, direction)
+    tokens = require(root_path / Layout.tokens(dataset), f"tokenize_dataset@{dataset}")
+    tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
+    pretrained = require(
+        root_path / Layout.pretrained(direction) / MODEL_FILE, f"pretrain@{direction}"
+    )
+    files = [
+        tokens / f"{split}.parquet"
+        for split in finetune.splits
+        if (tokens / f"{split}.parquet").is_file()
+    ]
+    if not files:
+        raise InputError(
+            tokens,
+            f"none of the splits {list(finetune.splits)} was found",
+            fix=f"check datasets.{dataset}.finetune.splits in params.yaml",
+        )
+    section = section_dict(params, "finetune", dataset=dataset)
+    section.update(
+        pretrain_model=section_dict(params, "pretrain")["pretrain"]["model"],
+        direction=direction,
+        splits_used=[f.stem for f in files],
+    )
+    with stage_run(root_path, spec, params, section) as ctx:
+        out = ctx.path(Layout.finetuned(dataset, direction))
+        result = train_lm_task(
+            root=root_path,
+            run_id=ctx.run_id,
+            tokenizer_path=tokenizer,
+            token_files=files,
+            valid_file=None,
+            holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
+            model_cfg=params.pretrain.model.scaled(finetune.dropout_multiplier),
+            train_cfg=dataclasses.replace(finetune.train, backward=backward),
+            init_model=pretrained,
+            out_dir=out,
+            checkpoint_dir=ctx.checkpoint_dir(),
+            device=runtime(finetune.device, finetune.threads),
+            log_every=params.mlflow.log_every_steps,
+            description=f"finetune {dataset} {direction}",
+        )
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            result["metrics"],
+            result["steps"],
+            result["evals"],
+            artifacts=(out / MODEL_FILE,),
+        )
+    return result["model"]
+
+
+@flow(
+    name="train_classifier",
+    persist_result=False,
+    flow_run_name="train_classifier-{dataset}-{direction}",
+)
+def train_classifier_flow(dataset: str, direction: str, root: str = ".") -> str:
+    """Classifier fine-tuning on the labelled train split, validated on the valid split."""
+    backward = _check_direction(direction)
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    classifier = params.dataset(dataset).classifier
+    spec = Layout.stage("train_classifier", dataset, direction)
+    tokens = require(root_path / Layout.tokens(dataset), f"tokenize_dataset@{dataset}")
+    tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
+    lm_file = require(
+        root_path / Layout.finetuned(dataset, direction) / MODEL_FILE,
+        f"finetune_lm@{dataset}-{direction}",
+    )
+    summary_path = require(
+        root_path / Layout.prepared(dataset) / "summary.json", f"prepare_dataset@{dataset}"
+    )
+    label_names = list(json.loads(summary_path.read_text(encoding="utf-8"))["label_names"])
+    section = section_dict(params, "classifier", dataset=dataset)
+    section["direction"] = direction
+    with stage_run(root_path, spec, params, section) as ctx:
+        out = ctx.path(Layout.classifier(dataset, direction))
+        result = train_classifier_task(
+            root=root_path,
+            run_id=ctx.run_id,
+            tokenizer_path=tokenizer,
+            train_file=tokens / "train.parquet",
+            valid_file=tokens / "valid.parquet",
+            label_names=label_names,
+            lm_file=lm_file,
+            model_cfg=classifier.model,
+            dropout_multiplier=classifier.dropout_multiplier,
+            train_cfg=dataclasses.replace(classifier.train, backward=backward),
+            out_dir=out,
+            checkpoint_dir=ctx.checkpoint_dir(),
+            device=runtime(classifier.device, classifier.threads),
+            log_every=params.mlflow.log_every_steps,
+            description=f"classifier {dataset} {direction}",
+        )
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            result["metrics"],
+            result["steps"],
+            result["evals"],
+            artifacts=(out / MODEL_FILE,),
+        )
+    return result["model"]

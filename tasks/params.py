@@ -1,0 +1,360 @@
+"""``params.yaml`` -> frozen dataclasses, one per section (= one per pipeline stage).
+
+``params.yaml`` is the one source of parameters. Each section is named after the stage that
+reads it (and after that stage's MLflow run). Sections are built with
+:func:`ulmfit.config.from_dict` into the library's own config dataclasses, so an unknown or
+misspelt key stops the pipeline with the section and the valid keys named, before any work.
+
+Dropouts follow the ULMFiT scripts (paper section 3): the AWD-LSTM's base dropouts are given
+once (``pretrain.model``) and each phase scales them by its own multiplier (``pretrain``: 0.1
+in the fastai v1 WikiText-103 recipe, ``finetune``: 0.7, the paper's LM fine-tuning value);
+the classifier has its own base dropouts (fastai's ``awd_lstm_clas_config``) and multiplier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ulmfit.config import from_dict, to_dict
+from ulmfit.corpora import DatasetSource, WikipediaSource
+from ulmfit.errors import InputError
+from ulmfit.model import AWDLSTMConfig, ClassifierConfig
+from ulmfit.tokenizer import TokenizerConfig
+from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
+
+DIRECTIONS = ("fwd", "bwd")
+LM_SPLITS = ("train", "valid", "test", "unsup")
+# Placeholders for sizes that are only known at run time (vocabulary, number of classes): the
+# sections are validated with them and the real values are put in by the stage.
+_VOCAB_PLACEHOLDER = 2
+_CLASSES_PLACEHOLDER = 2
+_ENCODER_SIZE_KEYS = (
+    "vocab_size",
+    "embed_size",
+    "hidden_size",
+    "num_layers",
+    "pad_id",
+    "tie_weights",
+    "out_bias",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeParams:
+    """Stage ``tokenize_*``: how texts are encoded into token files."""
+
+    workers: int | None = None  # None: every core
+    chunk_docs: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainParams:
+    """Stage ``pretrain``: general-domain LM pretraining (paper section 3.1)."""
+
+    model: AWDLSTMConfig  # vocab_size comes from the tokenizer at run time
+    train: LMTrainConfig
+    dropout_multiplier: float = 1.0
+    device: str = "auto"
+    threads: int = 0  # CPU threads for PyTorch; 0: its default (one per core)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneParams:
+    """Stage ``finetune_lm``: target-task LM fine-tuning (paper section 3.2).
+
+    The LM sees the texts of ``splits`` (never a label); ``valid_fraction`` of those documents
+    (seeded) is held out to report the fine-tuned perplexity.
+    """
+
+    train: LMTrainConfig
+    dropout_multiplier: float = 0.7
+    splits: tuple[str, ...] = LM_SPLITS
+    valid_fraction: float = 0.1
+    max_docs: int | None = None  # cap on the documents used (seeded sample), None: all
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierParams:
+    """Stage ``train_classifier``: classifier fine-tuning (paper section 3.3).
+
+    ``model`` holds the head and BPT3C settings and, in ``model.encoder``, the classifier's base
+    dropouts; the encoder's sizes always come from the pretrained LM.
+    """
+
+    model: ClassifierConfig
+    train: ClassifierTrainConfig
+    dropout_multiplier: float = 0.5
+    device: str = "auto"
+    threads: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    """Stage ``evaluate``: test error of forward, backward and the ensemble (paper section 3.3)."""
+
+    batch_size: int = 64
+    device: str = "auto"
+    threads: int = 0
+    register: bool = True  # register the ensemble in the MLflow model registry
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportParams:
+    """Stage ``report``: ``reports/results.md`` over every dataset."""
+
+    title: str = "ULMFiT results"
+    decimals: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowParams:
+    """How runs and models are named in MLflow (the tracking URI comes from the environment)."""
+
+    experiment: str = "ulmfit"
+    model_name_prefix: str = "ulmfit"
+    log_every_steps: int = 10  # training curves: one point per that many steps (keeps the DB small)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetParams:
+    """One entry of ``datasets``: where the data comes from and per-dataset overrides."""
+
+    name: str
+    source: DatasetSource
+    finetune: FinetuneParams
+    classifier: ClassifierParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    """The whole of ``params.yaml``."""
+
+    wikipedia: WikipediaSource
+    tokenizer: TokenizerConfig
+    tokenize: TokenizeParams
+    pretrain: PretrainParams
+    finetune: FinetuneParams
+    classifier: ClassifierParams
+    datasets: Mapping[str, DatasetParams]
+    evaluate: EvaluateParams
+    report: ReportParams
+    mlflow: MlflowParams
+    raw: Mapping[str, Any]  # the parsed YAML, for logging each stage's own section
+
+    def dataset(self, name: str) -> DatasetParams:
+        if name not in self.datasets:
+            raise KeyError(
+                f"dataset '{name}' is not in params.yaml datasets {sorted(self.datasets)}"
+            )
+        return self.datasets[name]
+
+
+SECTIONS = (
+    "wikipedia",
+    "tokenizer",
+    "tokenize",
+    "pretrain",
+    "datasets",
+    "finetune",
+    "classifier",
+    "evaluate",
+    "report",
+    "mlflow",
+)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; bad content raises :class:`InputError` naming the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            path,
+            "parameter file not found",
+            fix="run from the project root, or pick a profile: ulmfit profile default",
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        line = getattr(getattr(error, "problem_mark", None), "line", None)
+        raise InputError(
+            path,
+            f"not valid YAML ({error})",
+            line=None if line is None else line + 1,
+            fix="correct the YAML syntax",
+        ) from error
+    try:
+        return parse_params(data)
+    except (ValueError, TypeError) as error:
+        raise InputError(path, str(error), fix="correct or remove the key named above") from error
+
+
+def parse_params(data: Mapping[str, Any]) -> Params:
+    """Build :class:`Params` from the parsed YAML; raises ``ValueError`` naming the section."""
+    if not isinstance(data, Mapping):
+        raise ValueError("params.yaml must be a mapping of sections")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    missing = [s for s in ("wikipedia", "tokenizer", "pretrain", "datasets") if s not in data]
+    if missing:
+        raise ValueError(f"missing section(s) {missing}")
+
+    tokenizer = from_dict(TokenizerConfig, _section(data, "tokenizer"), where="tokenizer")
+    pretrain = _pretrain(_section(data, "pretrain"), tokenizer.vocab_size)
+    finetune_data = _section(data, "finetune")
+    classifier_data = _section(data, "classifier")
+    finetune = _finetune(finetune_data, "finetune")
+    classifier = _classifier(classifier_data, pretrain.model, "classifier")
+
+    datasets_data = data.get("datasets") or {}
+    if not isinstance(datasets_data, Mapping) or not datasets_data:
+        raise ValueError("section 'datasets' must map at least one dataset name to its options")
+    datasets = {}
+    for name, entry in datasets_data.items():
+        datasets[name] = _dataset(
+            str(name), entry or {}, finetune_data, classifier_data, pretrain.model
+        )
+
+    return Params(
+        wikipedia=from_dict(WikipediaSource, _section(data, "wikipedia"), where="wikipedia"),
+        tokenizer=tokenizer,
+        tokenize=from_dict(TokenizeParams, _section(data, "tokenize"), where="tokenize"),
+        pretrain=pretrain,
+        finetune=finetune,
+        classifier=classifier,
+        datasets=datasets,
+        evaluate=from_dict(EvaluateParams, _section(data, "evaluate"), where="evaluate"),
+        report=from_dict(ReportParams, _section(data, "report"), where="report"),
+        mlflow=from_dict(MlflowParams, _section(data, "mlflow"), where="mlflow"),
+        raw=data,
+    )
+
+
+def section_dict(params: Params, *names: str, dataset: str | None = None) -> dict[str, Any]:
+    """The effective (defaults filled in, overrides applied) sections a stage reads, as plain
+    dicts: what its MLflow run logs and what keys its checkpoints."""
+    out: dict[str, Any] = {}
+    for name in names:
+        if name == "datasets":
+            assert dataset is not None
+            out["dataset"] = to_dict(params.dataset(dataset))
+        elif dataset is not None and name in ("finetune", "classifier"):
+            out[name] = to_dict(getattr(params.dataset(dataset), name))
+        else:
+            value = getattr(params, name)
+            out[name] = to_dict(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"section '{name}' must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _split(data: dict[str, Any], where: str, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {unknown} in section '{where}'; valid keys: {sorted(allowed)}"
+        )
+
+
+def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
+    _split(data, "pretrain", ("model", "train", "dropout_multiplier", "device", "threads"))
+    model = dict(data.get("model") or {})
+    if "vocab_size" in model:
+        raise ValueError(
+            "key 'vocab_size' in section 'pretrain.model': the vocabulary size is "
+            "set once, in tokenizer.vocab_size"
+        )
+    return PretrainParams(
+        model=from_dict(AWDLSTMConfig, {**model, "vocab_size": vocab_size}, where="pretrain.model"),
+        train=from_dict(LMTrainConfig, data.get("train"), where="pretrain.train"),
+        dropout_multiplier=float(data.get("dropout_multiplier", 1.0)),
+        device=str(data.get("device", "auto")),
+        threads=int(data.get("threads", 0)),
+    )
+
+
+def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
+    params = from_dict(FinetuneParams, {**data, "train": data.get("train") or {}}, where=where)
+    bad = sorted(set(params.splits) - set(LM_SPLITS))
+    if bad:
+        raise ValueError(f"{where}.splits: unknown split(s) {bad}; valid: {list(LM_SPLITS)}")
+    if not 0.0 < params.valid_fraction < 1.0:
+        raise ValueError(f"{where}.valid_fraction must be between 0 and 1")
+    return params
+
+
+def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
+    _split(data, where, ("model", "train", "dropout_multiplier", "device", "threads"))
+    model = dict(data.get("model") or {})
+    encoder_overrides = dict(model.pop("encoder", None) or {})
+    fixed = sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
+    if fixed:
+        raise ValueError(
+            f"key(s) {fixed} in section '{where}.model.encoder': the classifier's "
+            "encoder sizes come from pretrain.model; only dropouts may be set here"
+        )
+    for key in ("num_classes",):
+        if key in model:
+            raise ValueError(f"key '{key}' in section '{where}.model' is set from the dataset")
+    encoder_dict = {**to_dict(encoder), **encoder_overrides}
+    config = from_dict(
+        ClassifierConfig,
+        {**model, "encoder": encoder_dict, "num_classes": _CLASSES_PLACEHOLDER},
+        where=f"{where}.model",
+    )
+    return ClassifierParams(
+        model=config,
+        train=from_dict(ClassifierTrainConfig, data.get("train"), where=f"{where}.train"),
+        dropout_multiplier=float(data.get("dropout_multiplier", 0.5)),
+        device=str(data.get("device", "auto")),
+        threads=int(data.get("threads", 0)),
+    )
+
+
+def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``override`` wins, nested mappings are merged key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _dataset(
+    name: str,
+    entry: Mapping[str, Any],
+    finetune: dict[str, Any],
+    classifier: dict[str, Any],
+    encoder: AWDLSTMConfig,
+) -> DatasetParams:
+    where = f"datasets.{name}"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"section '{where}' must be a mapping")
+    _split(dict(entry), where, ("source", "finetune", "classifier"))
+    source = dict(entry.get("source") or {})
+    source.setdefault("name", name)
+    return DatasetParams(
+        name=name,
+        source=from_dict(DatasetSource, source, where=f"{where}.source"),
+        finetune=_finetune(_merge(finetune, entry.get("finetune") or {}), f"{where}.finetune"),
+        classifier=_classifier(
+            _merge(classifier, entry.get("classifier") or {}), encoder, f"{where}.classifier"
+        ),
+    )

@@ -1,0 +1,174 @@
+"""What every stage does around its work: hash its inputs, open its MLflow run, write its
+metrics and run record atomically, and close the run as FINISHED or FAILED.
+
+A stage's outputs are complete or absent: the library writes each file atomically, and the run
+record (``metrics/runs/<name>.json``, read by the report) is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks import tracking
+from tasks.params import Params
+from tasks.plots import training_figure, write_rows
+from tasks.workspace import StageSpec, checkpoint_dir, clear_checkpoints, deps_md5, stage_key
+from ulmfit.errors import InputError
+from ulmfit.io import atomic_write
+
+logger = logging.getLogger("ulmfit")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageContext:
+    """Everything a stage's tasks need, as plain values (paths and strings)."""
+
+    root: Path
+    spec: StageSpec
+    params: Params
+    section: Mapping[str, Any]  # the effective params the stage reads (what keys its checkpoints)
+    deps: Mapping[str, str]  # DVC md5 of each dependency
+    key: str
+    run_id: str
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+    def checkpoint_dir(self, sub: str = "") -> Path:
+        return checkpoint_dir(self.root, self.spec, self.key, sub)
+
+
+def require(path: Path, producer: str) -> Path:
+    """``path`` must exist; else an :class:`InputError` naming the stage that makes it."""
+    if not path.exists():
+        raise InputError(
+            path, "missing input", fix=f"run the stage that produces it: dvc repro {producer}"
+        )
+    return path
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> Path:
+    with atomic_write(path, "w") as handle:
+        json.dump(_finite(data), handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: unmeasured values become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def runtime(device: str, threads: int) -> str:
+    """Resolve ``device`` (``auto``: ``cuda`` when a GPU is visible, else ``cpu``) and set
+    PyTorch's CPU threads (``0`` keeps its default, one per core). Small models on a busy CPU
+    train several times faster on one thread than on two competing ones."""
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def stage_run(
+    root: Path, spec: StageSpec, params: Params, section: Mapping[str, Any]
+) -> Iterator[StageContext]:
+    """Open the stage's MLflow run around its work; on success write its run record and drop
+    its resume checkpoints."""
+    deps = deps_md5(root, spec)
+    key = stage_key(spec, dict(section), deps)
+    run_id = tracking.start_stage_run(
+        root,
+        spec.stage,
+        section,
+        experiment=params.mlflow.experiment,
+        deps=deps,
+        extra_tags={"ulmfit.stage_key": key, "ulmfit.stage_group": spec.group},
+    )
+    logger.info("%s: MLflow run %s (%s)", spec.stage, run_id, tracking.tracking_uri(root))
+    ctx = StageContext(root, spec, params, section, deps, key, run_id)
+    try:
+        yield ctx
+    except BaseException:
+        tracking.end_run(
+            root, run_id, "FAILED" if not isinstance(_current(), KeyboardInterrupt) else "KILLED"
+        )
+        raise
+    if spec.group != "report":
+        write_json(
+            root / spec.run_record,
+            {
+                "mlflow_run_id": run_id,
+                "stage": spec.stage,
+                "stage_key": key,
+                "pipeline_id": tracking.pipeline_id(root),
+            },
+        )
+    tracking.end_run(root, run_id, "FINISHED")
+    clear_checkpoints(root, spec)
+
+
+def _current() -> BaseException | None:
+    import sys
+
+    return sys.exc_info()[1]
+
+
+# Model files bigger than this are recorded by path and md5 tag instead of copied into the
+# MLflow artifact store (the DVC cache already keeps them; the store should stay small).
+MAX_ARTIFACT_BYTES = 50 * 2**20
+
+
+@task(name="record-outputs", cache_policy=NONE, persist_result=False)
+def record_outputs(
+    root: Path,
+    run_id: str,
+    spec: StageSpec,
+    metrics: Mapping[str, Any],
+    steps: list[dict] | None = None,
+    evals: list[dict] | None = None,
+    artifacts: tuple[Path, ...] = (),
+) -> dict[str, str]:
+    """Write the stage's metrics JSON (and for training stages its curve CSV and figure), log
+    them and ``artifacts`` to its MLflow run; returns the paths written."""
+
+    paths = [write_json(root / spec.metrics, metrics)]
+    tracking.log_metrics(root, run_id, tracking.flatten_numbers(metrics))
+    if spec.plots and steps is not None:
+        columns = list(dict.fromkeys(k for row in steps[:50] for k in row)) or [
+            "step",
+            "loss",
+            "lr",
+        ]
+        paths.append(write_rows(root / spec.curve, steps, columns))
+        paths.append(training_figure(root / spec.figure, steps, evals or [], spec.stage))
+    small, large = [], {}
+    for artifact in artifacts:
+        if artifact.is_file() and artifact.stat().st_size > MAX_ARTIFACT_BYTES:
+            large[f"ulmfit.artifact.{artifact.name}"] = str(artifact)
+        else:
+            small.append(artifact)
+    tracking.log_artifacts(root, run_id, paths)
+    tracking.log_artifacts(root, run_id, small, artifact_path="outputs")
+    if large:
+        tracking.set_tags(root, run_id, large)
+    return {"metrics": str(paths[0]), **{p.name: str(p) for p in paths[1:]}}

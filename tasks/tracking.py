@@ -1,0 +1,291 @@
+"""MLflow: every stage is a run, grouped by pipeline execution and traceable to data and code.
+
+- Tracking URI: ``MLFLOW_TRACKING_URI`` if set (e.g. a shared server), else
+  ``sqlite:///<absolute project path>/mlflow.db``: absolute, so a run started from any directory
+  (DVC, Prefect workers, tests) lands in the same database.
+- Each run is tagged with ``ulmfit.stage`` (the DVC stage name), ``ulmfit.pipeline_id`` (set by
+  ``ulmfit repro`` for one execution, else git commit + params hash), ``mlflow.source.git.commit``,
+  ``prefect.flow_run_id`` and ``dvc.dep.<path>`` = the DVC md5 of each dependency, so every
+  figure leads back to its data, code and run. Under ``ulmfit repro`` the runs are also nested
+  under one parent run (``ULMFIT_PARENT_RUN_ID``).
+- Training curves arrive as the library's ``TrainEvent`` and are logged in batches.
+
+Runs are addressed by id through ``MlflowClient`` (no fluent "active run"), because Prefect may
+run a task in another thread than its flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from tasks.progress import Progress
+
+PIPELINE_ID_ENV = "ULMFIT_PIPELINE_ID"
+PARENT_RUN_ENV = "ULMFIT_PARENT_RUN_ID"
+
+
+def default_uri(root: Path) -> str:
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+def tracking_uri(root: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` or the project's SQLite database (absolute path)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
+
+
+def client(root: Path):
+    """An ``MlflowClient`` on :func:`tracking_uri` (tracking and registry)."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(root)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use_store(root: Path) -> str:
+    """Point MLflow's module-level API (``log_model``, ``load_model``, ``models:/`` URIs) at the
+    project's store; returns the URI."""
+    import mlflow
+
+    uri = tracking_uri(root)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def experiment_id(root: Path, name: str) -> str:
+    """The experiment's id, created on first use (artifacts under ``<project>/mlruns`` when the
+    store is the local SQLite file)."""
+    mlflow_client = client(root)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri(root) == default_uri(root):  # a server decides its own artifact store
+        location = (Path(root).resolve() / "mlruns").as_uri()
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # another stage created it between the two calls
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_commit(root: Path) -> str:
+    """The checked-out commit (with ``-dirty`` when tracked files are modified), or ``unknown``."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def pipeline_id(root: Path) -> str:
+    """The id grouping one pipeline execution's runs: ``ULMFIT_PIPELINE_ID`` (set by
+    ``ulmfit repro``), else derived from the git commit and ``params.yaml``."""
+    if value := os.environ.get(PIPELINE_ID_ENV):
+        return value
+    params = Path(root) / "params.yaml"
+    digest = hashlib.sha256(params.read_bytes() if params.is_file() else b"").hexdigest()[:10]
+    return f"{git_commit(root)[:12]}-{digest}"
+
+
+def prefect_flow_run_id() -> str:
+    """The current Prefect flow run's id ('' outside a flow)."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id or "")
+    except Exception:  # prefect runtime unavailable: not inside a flow
+        return ""
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested params -> ``{"finetune.train.lr": "0.004"}`` (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def flatten_numbers(data: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric leaves of nested metrics as ``{"splits.train.count": 98.0}``."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_numbers(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def start_stage_run(
+    root: Path,
+    stage: str,
+    params: Mapping[str, Any],
+    *,
+    experiment: str,
+    deps: Mapping[str, str],
+    extra_tags: Mapping[str, str] | None = None,
+) -> str:
+    """Create the stage's run (status RUNNING) with its params and tags; returns the run id."""
+    from mlflow.entities import Param, RunTag
+
+    mlflow_client = client(root)
+    tags = {
+        "ulmfit.stage": stage,
+        "ulmfit.pipeline_id": pipeline_id(root),
+        "mlflow.source.git.commit": git_commit(root),
+        "mlflow.runName": stage,
+        "prefect.flow_run_id": prefect_flow_run_id(),
+        **{f"dvc.dep.{path}": md5 for path, md5 in deps.items()},
+        **(extra_tags or {}),
+    }
+    if parent := os.environ.get(PARENT_RUN_ENV):
+        tags["mlflow.parentRunId"] = parent
+    run = mlflow_client.create_run(experiment_id(root, experiment), run_name=stage)
+    run_id = run.info.run_id
+    flat = flatten(params)
+    mlflow_client.log_batch(
+        run_id,
+        params=[Param(k[:250], v) for k, v in flat.items()],
+        tags=[RunTag(k[:250], str(v)[:5000]) for k, v in tags.items()],
+    )
+    return run_id
+
+
+def end_run(root: Path, run_id: str, status: str = "FINISHED") -> None:
+    client(root).set_terminated(run_id, status=status)
+
+
+def log_metrics(root: Path, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Final (or any) numeric metrics; non-finite values are skipped (MLflow rejects NaN in
+    some stores and they mean 'not measured' here)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [
+        Metric(k, float(v), now, step)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and math.isfinite(float(v))
+    ]
+    if batch:
+        client(root).log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(
+    root: Path, run_id: str, paths: Iterable[Path], artifact_path: str | None = None
+) -> None:
+    """Files or folders as run artifacts."""
+    mlflow_client = client(root)
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            mlflow_client.log_artifacts(run_id, str(path), artifact_path=artifact_path)
+        elif path.is_file():
+            mlflow_client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def set_tags(root: Path, run_id: str, tags: Mapping[str, str]) -> None:
+    mlflow_client = client(root)
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, value)
+
+
+class TrainLogger:
+    """The ``TrainEvent`` callback of a training stage.
+
+    It batches step metrics (``train_loss``, ``lr``, ...) every ``every`` steps and validation
+    metrics (``valid_loss``, ``valid_perplexity``, ``valid_error_rate``, ...) to MLflow, keeps
+    every curve point for the stage's CSV and PNG, and drives a progress bar.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        run_id: str,
+        *,
+        every: int,
+        description: str,
+        total_steps: int | None = None,
+    ) -> None:
+        self.root = root
+        self.run_id = run_id
+        self.every = max(1, every)
+        self.steps: list[dict[str, float]] = []  # every step: step, epoch, loss, lr, ...
+        self.evals: list[dict[str, float]] = []  # every validation
+        self._pending: list = []
+        self.progress = Progress(description, total_steps, unit="step")
+        self._last_flush = time.monotonic()
+
+    def __call__(self, event) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        if event.kind == "step":
+            row = {"step": event.step, "epoch": event.epoch, **event.metrics}
+            self.steps.append(row)
+            self.progress.update(
+                1, loss=event.metrics.get("loss", math.nan), lr=event.metrics.get("lr", math.nan)
+            )
+            if event.step % self.every == 0:
+                self._pending += [
+                    Metric(f"train_{k}", float(v), now, event.step)
+                    for k, v in event.metrics.items()
+                    if math.isfinite(float(v))
+                ]
+        elif event.kind in ("eval", "epoch"):
+            prefix = "valid" if event.kind == "eval" else "epoch"
+            if event.kind == "eval":
+                self.evals.append({"step": event.step, "epoch": event.epoch, **event.metrics})
+            self._pending += [
+                Metric(f"{prefix}_{k}", float(v), now, event.step)
+                for k, v in event.metrics.items()
+                if isinstance(v, int | float) and math.isfinite(float(v))
+            ]
+            if event.kind == "epoch":
+                self.progress._log(
+                    f"epoch {event.epoch} done at step {event.step}: "
+                    + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
+                )
+        elif event.kind == "stage":
+            self._pending += [
+                Metric(f"unfreeze_{k}", float(v), now, event.step)
+                for k, v in event.metrics.items()
+                if isinstance(v, int | float)
+            ]
+        if len(self._pending) >= 500 or time.monotonic() - self._last_flush > 10:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            client(self.root).log_batch(self.run_id, metrics=self._pending[:1000])
+            self._pending = self._pending[1000:]
+            if self._pending:
+                self.flush()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        self.progress.close()

@@ -1,0 +1,286 @@
+"""Stages ``pretrain``, ``finetune_lm`` and ``train_classifier``: the three phases of ULMFiT
+(paper section 3: 3.1 general-domain LM pretraining, 3.2 target-task LM fine-tuning with
+discriminative fine-tuning and STLR, 3.3 classifier fine-tuning with concat pooling, gradual
+unfreezing and BPT3C), each for the forward and the backward direction.
+
+Each task reads token files, builds and trains its model with ``ulmfit.train`` (which resumes
+from ``checkpoint_dir`` if a killed run left a checkpoint there), writes the model file into a
+staged output folder that replaces the DVC out only when complete, and returns plain values:
+no tensor or model ever leaves a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.tracking import TrainLogger
+from ulmfit.checkpoint import load_model, save_model
+from ulmfit.config import to_dict
+from ulmfit.corpora.output import staged_directory
+from ulmfit.errors import InputError
+from ulmfit.model import AWDLSTMConfig, ClassifierConfig, LanguageModel, SequenceClassifier
+from ulmfit.storage import TokenDocs, read_tokens
+from ulmfit.tokenizer import Tokenizer
+from ulmfit.train import (
+    ClassifierTrainConfig,
+    LMTrainConfig,
+    seed_everything,
+    train_classifier,
+    train_language_model,
+)
+
+MODEL_FILE = "model.pt"
+TRAINING_FILE = "training.json"
+
+
+def concat_docs(parts: list[TokenDocs]) -> TokenDocs:
+    """Documents of several token files as one :class:`TokenDocs` (labels dropped)."""
+    ids = np.concatenate([p.ids for p in parts]).astype(np.int32, copy=False)
+    offsets = [np.zeros(1, dtype=np.int64)]
+    start = 0
+    for part in parts:
+        offsets.append(part.offsets[1:].astype(np.int64) + start)
+        start += int(part.offsets[-1])
+    return TokenDocs(ids=ids, offsets=np.concatenate(offsets), labels=None)
+
+
+def split_holdout(
+    docs: TokenDocs, fraction: float, seed: int, max_docs: int | None = None
+) -> tuple[TokenDocs, TokenDocs]:
+    """A seeded random ``fraction`` of the documents held out for validation (after an optional
+    seeded cap of ``max_docs``)."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    if max_docs is not None:
+        order = order[:max_docs]
+    n_valid = max(1, int(round(len(order) * fraction)))
+    return docs.subset(np.sort(order[n_valid:])), docs.subset(np.sort(order[:n_valid]))
+
+
+def _steps_estimate(
+    docs: TokenDocs, batch_size: int, bptt: int, epochs: int, max_steps: int
+) -> int:
+    per_epoch = max(1, int(docs.offsets[-1]) // max(1, batch_size * bptt))
+    total = per_epoch * epochs
+    return min(total, max_steps) if max_steps else total
+
+
+def _write_model_dir(
+    out_dir: Path, model, *, kind: str, config, identity: str, extra: dict, summary: dict
+) -> None:
+    with staged_directory(out_dir) as staging:
+        save_model(
+            staging / MODEL_FILE,
+            model,
+            kind=kind,
+            config=to_dict(config),
+            tokenizer_identity=identity,
+            extra=extra,
+        )
+        (staging / TRAINING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def _result_summary(result) -> dict:
+    return {
+        "steps": result.steps,
+        "epochs": result.epochs,
+        "train_loss": result.train_loss,
+        "resumed_from": result.resumed_from,
+        "metrics": result.metrics,
+    }
+
+
+@task(name="train-language-model", cache_policy=NONE, persist_result=False)
+def train_lm_task(
+    *,
+    root: Path,
+    run_id: str,
+    tokenizer_path: Path,
+    token_files: list[Path],
+    valid_file: Path | None,
+    model_cfg: AWDLSTMConfig,
+    train_cfg: LMTrainConfig,
+    init_model: Path | None,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    device: str,
+    log_every: int,
+    holdout: tuple[float, int, int | None] | None = None,
+    description: str,
+) -> dict:
+    """Pretrain (``init_model=None``) or fine-tune (from ``init_model``) a language model.
+
+    ``token_files`` are concatenated (labels never read). Validation is ``valid_file`` or, with
+    ``holdout=(fraction, seed, max_docs)``, a seeded part of the documents. Returns the final
+    validation metrics, the curves, and the model file's path.
+    """
+    tokenizer = Tokenizer.load(tokenizer_path)
+    docs = concat_docs([read_tokens(path, tokenizer) for path in token_files])
+    if holdout is not None:
+        train_docs, valid_docs = split_holdout(docs, *holdout)
+    else:
+        train_docs = docs
+        valid_docs = read_tokens(valid_file, tokenizer) if valid_file else None
+    if len(train_docs) == 0:
+        raise InputError(
+            token_files[0],
+            "no documents to train on",
+            fix="check the source of this corpus in params.yaml",
+        )
+    config = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    seed_everything(train_cfg.seed)
+    model = LanguageModel(config)
+    if init_model is not None:
+        pretrained, meta = load_model(init_model)
+        if meta["tokenizer_identity"] != tokenizer.identity:
+            raise InputError(
+                init_model,
+                "the pretrained model was trained with another tokenizer",
+                fix="re-run pretrain with the current tokenizer (dvc repro pretrain)",
+            )
+        model.load_state_dict(pretrained.state_dict())
+    logger = TrainLogger(
+        root,
+        run_id,
+        every=log_every,
+        description=description,
+        total_steps=_steps_estimate(
+            train_docs, train_cfg.batch_size, train_cfg.bptt, train_cfg.epochs, train_cfg.max_steps
+        ),
+    )
+    try:
+        result = train_language_model(
+            model,
+            train_docs,
+            valid_docs,
+            train_cfg,
+            checkpoint_dir=checkpoint_dir,
+            callback=logger,
+            device=device,
+            tokenizer_identity=tokenizer.identity,
+        )
+    finally:
+        logger.close()
+    summary = _result_summary(result)
+    summary.update(
+        train_documents=len(train_docs),
+        valid_documents=len(valid_docs or []),
+        train_tokens=int(train_docs.offsets[-1]),
+    )
+    _write_model_dir(
+        out_dir,
+        model,
+        kind="lm",
+        config=config,
+        identity=tokenizer.identity,
+        extra={"backward": train_cfg.backward},
+        summary=summary,
+    )
+    metrics = {f"valid_{k}": float(v) for k, v in result.metrics.items()}
+    metrics.update(
+        train_loss=float(result.train_loss),
+        steps=result.steps,
+        epochs=result.epochs,
+        train_tokens=int(train_docs.offsets[-1]),
+        train_documents=len(train_docs),
+    )
+    return {
+        "metrics": metrics,
+        "steps": logger.steps,
+        "evals": logger.evals,
+        "model": str(out_dir / MODEL_FILE),
+        "resumed_from": result.resumed_from,
+    }
+
+
+@task(name="train-classifier", cache_policy=NONE, persist_result=False)
+def train_classifier_task(
+    *,
+    root: Path,
+    run_id: str,
+    tokenizer_path: Path,
+    train_file: Path,
+    valid_file: Path,
+    label_names: list[str],
+    lm_file: Path,
+    model_cfg: ClassifierConfig,
+    dropout_multiplier: float,
+    train_cfg: ClassifierTrainConfig,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    device: str,
+    log_every: int,
+    description: str,
+) -> dict:
+    """Classifier on the fine-tuned LM's encoder: gradual unfreezing, discriminative LRs, STLR
+    and BPT3C inside ``ulmfit.train.train_classifier``."""
+    tokenizer = Tokenizer.load(tokenizer_path)
+    train_docs = read_tokens(train_file, tokenizer)
+    valid_docs = read_tokens(valid_file, tokenizer)
+    lm, meta = load_model(lm_file)
+    if meta["tokenizer_identity"] != tokenizer.identity:
+        raise InputError(
+            lm_file,
+            "the fine-tuned LM was trained with another tokenizer",
+            fix="re-run finetune_lm (dvc repro finetune_lm)",
+        )
+    encoder = dataclasses.replace(model_cfg.encoder, vocab_size=tokenizer.vocab_size)
+    config = dataclasses.replace(
+        model_cfg, encoder=encoder.scaled(dropout_multiplier), num_classes=len(label_names)
+    )
+    seed_everything(train_cfg.seed)
+    model = SequenceClassifier(config)
+    model.encoder.load_state_dict(lm.encoder.state_dict())
+    per_epoch = math.ceil(len(train_docs) / train_cfg.batch_size)
+    total = per_epoch * train_cfg.epochs
+    logger = TrainLogger(
+        root,
+        run_id,
+        every=log_every,
+        description=description,
+        total_steps=min(total, train_cfg.max_steps) if train_cfg.max_steps else total,
+    )
+    try:
+        result = train_classifier(
+            model,
+            train_docs,
+            valid_docs,
+            train_cfg,
+            checkpoint_dir=checkpoint_dir,
+            callback=logger,
+            device=device,
+            tokenizer_identity=tokenizer.identity,
+        )
+    finally:
+        logger.close()
+    summary = _result_summary(result)
+    summary.update(label_names=label_names, train_documents=len(train_docs))
+    _write_model_dir(
+        out_dir,
+        model,
+        kind="classifier",
+        config=config,
+        identity=tokenizer.identity,
+        extra={"backward": train_cfg.backward, "label_names": label_names},
+        summary=summary,
+    )
+    metrics = {f"valid_{k}": float(v) for k, v in result.metrics.items()}
+    metrics.update(
+        train_loss=float(result.train_loss),
+        steps=result.steps,
+        epochs=result.epochs,
+        train_documents=len(train_docs),
+    )
+    return {
+        "metrics": metrics,
+        "steps": logger.steps,
+        "evals": logger.evals,
+        "model": str(out_dir / MODEL_FILE),
+        "resumed_from": result.resumed_from,
+    }

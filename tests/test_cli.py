@@ -1,0 +1,115 @@
+"""The ``ulmfit`` command line: help a newcomer can read, profiles, clean errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import STAGE_FLOWS, STAGE_HELP, build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["repro", "predict", "profile", *STAGE_HELP]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert len(text.split()) > 25, f"'ulmfit {command} --help' explains too little"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in text
+    assert "ulmfit repro" in text  # where to start
+
+
+def test_every_stage_command_maps_to_a_flow():
+    assert {name.replace("-", "_") for name in STAGE_HELP} == set(STAGE_FLOWS)
+    dvc_yaml = (ROOT / "dvc.yaml").read_text()
+    for name in STAGE_HELP:
+        assert f"cmd: ulmfit {name}" in dvc_yaml
+
+
+def test_console_script_runs_without_heavy_imports():
+    """``ulmfit --help`` must not import torch, Prefect or MLflow (it is instant)."""
+    code = (
+        "import sys; from flows.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().endswith("[]")
+
+
+def _project_copy(tmp_path: Path) -> Path:
+    for name in ("profiles",):
+        shutil.copytree(ROOT / name, tmp_path / name)
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def test_profile_list_and_switch(tmp_path, monkeypatch, capsys):
+    project = _project_copy(tmp_path)
+    monkeypatch.chdir(project)
+    assert main(["profile", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "default" in listing and "paper-slice" in listing
+    assert main(["profile", "paper"]) == 0
+    assert (project / "params.yaml").read_text() == (project / "profiles/paper.yaml").read_text()
+    assert main(["profile", "default"]) == 0
+    assert (project / "params.yaml").read_text() == (ROOT / "profiles/default.yaml").read_text()
+
+
+def test_unknown_profile_is_a_clean_input_error(tmp_path, monkeypatch, capsys):
+    project = _project_copy(tmp_path)
+    monkeypatch.chdir(project)
+    before = (project / "params.yaml").read_text()
+    assert main(["profile", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.yaml" in err and "Fix:" in err and "default" in err
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_broken_profile_never_replaces_params(tmp_path, monkeypatch, capsys):
+    project = _project_copy(tmp_path)
+    (project / "profiles" / "broken.yaml").write_text("pretrain:\n  modle: {}\n")
+    monkeypatch.chdir(project)
+    before = (project / "params.yaml").read_text()
+    assert main(["profile", "broken"]) == 2
+    assert "modle" in capsys.readouterr().err
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_predict_reports_missing_model_and_input_without_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    source = tmp_path / "in.csv"
+    source.write_text("text\nhello\n")
+    ulmfit = str(Path(sys.executable).with_name("ulmfit"))
+    for args, needle in [
+        (["--model", str(tmp_path / "nomodel"), "--input", str(source)], "classifier.json"),
+        (["--model", str(tmp_path), "--input", str(tmp_path / "missing.csv")], "missing.csv"),
+    ]:
+        result = subprocess.run(
+            [ulmfit, "predict", *args, "--output", str(tmp_path / "o.csv")],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 2, result.stderr
+        assert needle in result.stderr and "Fix:" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o.csv").exists()

@@ -1,0 +1,135 @@
+"""params.yaml and every profile parse into the frozen dataclasses; bad keys are named."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import load_params, parse_params
+from ulmfit.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+
+def _default() -> dict:
+    return yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+
+
+def test_params_yaml_is_the_default_profile():
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "profiles" / "default.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_profile_parses(path):
+    params = load_params(path)
+    assert params.datasets, "a profile needs at least one dataset"
+    for name, dataset in params.datasets.items():
+        assert dataset.source.name  # the corpus kind: defaults to the entry's name
+        # Sizes of the classifier's encoder always come from the pretrained LM.
+        encoder = dataset.classifier.model.encoder
+        assert (encoder.embed_size, encoder.hidden_size, encoder.num_layers) == (
+            params.pretrain.model.embed_size,
+            params.pretrain.model.hidden_size,
+            params.pretrain.model.num_layers,
+        ), name
+    assert params.pretrain.model.vocab_size == params.tokenizer.vocab_size
+    # Frozen all the way down: a stage cannot change its own parameters.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.pretrain.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_required_profiles_exist():
+    assert {"default", "paper", "paper-slice"} <= {p.stem for p in PROFILES}
+
+
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        (("tokenizer",), "tokenizer"),
+        (("pretrain", "train"), "pretrain.train"),
+        (("pretrain", "model"), "pretrain.model"),
+        (("finetune",), "finetune"),
+        (("finetune", "train"), "finetune.train"),
+        (("classifier", "model"), "classifier.model"),
+        (("classifier", "train"), "classifier.train"),
+        (("datasets", "bbc_news", "source"), "datasets.bbc_news.source"),
+        (("evaluate",), "evaluate"),
+        (("mlflow",), "mlflow"),
+    ],
+)
+def test_unknown_key_is_rejected_with_its_section(section, where):
+    data = _default()
+    node = data
+    for key in section:
+        node = node.setdefault(key, {})
+    node["learning_rat"] = 1
+    with pytest.raises(ValueError) as info:
+        parse_params(data)
+    message = str(info.value)
+    assert "learning_rat" in message and where in message
+
+
+def test_unknown_section_is_rejected():
+    data = _default()
+    data["pretrian"] = {}
+    with pytest.raises(ValueError, match="pretrian"):
+        parse_params(data)
+
+
+def test_per_dataset_overrides_merge_into_the_shared_sections():
+    data = _default()
+    data["datasets"]["other"] = {
+        "source": {"name": "bbc_news"},
+        "finetune": {"train": {"epochs": 3}},
+        "classifier": {"train": {"lr": 0.02}, "model": {"encoder": {"input_dropout": 0.1}}},
+    }
+    params = parse_params(data)
+    other, base = params.dataset("other"), params.dataset("bbc_news")
+    assert other.finetune.train.epochs == 3
+    assert other.finetune.train.lr == base.finetune.train.lr  # untouched keys kept
+    assert other.classifier.train.lr == 0.02
+    assert other.classifier.model.encoder.input_dropout == 0.1
+    assert (
+        other.classifier.model.encoder.hidden_dropout
+        == base.classifier.model.encoder.hidden_dropout
+    )
+    assert base.finetune.train.epochs == params.finetune.train.epochs
+
+
+def test_encoder_sizes_cannot_be_overridden_by_the_classifier():
+    data = _default()
+    data["classifier"]["model"]["encoder"]["hidden_size"] = 10
+    with pytest.raises(ValueError, match="hidden_size"):
+        parse_params(data)
+
+
+def test_vocab_size_is_set_once():
+    data = _default()
+    data["pretrain"]["model"]["vocab_size"] = 10
+    with pytest.raises(ValueError, match="tokenizer.vocab_size"):
+        parse_params(data)
+
+
+def test_load_params_reports_bad_yaml_as_input_error(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("pretrain: [unclosed\n")
+    with pytest.raises(InputError) as info:
+        load_params(bad)
+    assert str(bad) in str(info.value) and "Fix:" in str(info.value)
+    with pytest.raises(InputError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_unknown_key_in_a_file_names_file_and_section(tmp_path):
+    data = copy.deepcopy(_default())
+    data["finetune"]["train"]["epohcs"] = 2
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as info:
+        load_params(path)
+    assert "epohcs" in str(info.value) and "finetune.train" in str(info.value)

@@ -1,0 +1,574 @@
+"""End to end: ``ulmfit repro`` (DVC + Prefect + MLflow) on a micro config in a temporary git
+repository, then everything a user does with the result.
+
+One pipeline run is shared by every test here (module-scoped fixture): DVC metrics, MLflow runs
+and their tags, a second ``dvc repro`` that does nothing, ``ulmfit predict``, the registered model
+loaded and served. The destructive checks (a killed stage resumes, a second pipeline is refused,
+corrupt input stops cleanly) run in a copy of that workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.workspace import Layout
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PROJECT_FILES = ("ulmfit", "tasks", "flows", "profiles", "dvc.yaml", "pyproject.toml", ".dvcignore")
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+}
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def micro_params() -> dict:
+    """The default profile shrunk to seconds per stage: a dozen Wikipedia articles, 40 BBC
+    training articles, a 3-layer AWD-LSTM of width 32, a handful of steps."""
+    params = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    params["wikipedia"].update(max_articles=12, valid_fraction=0.2)
+    params["tokenizer"].update(vocab_size=600)
+    params["tokenize"].update(workers=1)
+    params["pretrain"]["model"].update(embed_size=16, hidden_size=32)
+    params["pretrain"]["train"].update(batch_size=8, bptt=20, max_steps=12, checkpoint_every=4)
+    params["datasets"]["bbc_news"]["source"].update(train_limit=40, test_limit=60)
+    params["finetune"].update(max_docs=60)
+    params["finetune"]["train"].update(batch_size=8, bptt=20, max_steps=8, checkpoint_every=4)
+    params["classifier"]["train"].update(batch_size=8, epochs=5, checkpoint_every=4)
+    params["classifier"]["model"].update(bptt=20, max_len=200)
+    params["evaluate"].update(batch_size=16)
+    params["mlflow"].update(log_every_steps=1)
+    return params
+
+
+def _env(workspace: Path, **extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        **GIT_ENV,
+        "PYTHONPATH": str(workspace),
+        "TQDM_DISABLE": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def run(
+    args: list[str], workspace: Path, *, check: bool = True, timeout: float = 900, **env: str
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        args,
+        cwd=workspace,
+        env=_env(workspace, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{args} exited {result.returncode}\n--- stdout\n{result.stdout[-4000:]}"
+            f"\n--- stderr\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def make_workspace(path: Path, params: dict) -> Path:
+    """A fresh git + DVC repository holding the project's code and ``params``."""
+    path.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, path / name)
+    (path / ".gitignore").write_text(
+        "/data/\n/runs/\n/mlruns/\n/mlflow.db\n/reports/\n__pycache__/\n"
+    )
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], path)
+    run([str(BIN / "dvc"), "init", "-q"], path)
+    run(["git", "add", "-A"], path)
+    run(["git", "commit", "-qm", "micro workspace"], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prefect_api_url():
+    """One Prefect server for this module: the pipeline's stages and the in-process flows."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        yield PREFECT_API_URL.value()
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, prefect_api_url) -> dict:
+    """``ulmfit repro`` on the micro config, timed."""
+    workspace = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", micro_params())
+    started = time.monotonic()
+    result = run(
+        [str(BIN / "ulmfit"), "repro"],
+        workspace,
+        PREFECT_API_URL=prefect_api_url,
+        ULMFIT_PIPELINE_ID="test-pipeline",
+    )
+    return {"workspace": workspace, "seconds": time.monotonic() - started, "result": result}
+
+
+def _lock(workspace: Path) -> dict:
+    return yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+
+
+def _mlflow_client(workspace: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri), uri
+
+
+# ------------------------------------------------------------------------------ the main run
+
+
+def test_every_stage_ran_and_wrote_its_outputs(pipeline):
+    workspace = pipeline["workspace"]
+    stages = _lock(workspace)
+    expected = {
+        "prepare_wikipedia",
+        "train_tokenizer",
+        "tokenize_wikipedia",
+        "pretrain@fwd",
+        "pretrain@bwd",
+        "prepare_dataset@bbc_news",
+        "tokenize_dataset@bbc_news",
+        "finetune_lm@bbc_news-fwd",
+        "finetune_lm@bbc_news-bwd",
+        "train_classifier@bbc_news-fwd",
+        "train_classifier@bbc_news-bwd",
+        "evaluate@bbc_news",
+        "report",
+    }
+    assert expected == set(stages)
+    results = (workspace / Layout.results).read_text()
+    assert "bbc_news" in results and "MLflow run" in results
+    for figure in ("wikipedia/pretrain_fwd", "bbc_news/classifier_bwd", "bbc_news/evaluate"):
+        png = workspace / f"reports/figures/{figure}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    # No checkpoints are left once a stage has finished, and no staging folders either.
+    assert not any((workspace / Layout.checkpoints).rglob("*.pt"))
+    assert not [p for p in (workspace / "data").rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_stage_deps_and_outs_match_the_python_layout(pipeline):
+    """dvc.yaml and tasks/workspace.py name the same paths for every stage."""
+    workspace = pipeline["workspace"]
+    for stage, entry in _lock(workspace).items():
+        group, _, item = stage.partition("@")
+        dataset = direction = None
+        if group == "pretrain":
+            direction = item
+        elif item:
+            dataset, _, direction = item.partition("-")
+        spec = Layout.stage(group, dataset, direction or None)
+        assert {d["path"] for d in entry["deps"]} == set(spec.deps), stage
+        outs = {o["path"] for o in entry["outs"]}
+        expected = set(spec.outs)
+        if group != "report":
+            expected |= {spec.metrics, spec.run_record}
+        if spec.plots:
+            expected |= {spec.curve, spec.figure}
+        assert outs == expected, stage
+
+
+def test_code_deps_cover_every_project_module_a_stage_imports():
+    """A stage's deps list every project file its command imports, so a code change reruns it."""
+    for group, target in [
+        ("pretrain", "flows.train"),
+        ("evaluate", "flows.evaluate"),
+        ("prepare_dataset", "flows.prepare"),
+        ("tokenize_dataset", "flows.tokenize"),
+        ("report", "flows.report"),
+    ]:
+        code = (
+            f"import sys, flows.cli, {target}; print('\\n'.join(sorted(m.__file__ for m in "
+            "list(sys.modules.values()) if getattr(m, '__file__', None))))"
+        )
+        files = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+        spec = Layout.stage(group, "x", "fwd")
+        for file in files:
+            path = Path(file)
+            if ROOT not in path.parents or ".venv" in path.parts:
+                continue
+            relative = path.relative_to(ROOT).as_posix()
+            if relative.endswith("__init__.py") and relative.count("/") == 1:
+                continue  # empty package markers
+            assert any(relative == d or relative.startswith(d + "/") for d in spec.deps), (
+                f"{group} imports {relative} but dvc.yaml does not list it as a dependency"
+            )
+
+
+def test_dvc_metrics_and_plots_are_declared(pipeline):
+    workspace = pipeline["workspace"]
+    shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], workspace).stdout)
+    metrics = next(iter(shown.values()))["data"]
+    evaluation = metrics["metrics/bbc_news/evaluate.json"]["data"]
+    for key in ("test_error_fwd", "test_error_bwd", "test_error_ensemble", "test_error_majority"):
+        assert 0.0 <= evaluation[key] <= 1.0
+    assert metrics["metrics/wikipedia/pretrain_fwd.json"]["data"]["valid_perplexity"] > 1
+    plots = run([str(BIN / "dvc"), "plots", "show", "--json"], workspace).stdout
+    assert "plots/bbc_news/classifier_fwd.csv" in plots and "evaluate.png" in plots
+
+
+def test_mlflow_runs_have_params_metrics_and_lineage_tags(pipeline):
+    workspace = pipeline["workspace"]
+    client, _ = _mlflow_client(workspace)
+    experiment = client.get_experiment_by_name("ulmfit")
+    runs = client.search_runs(
+        [experiment.experiment_id], "tags.`ulmfit.pipeline_id` = 'test-pipeline'", max_results=100
+    )
+    by_stage = {r.data.tags["ulmfit.stage"]: r for r in runs}
+    lock = _lock(workspace)
+    assert set(lock) <= set(by_stage)
+    parent = by_stage.pop("pipeline")
+    assert parent.info.status == "FINISHED"
+    for stage, run_ in by_stage.items():
+        assert run_.info.status == "FINISHED", stage
+        tags = run_.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags["prefect.flow_run_id"], stage
+        assert tags["mlflow.source.git.commit"] not in ("", "unknown")
+        # The md5 of every dependency, as DVC recorded it in dvc.lock.
+        for dep in lock[stage]["deps"]:
+            assert tags[f"dvc.dep.{dep['path']}"] == dep["md5"], (stage, dep["path"])
+    pretrain = by_stage["pretrain@fwd"]
+    assert pretrain.data.params["pretrain.train.max_steps"] == "12"
+    assert pretrain.data.metrics["valid_perplexity"] > 1
+    history = client.get_metric_history(pretrain.info.run_id, "train_loss")
+    assert len(history) == 12  # one point per step (log_every_steps: 1)
+    assert client.get_metric_history(pretrain.info.run_id, "train_lr")
+    evaluation = by_stage["evaluate@bbc_news"]
+    assert 0 <= evaluation.data.metrics["test_error_ensemble"] <= 1
+    artifacts = {
+        a.path for a in client.list_artifacts(by_stage["train_tokenizer"].info.run_id, "outputs")
+    }
+    assert "outputs/tokenizer.model" in artifacts
+    # The report's figures lead back to these runs.
+    results = (workspace / Layout.results).read_text()
+    assert evaluation.info.run_id in results
+
+
+def test_second_repro_does_nothing(pipeline):
+    workspace = pipeline["workspace"]
+    started = time.monotonic()
+    result = run([str(BIN / "dvc"), "repro"], workspace)
+    elapsed = time.monotonic() - started
+    assert "Running stage" not in result.stdout
+    assert elapsed < 60, f"a no-op dvc repro took {elapsed:.0f} s"
+
+
+def test_predict_csv_with_a_model_directory_and_the_registry(pipeline, tmp_path):
+    import pandas as pd
+
+    workspace = pipeline["workspace"]
+    texts = [
+        "Shares in the bank fell after profits missed forecasts.",
+        "The striker scored twice as the club won the cup final.",
+    ]
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"id": [1, 2], "body": texts}).to_csv(source, index=False)
+    for model in ("data/datasets/bbc_news/model", "models:/ulmfit-bbc_news@latest"):
+        out = tmp_path / "out.csv"
+        run(
+            [
+                str(BIN / "ulmfit"),
+                "predict",
+                "--model",
+                model,
+                "--input",
+                str(source),
+                "--output",
+                str(out),
+                "--text-column",
+                "body",
+            ],
+            workspace,
+        )
+        frame = pd.read_csv(out)
+        labels = {"business", "entertainment", "politics", "sports", "tech"}
+        assert list(frame["id"]) == [1, 2]
+        assert set(frame["label"]) <= labels
+        probs = frame[[f"prob_{name}" for name in sorted(labels)]].to_numpy()
+        assert abs(probs.sum(axis=1) - 1).max() < 1e-4
+
+
+def test_registered_model_loads_and_serves(pipeline):
+    import mlflow
+    import pandas as pd
+
+    workspace = pipeline["workspace"]
+    client, uri = _mlflow_client(workspace)
+    model = client.get_registered_model("ulmfit-bbc_news")
+    assert model.aliases.get("champion") == "1"  # the first version becomes champion
+    version = client.get_model_version("ulmfit-bbc_news", "1")
+    assert float(version.tags["ulmfit.test_error"]) >= 0
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    loaded = mlflow.pyfunc.load_model("models:/ulmfit-bbc_news@latest")
+    frame = loaded.predict(pd.DataFrame({"text": ["The government announced a new tax policy."]}))
+    assert list(frame.columns[:2]) == ["label", "probability"]
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/ulmfit-bbc_news@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=workspace,
+        env=_env(workspace, MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        body = json.dumps(
+            {
+                "dataframe_records": [
+                    {"text": "The film won three awards."},
+                    {"text": "A new phone chip was unveiled."},
+                ]
+            }
+        )
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=body.encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-3000:]
+                assert time.monotonic() < deadline, "mlflow models serve did not answer"
+                time.sleep(1)
+        predictions = answer["predictions"]
+        assert len(predictions) == 2 and {"label", "probability"} <= set(predictions[0])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+# ----------------------------------------------------- failure, resume and concurrent runs
+
+
+@pytest.fixture(scope="module")
+def workspace_copy(pipeline, tmp_path_factory) -> Path:
+    """A copy of the finished workspace for the destructive checks."""
+    copy_root = tmp_path_factory.mktemp("copy") / "ws"
+    shutil.copytree(pipeline["workspace"], copy_root, symlinks=True)
+    return copy_root
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def test_killed_stage_resumes_and_concurrent_runs_are_refused(workspace_copy, prefect_api_url):
+    workspace = workspace_copy
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["finetune"]["train"].update(max_steps=80, checkpoint_every=5)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage = "finetune_lm@bbc_news-fwd"
+    checkpoints = workspace / Layout.checkpoints / "finetune_lm" / "bbc_news-fwd"
+    env = _env(workspace, PREFECT_API_URL=prefect_api_url)
+    first = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "--single-item", stage],
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        lock_file = workspace / Layout.lock_file
+        _wait_for(
+            lambda: lock_file.is_file() and "running stage" in lock_file.read_text(),
+            300,
+            "the stage to start",
+        )
+        # A second pipeline in the same workspace: DVC's repo lock refuses it at once.
+        second = run(
+            [str(BIN / "dvc"), "repro"],
+            workspace,
+            check=False,
+            timeout=120,
+            PREFECT_API_URL=prefect_api_url,
+        )
+        assert second.returncode != 0
+        assert "lock" in (second.stdout + second.stderr).lower()
+        # A stage command run by hand: the workspace lock refuses it (exit 75), no traceback.
+        manual = run(
+            [str(BIN / "ulmfit"), "finetune-lm", "--dataset", "bbc_news", "--direction", "fwd"],
+            workspace,
+            check=False,
+            timeout=120,
+            PREFECT_API_URL=prefect_api_url,
+        )
+        assert manual.returncode == 75, manual.stderr[-2000:]
+        assert "busy" in manual.stderr and "Traceback" not in manual.stderr
+        # Kill the first run once it has written a checkpoint past step 0.
+        _wait_for(lambda: any(checkpoints.rglob("step-*.pt")), 600, "a checkpoint")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert any(checkpoints.rglob("step-*.pt"))
+    rerun = run(
+        [str(BIN / "dvc"), "repro", "--single-item", stage],
+        workspace,
+        PREFECT_API_URL=prefect_api_url,
+    )
+    assert "Running stage" in rerun.stdout
+    summary = json.loads(
+        (workspace / Layout.finetuned("bbc_news", "fwd") / "training.json").read_text()
+    )
+    assert summary["resumed_from"], "the rerun started from scratch instead of the checkpoint"
+    assert summary["steps"] == 80
+
+
+def test_corrupt_input_stops_cleanly_and_keeps_earlier_outputs(workspace_copy, prefect_api_url):
+    workspace = workspace_copy
+    tokens = workspace / Layout.tokens("bbc_news") / "train.parquet"
+    model_dir = workspace / Layout.finetuned("bbc_news", "bwd")
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    tokens.chmod(0o644)
+    tokens.write_bytes(b"PAR1 this is not a parquet file")
+    result = run(
+        [str(BIN / "ulmfit"), "finetune-lm", "--dataset", "bbc_news", "--direction", "bwd"],
+        workspace,
+        check=False,
+        PREFECT_API_URL=prefect_api_url,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert str(tokens) in result.stderr and "Fix:" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The stage's previous output is untouched and no half-written file is left beside it.
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    assert not [p for p in model_dir.parent.iterdir() if p.name.startswith(".")]
+
+    # A corrupt source file under DVC: the prepare stage fails naming it; outputs stay.
+    bad = workspace / "broken-dump.xml.bz2"
+    bad.write_bytes(b"BZh91AY&SY" + b"\x00" * 64)
+    wiki_before = (workspace / Layout.wikipedia / "train.parquet").read_bytes()
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["wikipedia"]["path"] = str(bad)
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    failed = run(
+        [str(BIN / "dvc"), "repro", "prepare_wikipedia"],
+        workspace,
+        check=False,
+        PREFECT_API_URL=prefect_api_url,
+    )
+    assert failed.returncode != 0
+    output = failed.stdout + failed.stderr
+    assert str(bad) in output and "Fix:" in output and "Traceback" not in output
+    assert (workspace / Layout.wikipedia / "train.parquet").read_bytes() == wiki_before
+    assert (workspace / Layout.pretrained("fwd") / "model.pt").is_file()
+
+
+# --------------------------------------------------------------------- flows, in process
+
+
+def test_report_flow_runs_under_prefect_and_links_its_flow_run(pipeline, prefect_api_url):
+    from prefect import get_client
+
+    from flows.report import report_flow
+
+    workspace = pipeline["workspace"]
+    os.environ["PREFECT_API_URL"] = prefect_api_url
+    state = report_flow(root=str(workspace), return_state=True)
+    assert state.is_completed()
+    client, _ = _mlflow_client(workspace)
+    experiment = client.get_experiment_by_name("ulmfit")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.`ulmfit.stage` = 'report'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    flow_run_id = runs[0].data.tags["prefect.flow_run_id"]
+    assert flow_run_id == str(state.state_details.flow_run_id)
+
+    import asyncio
+
+    async def fetch():
+        async with get_client() as prefect:
+            return await prefect.read_flow_run(flow_run_id)
+
+    assert asyncio.run(fetch()).name
+
+
+def test_write_report_task_fn_is_plain_python(pipeline):
+    from tasks.params import load_params
+    from tasks.report import write_report_task
+
+    workspace = pipeline["workspace"]
+    params = load_params(workspace / "params.yaml")
+    figures = write_report_task.fn(workspace, params)
+    assert 0 <= figures["bbc_news.test_error_ensemble"] <= 1
+    assert figures["wikipedia/pretrain_fwd.valid_perplexity"] > 1
+
+
+def test_io_tasks_retry_but_never_on_bad_input():
+    from prefect.states import Failed
+
+    from tasks.data import prepare_dataset_task, prepare_wikipedia_task, retry_unless_input_error
+    from tasks.training import train_lm_task
+    from ulmfit.errors import InputError
+
+    assert prepare_wikipedia_task.retries == prepare_dataset_task.retries == 2
+    assert train_lm_task.retries == 0  # compute is never retried
+    bad = Failed(data=InputError("x.csv", "bad row", fix="fix it"))
+    transient = Failed(data=ConnectionError("reset by peer"))
+    assert retry_unless_input_error(None, None, bad) is False
+    assert retry_unless_input_error(None, None, transient) is True
+
+
+def test_pipeline_timing_is_recorded(pipeline):
+    """Not a benchmark: the micro pipeline must stay small enough for CI."""
+    print(f"micro pipeline: {pipeline['seconds']:.0f} s")
+    assert pipeline["seconds"] < 1200

@@ -1,0 +1,138 @@
+"""MLflow tracking of stages, against a real SQLite store in a temporary folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks import tracking
+from tasks.workspace import (
+    Layout,
+    WorkspaceBusy,
+    checkpoint_dir,
+    dvc_md5,
+    stage_key,
+    workspace_lock,
+)
+from ulmfit.train import TrainEvent
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv(tracking.PIPELINE_ID_ENV, "pipe-1")
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    return tmp_path
+
+
+def test_default_uri_is_absolute_sqlite_under_the_project(store, monkeypatch):
+    assert tracking.tracking_uri(store) == f"sqlite:///{store.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.tracking_uri(store) == "http://127.0.0.1:5000"
+
+
+def test_stage_run_records_params_tags_and_batched_curves(store):
+    run_id = tracking.start_stage_run(
+        store,
+        "pretrain@fwd",
+        {"pretrain": {"train": {"lr": 0.01, "betas": [0.8, 0.99]}}},
+        experiment="exp",
+        deps={"data/tokens": "abc.dir"},
+        extra_tags={"ulmfit.stage_key": "k"},
+    )
+    logger = tracking.TrainLogger(store, run_id, every=2, description="test", total_steps=4)
+    for step in range(1, 5):
+        logger(TrainEvent("step", step, 0, {"loss": 5.0 - step, "lr": 0.001 * step}))
+    logger(TrainEvent("eval", 4, 1, {"loss": 1.5, "perplexity": 4.48}))
+    logger(TrainEvent("stage", 4, 1, {"stage": 1, "trainable_groups": 2}))
+    logger.close()
+    tracking.log_metrics(store, run_id, {"final": 1.0, "nan": float("nan")})
+    tracking.end_run(store, run_id)
+
+    client = tracking.client(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["pretrain.train.lr"] == "0.01"
+    assert run.data.tags["ulmfit.stage"] == "pretrain@fwd"
+    assert run.data.tags["ulmfit.pipeline_id"] == "pipe-1"
+    assert run.data.tags["dvc.dep.data/tokens"] == "abc.dir"
+    assert "nan" not in run.data.metrics and run.data.metrics["final"] == 1.0
+    # every=2: steps 2 and 4 only; validation and unfreezing events always.
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2, 4]
+    assert client.get_metric_history(run_id, "valid_perplexity")[0].value == pytest.approx(4.48)
+    assert client.get_metric_history(run_id, "unfreeze_trainable_groups")[0].value == 2
+    assert len(logger.steps) == 4 and logger.evals[0]["perplexity"] == 4.48
+    experiment = client.get_experiment_by_name("exp")
+    assert experiment.artifact_location == (store.resolve() / "mlruns").as_uri()
+
+
+def test_parent_run_nests_stage_runs(store, monkeypatch):
+    client = tracking.client(store)
+    parent = client.create_run(tracking.experiment_id(store, "exp")).info.run_id
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    child = tracking.start_stage_run(store, "report", {}, experiment="exp", deps={})
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_pipeline_id_without_repro_is_commit_and_params(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.PIPELINE_ID_ENV, raising=False)
+    (tmp_path / "params.yaml").write_text("a: 1\n")
+    first = tracking.pipeline_id(tmp_path)
+    (tmp_path / "params.yaml").write_text("a: 2\n")
+    assert tracking.pipeline_id(tmp_path) != first
+
+
+def test_flatten():
+    nested = {"a": {"b": 1, "c": {"d": [1, 2]}}, "e": "x"}
+    assert tracking.flatten(nested) == {"a.b": "1", "a.c.d": "[1, 2]", "e": "x"}
+    assert tracking.flatten_numbers({"s": {"n": 2, "t": "x", "f": True}}) == {"s.n": 2.0}
+
+
+def test_dvc_md5_of_files_and_directories(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_bytes(b"bee")
+    (tmp_path / "d" / "sub" / "a.txt").write_bytes(b"ay")
+    assert dvc_md5(tmp_path / "d" / "b.txt") == hashlib.md5(b"bee").hexdigest()
+    listing = [
+        {"md5": hashlib.md5(b"bee").hexdigest(), "relpath": "b.txt"},
+        {"md5": hashlib.md5(b"ay").hexdigest(), "relpath": "sub/a.txt"},
+    ]
+    expected = hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+    assert dvc_md5(tmp_path / "d") == expected
+
+
+def test_checkpoint_key_changes_with_params_and_inputs_and_stale_keys_are_removed(tmp_path):
+    spec = Layout.stage("pretrain", direction="fwd")
+    key = stage_key(spec, {"lr": 1}, {"x": "1"})
+    assert key == stage_key(spec, {"lr": 1}, {"x": "1"})
+    assert key != stage_key(spec, {"lr": 2}, {"x": "1"})
+    assert key != stage_key(spec, {"lr": 1}, {"x": "2"})
+    old = checkpoint_dir(tmp_path, spec, "old")
+    (old / "step-1.pt").write_bytes(b"x")
+    new = checkpoint_dir(tmp_path, spec, key)
+    assert new.is_dir() and not old.exists()
+
+
+def test_workspace_lock_is_exclusive_and_released(tmp_path):
+    with workspace_lock(tmp_path, "stage-a"):
+        import subprocess
+        import sys
+
+        code = (
+            "import sys; from pathlib import Path; from tasks.workspace import workspace_lock\n"
+            "try:\n    workspace_lock(Path(sys.argv[1]), 'b').__enter__()\n"
+            "except Exception as e:\n    print(type(e).__name__, e)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout
+        assert out.startswith("WorkspaceBusy") and "stage-a" in out
+    with workspace_lock(tmp_path, "stage-c"):
+        pass
+    assert issubclass(WorkspaceBusy, RuntimeError)
