@@ -107,7 +107,7 @@ import resource, sys
 from ulmfit.corpora import WikipediaSource, prepare_wikipedia, strip_wikicode
 strip_wikicode("[[warm|up]] {{the parser}}")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-summary = prepare_wikipedia(WikipediaSource(path=sys.argv[1]), sys.argv[2], cache_dir=sys.argv[3], progress=lambda *a: None)
+summary = prepare_wikipedia(WikipediaSource(path=sys.argv[1], workers=1), sys.argv[2], cache_dir=sys.argv[3], progress=lambda *a: None)
 growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 print(summary["splits"]["train"]["count"] + summary["splits"]["valid"]["count"], growth_mb)
 """

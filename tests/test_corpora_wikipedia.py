@@ -54,6 +54,7 @@ def test_dump_keeps_articles_only_and_strips_markup(server, tmp_path):
         lang="de",
         url=server.url("dewiki-latest-pages-articles.xml.bz2"),
         valid_fraction=0.0,
+        workers=1,
     )
     assert summary["skipped"] == {"skipped_redirect": 1, "skipped_namespace": 1, "skipped_short": 1}
     train = _texts(tmp_path / "out" / "train.parquet")
@@ -190,3 +191,23 @@ print(pages, growth_mb)
     pages, growth_mb = result.stdout.split()
     assert int(pages) == 40000
     assert float(growth_mb) < 20, f"RSS grew {growth_mb} MB while streaming 44 MB of XML"
+
+
+def test_parallel_stripping_and_dump_part_files_give_the_same_corpus(tmp_path):
+    parts = tmp_path / "dumps"
+    parts.mkdir()
+    # Two part files named as Wikimedia splits them; "10" must come after "2".
+    later = MEDIAWIKI.replace("<title>Anarchismus</title>", "<title>Zweiter Teil</title>")
+    (parts / "dewiki-20240101-pages-articles10.xml-p9p12.bz2").write_bytes(
+        bz2.compress(later.encode())
+    )
+    mediawiki_dump_bz2(parts / "dewiki-20240101-pages-articles2.xml-p1p8.bz2")
+    serial = _prepare(tmp_path, path=str(parts), workers=1, valid_fraction=0.0)
+    serial_rows = _texts(tmp_path / "out" / "train.parquet")
+    assert serial_rows["title"] == ["Anarchismus", "Bakunin", "Zweiter Teil", "Bakunin"]
+    assert serial["kind"] == "dump" and serial["skipped"]["skipped_redirect"] == 2
+    parallel = _prepare(tmp_path, path=str(parts), workers=2, valid_fraction=0.0)
+    assert parallel["splits"] == serial["splits"]
+    assert _texts(tmp_path / "out" / "train.parquet") == serial_rows
+    sources = json.loads((tmp_path / "out" / "sources.json").read_text())["inputs"]
+    assert sources[0]["path"] == str(parts)

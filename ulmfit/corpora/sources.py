@@ -197,6 +197,8 @@ class WikipediaSource:
     #: Articles shorter than this after markup stripping (stubs, lists, disambiguation pages)
     #: are skipped and counted.
     min_chars: int = 200
+    #: Dumps only: processes stripping the markup (``None`` = all cores; 1 = in this process).
+    workers: int | None = None
     #: WikiText-103 only: undo its ``@-@``, ``@,@``, ``@.@`` number/hyphen splitting.
     detokenize: bool = True
     strict: bool = False
