@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ulmfit.text import MARKERS, denormalize, normalize
+from ulmfit.text import MARKERS, _normalize, denormalize, normalize
 
 HAND_CASES = [
     "",
@@ -47,6 +47,8 @@ def test_rules_mark_case_and_repetition() -> None:
     # single capital letter is a Capitalised word; "ß".upper() is "SS", so no xxup there
     assert normalize("I") == "xxbosxxmaj i"
     assert normalize("STRAßE") == "xxbos STRAßE"
+    # a run survives in the raw text even where lowercasing breaks it ("ΣΣΣΣ" -> "σσσς")
+    assert normalize("aΣΣΣΣ") == "xxbos axxrep 4 Σ"
 
 
 def test_literal_markers_are_escaped() -> None:
@@ -110,3 +112,16 @@ def test_ascii_fast_path_agrees_with_unicode_path() -> None:
     for _ in range(5_000):
         text = "".join(rng.choice(ascii_atoms) for _ in range(rng.randint(0, 15)))
         assert normalize(text + " é") == normalize(text) + " é", repr(text)
+
+
+def test_latin_classes_agree_with_unicode_classes() -> None:
+    # Texts whose letters are all ASCII or plain Latin-1 use explicit regex classes, even when
+    # they hold curly quotes, dashes or emoji; the result must equal the unicode-class result.
+    rng = random.Random(5)
+    atoms = ["The", "THE", "the", "I", "I’M", "Don’t", "DON’T", "O’Neil", "McD", "xx", "maj"]
+    atoms += ["’", "“", "”", "—", "…", "😀", "▁", " ", "  ", "\n", ".", "!!!!", "————", "0"]
+    atoms += ["aaaa", "AAAA", "’’’’", "the the the the", "’s", "A’B", "x", "X", "▁▁▁▁"]
+    atoms += ["Émile", "ÉTÉ", "café", "Ærø", "ÀÀÀÀ", "àààà", "ß", "ÿ", "µ", "ª", "İ", "Σ", "½"]
+    for _ in range(5_000):
+        text = "".join(rng.choice(atoms) for _ in range(rng.randint(0, 15)))
+        assert _normalize(text) == _normalize(text, fast_classes=False), repr(text)

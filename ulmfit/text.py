@@ -57,59 +57,83 @@ _NAMES = "bos|maj|up|rep|wrep|spm|esc"
 # alternatives that cannot fire anywhere in a document (checked by cheap C-level tests first) are
 # left out of its pattern: Python's regex engine pays for every alternative at every position,
 # and plain lowercase prose needs only the capitalisation rule. Dropping an alternative that
-# matches nowhere cannot change the result, so every variant is the same bijection. ASCII text
-# also gets ASCII classes, which are several times faster than the unicode letter class and
-# identical on ASCII input.
+# matches nowhere cannot change the result, so every variant is the same bijection. Likewise
+# the repetition rule only looks at the characters that do occur in runs, and a text whose
+# letters are all ASCII or plain Latin-1 gets explicit classes, several times faster than the
+# unicode letter class and identical on such text.
 _ALTERNATIVES = {
     # A word repeated MIN_REPEAT+ times with single spaces (case-sensitive, whole words).
     "wrep": r"(?P<wrep>(?<!{L})(?<!['’])(?P<ww>{W})(?: (?P=ww)(?!{L}|['’]{L})){{{R},}})",
     # A word whose first letter is not a-z (may need xxmaj/xxup). The look-behind comes after
     # the first character so the engine can still skip quickly to candidate characters.
     "word": r"(?P<word>{U}(?<!{L}.){L}*(?:['’]{L}+)*)",
-    # A non-space character repeated MIN_REPEAT+ times (U+2581 is escaped as a whole instead).
-    "rep": r"(?P<rep>(?P<rc>[^\s▁])(?P=rc){{{R},}})",
+    # A character of the class {C} (those seen in runs) repeated MIN_REPEAT+ times.
+    "rep": r"(?P<rep>(?P<rc>[{C}])(?P=rc){{{R},}})",
     # Text that already spells a marker.
     "esc": r"(?P<esc>xx(?={N}))",
     # SentencePiece's space symbol.
     "spm": r"(?P<spm>▁)",
 }
+# Latin-1 letters whose case maps one to one like ASCII (À..Þ <-> à..þ); ß, ÿ, µ, ª and º
+# are left to the unicode path.
+_LATIN_UPPER = "A-ZÀ-ÖØ-Þ"
+_LATIN_LOWER = "a-zà-öø-þ"
+_LATIN_LETTER = _LATIN_UPPER + _LATIN_LOWER
+# Like the unicode class [^\W\d_a-z]: every letter but a-z may start a word the rule looks at
+# (a word starting with "é" is taken whole, so capitals inside it are left alone).
+_LATIN_START = _LATIN_UPPER + "à-öø-þ"
 _CLASSES = {
-    True: {"L": "[A-Za-z]", "U": "[A-Z]"},
+    True: {"L": f"[{_LATIN_LETTER}]", "U": f"[{_LATIN_START}]"},
     False: {"L": _L, "U": r"[^\W\d_a-z]"},
 }
-# On ASCII text the regex itself tells Capitalised, ALL-CAPS and other words apart (the same
-# classification as _case_of), so the common case costs no Python call per word. Starting the
-# pattern with one character class lets the engine skip straight to capital letters.
-_ASCII_END = r"(?![A-Za-z]|'[A-Za-z])"
-_ASCII_CASE = (
-    r"[A-Z](?<![A-Za-z].)(?:"
-    rf"(?P<maj>[a-z]*(?:'[a-z]+)*{_ASCII_END})"
-    rf"|(?P<up>(?:[A-Z]+(?:'[A-Z]+)*|(?:'[A-Z]+)+){_ASCII_END})"
-    r"|(?P<word>[A-Za-z]*(?:'[A-Za-z]+)*))"
+# With such letters the regex itself tells Capitalised, ALL-CAPS and other words apart (the
+# same classification as _case_of), so the common case costs no Python call per word.
+_LATIN_END = rf"(?![{_LATIN_LETTER}]|['’][{_LATIN_LETTER}])"
+_LATIN_CASE = (
+    rf"[{_LATIN_START}](?<![{_LATIN_LETTER}].)(?:"
+    rf"(?<=[{_LATIN_UPPER}])(?P<maj>[{_LATIN_LOWER}]*(?:['’][{_LATIN_LOWER}]+)*{_LATIN_END})"
+    rf"|(?<=[{_LATIN_UPPER}])"
+    rf"(?P<up>(?:[{_LATIN_UPPER}]+(?:['’][{_LATIN_UPPER}]+)*|(?:['’][{_LATIN_UPPER}]+)+)"
+    rf"{_LATIN_END})"
+    rf"|(?P<word>[{_LATIN_LETTER}]*(?:['’][{_LATIN_LETTER}]+)*))"
 )
+_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
+_OTHER_LETTER = re.compile(rf"(?![{_LATIN_LETTER}]){_L}")
 
 
-@functools.lru_cache(maxsize=64)
-def _master(ascii_only: bool, kinds: tuple[str, ...]) -> re.Pattern:
-    classes = _CLASSES[ascii_only]
+@functools.lru_cache(maxsize=256)
+def _master(latin: bool, kinds: tuple[str, ...], repeated: str) -> re.Pattern:
+    classes = _CLASSES[latin]
     word = r"{L}+(?:['’]{L}+)*".format(**classes)
     parts = [
-        _ASCII_CASE
-        if ascii_only and kind == "word"
-        else _ALTERNATIVES[kind].format(W=word, R=MIN_REPEAT - 1, N=_NAMES, **classes)
+        _LATIN_CASE
+        if latin and kind == "word"
+        else _ALTERNATIVES[kind].format(
+            W=word, R=MIN_REPEAT - 1, N=_NAMES, C=re.escape(repeated), **classes
+        )
         for kind in kinds
     ]
-    return re.compile("|".join(parts))
+    if len(parts) == 1:
+        return re.compile(parts[0])
+    # A look-ahead for the characters any alternative can start with: one class test rejects
+    # most positions, instead of one test per alternative.
+    others = re.escape(repeated) + ("x" if "esc" in kinds else "") + ("▁" if "spm" in kinds else "")
+    if latin:
+        first = f"[{_LATIN_LETTER if 'wrep' in kinds else _LATIN_START}{others}]"
+    else:
+        first = (_L if "wrep" in kinds else classes["U"]) + (f"|[{others}]" if others else "")
+    return re.compile(f"(?={first})(?:{'|'.join(parts)})")
 
 
-def _has_char_repeat(text: str) -> bool:
-    """Whether some code point occurs MIN_REPEAT times in a row (numpy: ~5x faster than re)."""
+def _run_starts(text: str) -> list[int]:
+    """Positions where a code point starts a run of at least MIN_REPEAT (numpy: ~5x faster
+    than a regex with a back-reference)."""
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     same = codes[1:] == codes[:-1]
     runs = same[: len(same) - MIN_REPEAT + 2]
     for shift in range(1, MIN_REPEAT - 1):
         runs = runs & same[shift : len(same) - MIN_REPEAT + 2 + shift]
-    return bool(runs.any())
+    return np.flatnonzero(runs).tolist()
 
 
 # The same rules inside one word that the master pattern matched as a whole.
@@ -134,12 +158,12 @@ def _body_sub(match: re.Match) -> str:
     return f"{REP} {len(run)} {run[0]}"
 
 
-def _case_of(word: str, ascii_only: bool) -> tuple[str, str]:
+def _case_of(word: str, latin: bool) -> tuple[str, str]:
     """(marker, lowered word) when the case can be restored exactly, else ("", word)."""
     lowered = word.lower()
     # Some letters change length or class when case-mapped ("İ".lower() is two code points,
     # "ß".upper() is "SS"); such words are left as they are rather than restored wrongly.
-    if not ascii_only and (len(lowered) != len(word) or WORD_RE.fullmatch(lowered) is None):
+    if not latin and (len(lowered) != len(word) or WORD_RE.fullmatch(lowered) is None):
         return "", word
     if len(word) >= 2 and word.isupper() and lowered.upper() == word:
         return UP, lowered
@@ -149,35 +173,70 @@ def _case_of(word: str, ascii_only: bool) -> tuple[str, str]:
     return "", word
 
 
-def _normalize_word(word: str, ascii_only: bool, has_repeat: bool) -> tuple[str, str]:
-    marker, body = _case_of(word, ascii_only)
+def _normalize_word(word: str, latin: bool, has_repeat: bool) -> tuple[str, str]:
+    marker, body = _case_of(word, latin)
     if has_repeat or "xx" in body:
         body = _BODY.sub(_body_sub, body)
     return marker, body
 
 
 def _has_word_repeat(text: str) -> bool:
-    # Four words in a row means the two inner ones are whole whitespace-separated tokens, so
-    # two equal neighbouring tokens are a necessary condition for the "wrep" alternative.
+    # In "w w w w" the inner words are whole whitespace-separated tokens, equal to each other,
+    # with a token ending in w before them and one starting with w after them: a necessary
+    # condition for the "wrep" alternative that plain str/list operations test quickly.
     tokens = text.split()
-    return any(map(operator.eq, tokens, itertools.islice(tokens, 1, None)))
+    equal = list(map(operator.eq, tokens, itertools.islice(tokens, 1, None)))
+    index = -1
+    while True:
+        try:
+            index = equal.index(True, index + 1)
+        except ValueError:
+            return False
+        word = tokens[index]
+        if (
+            0 < index < len(tokens) - 2
+            and tokens[index - 1].endswith(word)
+            and tokens[index + 2].startswith(word)
+        ):
+            return True
 
 
 def normalize(text: str) -> str:
     """Apply the rules; the result starts with ``xxbos`` and :func:`denormalize` inverts it."""
+    return _normalize(text)
+
+
+def _normalize(text: str, fast_classes: bool = True) -> str:
     source = " " + text
-    ascii_only = source.isascii()
     lowered = source.lower()
-    # Lowercasing keeps equal characters equal, so on ASCII a run in the raw text is a run in
-    # ``lowered`` too; runs that only appear once a word is lowercased ("AAaa") count as well.
-    has_repeat = _has_char_repeat(lowered) or (not ascii_only and _has_char_repeat(source))
+    ascii_only = source.isascii()
+    # Explicit Latin-1 classes serve any text whose letters are ASCII or plain Latin-1 letters
+    # (accents, curly quotes, dashes and emoji are common in reviews), provided lowercasing keeps
+    # every position (then ``lowered[i]`` is the lowercase of ``source[i]``).
+    latin = fast_classes and (
+        ascii_only
+        or (
+            len(lowered) == len(source)
+            and _OTHER_LETTER.search("".join(_NON_ASCII.findall(source))) is None
+        )
+    )
+    # Runs in the raw text decide the "rep" alternative; runs that appear once a word is
+    # lowercased ("AAaa") are marked inside that word.
+    # On ASCII a run in the raw text is a run in ``lowered`` too, so an ASCII text without runs
+    # in ``lowered`` (most texts) needs only that one check. (Not so in general: "ΣΣΣΣ".lower()
+    # is "σσσς".)
+    has_repeat = len(_run_starts(lowered)) > 0
+    starts = _run_starts(source) if has_repeat or not ascii_only else ()
+    has_repeat = has_repeat or len(starts) > 0
+    repeated = "".join(sorted({source[i] for i in starts} - {"▁"}))
+    repeated = "".join(c for c in repeated if not c.isspace())
     has_xx = "xx" in lowered
     kinds = tuple(
         kind
         for kind, needed in (
             ("wrep", _has_word_repeat(source)),
             ("word", True),
-            ("rep", has_repeat),
+            ("rep", bool(repeated)),
             ("esc", has_xx),
             ("spm", not ascii_only and "▁" in source),
         )
@@ -185,28 +244,28 @@ def normalize(text: str) -> str:
     )
     out = [BOS]
     position = 0
-    for match in _master(ascii_only, kinds).finditer(source):
+    for match in _master(latin, kinds, repeated).finditer(source):
         start, end = match.span()
         kind = match.lastgroup
-        if kind == "maj" or kind == "up":  # ASCII only: lowercasing keeps positions
+        if kind == "maj" or kind == "up":  # Latin classes: lowercasing keeps positions
             marker = MAJ if kind == "maj" else UP
             body = lowered[start:end]
             if has_repeat or (has_xx and "xx" in body):
                 body = _BODY.sub(_body_sub, body)
         elif kind == "word":
             word = source[start:end]
-            if ascii_only:
+            if latin:
                 marker, body = "", word
                 if has_repeat or (has_xx and "xx" in body):
                     body = _BODY.sub(_body_sub, body)
             else:
-                marker, body = _normalize_word(word, ascii_only, has_repeat)
+                marker, body = _normalize_word(word, latin, has_repeat)
         else:
             out.append(source[position:start])
             if kind == "wrep":
                 word = match.group("ww")
                 count = (end - start + 1) // (len(word) + 1)
-                marker, body = _normalize_word(word, ascii_only, has_repeat)
+                marker, body = _normalize_word(word, latin, has_repeat)
                 out.append(f"{WREP} {count} {marker}{body}")
             elif kind == "rep":
                 out.append(f"{REP} {end - start} {source[start]}")
