@@ -169,7 +169,11 @@ def test_exact_round_trip_on_real_wikipedia_and_imdb(shared_data: Path, tmp_path
     wiki = (shared_data / "wikipedia" / "enwiki2015_sample_2MB.txt").read_text(encoding="utf-8")
     articles = re.split(r"<doc [^>]*>\n|</doc>\n", wiki)
     articles = [a for a in articles if a.strip()]
-    tok = train_tokenizer(iter(articles), tmp_path / "wiki.model", TokenizerConfig(vocab_size=2000))
+    tok = train_tokenizer(
+        iter(articles),
+        tmp_path / "wiki.model",
+        TokenizerConfig(vocab_size=1000, sample_docs=40, max_doc_chars=5000),
+    )
     reviews = []
     with tarfile.open(shared_data / "imdb" / "aclImdb_labeled_50k.tar.gz", "r:gz") as archive:
         for member in itertools.islice((m for m in archive if m.name.endswith(".txt")), 400):
