@@ -12,6 +12,7 @@ from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig, SequenceClassifier
 from ulmfit.predict import (
     InferenceClassifier,
+    Int8LSTM,
     TextClassifier,
     ensemble,
     length_sorted_batches,
@@ -153,22 +154,36 @@ def test_inference_model_matches_the_bpt3c_classifier():
     )
 
 
-def test_int8_quantised_model_stays_close_to_fp32():
+@pytest.mark.parametrize(
+    ("lstm", "lstm_kind"), [("precomputed", "Int8LSTM"), ("fbgemm", "DynamicQuantizedLSTM")]
+)
+def test_int8_quantised_model_stays_close_to_fp32(lstm, lstm_kind):
     torch.manual_seed(0)
     encoder = AWDLSTMConfig(vocab_size=200, embed_size=32, hidden_size=64, num_layers=3)
     model = SequenceClassifier(ClassifierConfig(encoder=encoder, num_classes=2)).eval()
     with torch.no_grad():  # decisive logits, as after training, so argmax is meaningful
         model.head.layers[-1].weight.mul_(20)
     docs = random_docs(64, seed=8, max_len=60, vocab=200)
-    quantized = quantize_dynamic_int8(model)
-    kinds = {module._get_name() for module in quantized.modules()}
-    assert {"DynamicQuantizedLSTM", "DynamicQuantizedLinear"} <= kinds, kinds
+    quantized = quantize_dynamic_int8(model, lstm=lstm)
+    kinds = [module._get_name() for module in quantized.modules()]
+    assert kinds.count(lstm_kind) == 3 and kinds.count("DynamicQuantizedLinear") >= 2, kinds
     fp32 = predict_proba(model, docs, batch_size=16)
     int8 = predict_proba(quantized, docs, batch_size=16)
     assert np.abs(fp32 - int8).max() < 0.05
     assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.95
     # the original is untouched: still its own trainable fp32 layers
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_int8_lstm_follows_the_lstm_equations():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(12, 20, batch_first=True).eval()
+    x = torch.randn(3, 9, 12)
+    with torch.no_grad():
+        expected, _ = lstm(x)
+        output, _ = Int8LSTM(lstm)(x)
+    assert output.shape == (3, 9, 20)
+    assert (output - expected).abs().max() < 0.02
 
 
 # ------------------------------------------------------------------------------ TextClassifier
