@@ -327,3 +327,17 @@ def test_stratified_split_keeps_class_proportions():
     assert (
         len(balanced_subset(labels, 30, seed=0)) == 30
     )  # the small class is exhausted, rest filled
+
+
+def test_one_file_per_review_folders_share_one_repair_budget(tmp_path):
+    members = imdb_members(per_class=4, unsup=0)
+    for i in range(3):
+        members[f"aclImdb/train/neg/{i}_{1 + i % 3}.txt"] = b"  "
+    archive = tar_gz(tmp_path / "aclImdb_v1.tar.gz", members)
+    with pytest.raises(InputError, match=r"train/neg: 3 of 4 rows needed repair \(empty text"):
+        _prepare(tmp_path, name="imdb", path=str(archive))
+    members["aclImdb/train/neg/1_2.txt"] = members["aclImdb/train/neg/3_1.txt"]
+    members["aclImdb/train/neg/2_3.txt"] = members["aclImdb/train/neg/3_1.txt"]
+    tar_gz(tmp_path / "one_empty.tar.gz", members)
+    summary = _prepare(tmp_path, name="imdb", path=str(tmp_path / "one_empty.tar.gz"))
+    assert summary["repairs"]["counts"] == {"empty_text": 1}

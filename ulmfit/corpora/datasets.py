@@ -287,9 +287,10 @@ def _read_text_files(
 ) -> None:
     files = _review_files(folder)
     for path in files:
-        text = _BREAK.sub("\n", decode(path.read_bytes(), path, None, repairs)).strip()
+        raw = decode(path.read_bytes(), path, None, repairs, group=folder)
+        text = _BREAK.sub("\n", raw).strip()
         if not text:
-            repairs.record("empty_text", path, None, "empty text")
+            repairs.record("empty_text", path, None, "empty text", group=folder)
             continue
         texts.append(text)
         labels.append(label)

@@ -33,7 +33,17 @@ class Repairs:
     examples: dict[str, list[str]] = field(default_factory=dict)
     _per_file: Counter = field(default_factory=Counter)
 
-    def record(self, kind: str, path: str | Path, line: int | None, message: str) -> None:
+    def record(
+        self,
+        kind: str,
+        path: str | Path,
+        line: int | None,
+        message: str,
+        *,
+        group: str | Path | None = None,
+    ) -> None:
+        """Count one repair; ``group`` (default ``path``) is the unit whose budget it uses, such
+        as the folder of a one-review-per-file corpus."""
         if self.strict:
             raise InputError(
                 path,
@@ -42,7 +52,7 @@ class Repairs:
                 fix=_FIXES[kind] + " (or run with strict=False to repair it)",
             )
         self.counts[kind] += 1
-        self._per_file[(kind, str(path))] += 1
+        self._per_file[(kind, str(group if group is not None else path))] += 1
         where = f"{path}:{line}" if line is not None else str(path)
         self.examples.setdefault(kind, [])
         if len(self.examples[kind]) < 5:
@@ -67,7 +77,14 @@ class Repairs:
         return {"counts": dict(self.counts), "examples": self.examples}
 
 
-def decode(raw: bytes, path: str | Path, line: int | None, repairs: Repairs) -> str:
+def decode(
+    raw: bytes,
+    path: str | Path,
+    line: int | None,
+    repairs: Repairs,
+    *,
+    group: str | Path | None = None,
+) -> str:
     """UTF-8, or (counted) cp1252 with Latin-1 for its five undefined bytes.
 
     cp1252 is what stray bytes in these English corpora are (BBC's 0xA3 is a pound sign); for
@@ -81,6 +98,7 @@ def decode(raw: bytes, path: str | Path, line: int | None, repairs: Repairs) -> 
             path,
             line,
             f"byte 0x{raw[err.start]:02X} at offset {err.start} is not UTF-8",
+            group=group,
         )
     try:
         return raw.decode("cp1252")
