@@ -12,8 +12,9 @@ Steps:
 1. ``dvc pull`` when the project has a DVC remote (a fresh clone on a fleet host starts empty);
 2. refresh: ``dvc repro --force --single-item`` on the prepare stages, so new upstream data is
    downloaded and checked against its checksums even when DVC sees no change in their deps;
-3. the pipeline (``dvc repro`` unless ``pipeline_command`` says otherwise); unchanged stages are
-   skipped by DVC, the only cache;
+3. the pipeline (``ulmfit repro``: ``dvc repro`` with the runs grouped in MLflow and every
+   stage reporting to the same Prefect server; ``pipeline_command`` can say otherwise);
+   unchanged stages are skipped by DVC, the only cache;
 4. ``dvc push`` when the project has a DVC remote, so other hosts reuse the outputs;
 5. per dataset: compare the version registered by this run with the champion and decide;
 6. promote, record every decision as a run of MLflow experiment ``retrain`` and as a Prefect
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from collections import deque
@@ -33,6 +35,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
 from prefect.runtime import flow_run
 
 from tasks.promotion import (
@@ -51,8 +54,26 @@ DEFAULT_METRIC = "test_error_ensemble"
 PREPARE_PREFIX = "prepare"
 
 
+# The pipeline's stages report bad input as ``ulmfit <stage>: error: <file>: <problem>. Fix: <fix>``.
+BAD_INPUT_LINE = re.compile(r"ulmfit [\w-]+: error: .*Fix: ")
+DEFAULT_COMMAND = ("ulmfit", "repro")
+# DVC is the project's one cache: Prefect keeps no task results.
+NO_CACHE = {"cache_policy": NONE, "persist_result": False}
+
+
 class CommandFailed(RuntimeError):
     """A pipeline command exited non-zero; the message carries the end of its output."""
+
+
+class BadInput(CommandFailed):
+    """A stage stopped on bad input (it printed which file and the fix): retrying cannot help."""
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry I/O failures, not a stage's bad-input report."""
+    data = getattr(state, "data", None)
+    error = getattr(data, "result", data)  # a ResultRecord wraps the exception
+    return not isinstance(error, BadInput)
 
 
 def _command_env(project_dir: Path) -> dict[str, str]:
@@ -94,9 +115,11 @@ def run_command(command: Sequence[str], project_dir: Path, *, tail_lines: int = 
             logger.info("%s", line)
         returncode = process.wait()
     if returncode != 0:
-        raise CommandFailed(
-            f"`{' '.join(command)}` exited with {returncode} in {project_dir}; last lines:\n"
-            + "\n".join(tail)
+        bad_input = [line for line in lines if BAD_INPUT_LINE.search(line)]
+        error = BadInput if bad_input else CommandFailed
+        raise error(
+            f"`{' '.join(command)}` exited with {returncode} in {project_dir}; "
+            + (f"bad input:\n{bad_input[-1]}" if bad_input else "last lines:\n" + "\n".join(tail))
         )
     return "\n".join(lines)
 
@@ -153,16 +176,30 @@ def lock_outputs(project_dir: Path) -> dict[str, str]:
     }
 
 
-@task(name="dvc-pull", retries=3, retry_delay_seconds=[5, 30, 120])
+@task(
+    name="dvc-pull",
+    retries=3,
+    retry_delay_seconds=[5, 30, 120],
+    retry_condition_fn=retry_unless_bad_input,
+    **NO_CACHE,
+)
 def dvc_pull(project_dir: Path) -> bool:
     """Fetch cached outputs from the DVC remote (network I/O: retried). False: no remote."""
     if not has_dvc_remote(project_dir):
         return False
-    run_command(["dvc", "pull", "--allow-missing"], project_dir)
+    # --run-cache: a fresh clone also gets the stage run-cache, so `dvc repro` restores any stage
+    # another host already ran with the same inputs instead of recomputing it.
+    run_command(["dvc", "pull", "--allow-missing", "--run-cache"], project_dir)
     return True
 
 
-@task(name="refresh-data", retries=3, retry_delay_seconds=[10, 60, 300])
+@task(
+    name="refresh-data",
+    retries=3,
+    retry_delay_seconds=[10, 60, 300],
+    retry_condition_fn=retry_unless_bad_input,
+    **NO_CACHE,
+)
 def refresh_data(project_dir: Path, stages: Sequence[str]) -> dict[str, bool]:
     """Re-run the prepare ``stages`` even if DVC thinks they are up to date, so that new upstream
     data is fetched and verified (downloads: retried). Returns ``{stage: outputs changed}``;
@@ -178,19 +215,19 @@ def refresh_data(project_dir: Path, stages: Sequence[str]) -> dict[str, bool]:
     return {stage: before.get(stage) != after.get(stage) for stage in stages}
 
 
-@task(name="run-pipeline")
+@task(name="run-pipeline", **NO_CACHE)
 def run_pipeline(project_dir: Path, command: Sequence[str]) -> None:
     """Run the pipeline (compute, not I/O: no retries; a failure fails the flow and nothing is
     promoted)."""
     run_command(command, project_dir)
 
 
-@task(name="dvc-push", retries=3, retry_delay_seconds=[5, 30, 120])
+@task(name="dvc-push", retries=3, retry_delay_seconds=[5, 30, 120], **NO_CACHE)
 def dvc_push(project_dir: Path) -> bool:
     """Share the new outputs through the DVC remote (network I/O: retried)."""
     if not has_dvc_remote(project_dir):
         return False
-    run_command(["dvc", "push"], project_dir)
+    run_command(["dvc", "push", "--run-cache"], project_dir)
     return True
 
 
@@ -241,10 +278,12 @@ def retrain(
     params = read_params(project)
     names = list(datasets) if datasets else params_datasets(params, project)
     models = {dataset: registered_model_name(params, dataset) for dataset in names}
-    command = list(pipeline_command) if pipeline_command else ["dvc", "repro"]
+    command = list(pipeline_command or DEFAULT_COMMAND)
     flow_run_id = flow_run.get_id()
 
     # Versions that exist before this run are never candidates: only what this run registers is.
+    # The champion is read now too: the first version registered gets the alias at registration
+    # when there is none, which is then a first model, not one already in service.
     before = registry_snapshot(list(models.values()))
     pulled = dvc_pull(project)
     changed = refresh_data(project, prepare_stages(project, names)) if refresh else {}
@@ -252,7 +291,7 @@ def retrain(
     pushed = dvc_push(project)
 
     decisions: list[Decision] = [
-        judge_candidate(dataset, model, metric, before[model]) for dataset, model in models.items()
+        judge_candidate(dataset, model, metric, *before[model]) for dataset, model in models.items()
     ]
     context = {
         "project_dir": str(project),

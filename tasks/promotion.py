@@ -32,6 +32,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import task
+from prefect.cache_policies import NONE
 
 CHAMPION_ALIAS = "champion"
 LATEST_ALIAS = "latest"
@@ -247,13 +248,7 @@ def read_champion(client: MlflowClient, model_name: str, metric: str) -> ModelRe
 
     The alias is looked up on the registered model first: MLflow reports a missing alias as an
     invalid parameter, which must not be confused with a real error."""
-    try:
-        registered = client.get_registered_model(model_name)
-    except MlflowException as error:
-        if _not_found(error):
-            return None
-        raise
-    if CHAMPION_ALIAS not in (registered.aliases or {}):
+    if champion_version(client, model_name) is None:
         return None
     version = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
     return ModelRecord(
@@ -354,7 +349,13 @@ def log_decision(
 
 # --- Prefect tasks (network I/O: retried) -----------------------------------------------------
 
-_IO_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+# Retries on network I/O only; no Prefect result cache (DVC is the project's one cache).
+_IO_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "cache_policy": NONE,
+    "persist_result": False,
+}
 
 
 def _client() -> MlflowClient:
@@ -363,20 +364,64 @@ def _client() -> MlflowClient:
     return MlflowClient()
 
 
+def champion_version(client: MlflowClient, model_name: str) -> str | None:
+    """The version the ``champion`` alias points at (None: no model or no alias)."""
+    try:
+        aliases = client.get_registered_model(model_name).aliases or {}
+    except MlflowException as error:
+        if _not_found(error):
+            return None
+        raise
+    version = aliases.get(CHAMPION_ALIAS)
+    return None if version is None else str(version)
+
+
+def judge(
+    client: MlflowClient,
+    dataset: str,
+    model_name: str,
+    metric: str,
+    newer_than: int | None,
+    champion_before: str | None,
+) -> Decision:
+    """Read the version registered since ``newer_than`` and the champion, and decide.
+
+    When there was no champion before the pipeline ran and the registration itself gave the
+    alias to the new version (the registry does that for a model's first version), the new
+    version is judged as the first model, so the record says so.
+    """
+    candidate = read_candidate(client, model_name, metric, newer_than=newer_than)
+    champion = read_champion(client, model_name, metric)
+    if (
+        champion_before is None
+        and champion is not None
+        and candidate is not None
+        and champion.version == candidate.version
+    ):
+        champion = None
+    return decide(dataset, model_name, metric, candidate, champion)
+
+
 @task(name="registry-snapshot", **_IO_RETRIES)
-def registry_snapshot(model_names: Sequence[str]) -> dict[str, int | None]:
-    """Newest version number of each registered model before the pipeline runs."""
+def registry_snapshot(model_names: Sequence[str]) -> dict[str, tuple[int | None, str | None]]:
+    """``{model: (newest version number, champion version)}`` before the pipeline runs."""
     client = _client()
-    return {name: newest_version_number(client, name) for name in model_names}
+    return {
+        name: (newest_version_number(client, name), champion_version(client, name))
+        for name in model_names
+    }
 
 
 @task(name="judge-candidate", **_IO_RETRIES)
-def judge_candidate(dataset: str, model_name: str, metric: str, newer_than: int | None) -> Decision:
+def judge_candidate(
+    dataset: str,
+    model_name: str,
+    metric: str,
+    newer_than: int | None,
+    champion_before: str | None,
+) -> Decision:
     """Read the new version and the champion from MLflow and decide (no side effects)."""
-    client = _client()
-    candidate = read_candidate(client, model_name, metric, newer_than=newer_than)
-    champion = read_champion(client, model_name, metric)
-    return decide(dataset, model_name, metric, candidate, champion)
+    return judge(_client(), dataset, model_name, metric, newer_than, champion_before)
 
 
 @task(name="promote-champion", **_IO_RETRIES)

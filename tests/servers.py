@@ -5,12 +5,13 @@ own process group (so teardown also ends the children it spawned: uvicorn worker
 processes) and is waited for with a bounded timeout whose error message carries the tail of the
 server's log. Nothing here talks to the internet; telemetry is switched off in every child.
 
-Use the context managers directly, or the ``prefect_server`` / ``mlflow_server`` /
-``process_worker`` helpers from a module-scoped fixture::
+Use the context managers, typically from a module-scoped fixture::
 
-    with start_prefect_server(tmp) as prefect, start_mlflow_server(tmp) as mlflow:
-        with start_process_worker(prefect, pool="ulmfit-gpu", extra_env=mlflow.client_env):
-            ...
+    with start_servers(tmp) as (prefect, mlflow):
+        prefect.run_cli("work-pool", "create", "ulmfit-gpu", "--type", "process", cwd=repo)
+        with start_process_worker(prefect, pool="ulmfit-gpu", workdir=tmp,
+                                  extra_env=mlflow.client_env) as worker:
+            run = wait_for_flow_run(prefect, flow_run_id, timeout=300, worker=worker)
 """
 
 from __future__ import annotations
@@ -203,10 +204,9 @@ class PrefectServer:
         return http_json(method, f"{self.api_url}{path}", body)
 
 
-@contextlib.contextmanager
-def start_prefect_server(workdir: Path, *, timeout: float = 240.0) -> Iterator[PrefectServer]:
-    """``prefect server start`` on 127.0.0.1:<free port> with PREFECT_HOME (and its SQLite
-    database) under ``workdir``; yields once ``/api/health`` answers; stops the group on exit."""
+def launch_prefect_server(workdir: Path) -> PrefectServer:
+    """Start ``prefect server start`` on 127.0.0.1:<free port> with PREFECT_HOME (and its SQLite
+    database) under ``workdir``, without waiting for it (see :func:`wait_ready`)."""
     workdir = Path(workdir).resolve()
     home = workdir / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
@@ -221,35 +221,15 @@ def start_prefect_server(workdir: Path, *, timeout: float = 240.0) -> Iterator[P
         "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
     }
+    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"]
     process = spawn(
         "prefect server",
-        [
-            str(BIN_DIR / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-ui",
-            "--log-level",
-            "WARNING",
-        ],
+        [str(BIN_DIR / command[0]), *command[1:], "--log-level", "WARNING"],
         log_path=workdir / "logs" / "prefect-server.log",
         env=child_env(env),
         cwd=workdir,
     )
-    server = PrefectServer(api_url=api_url, home=home, process=process, env=env)
-    try:
-        wait_until(
-            lambda: http_ok(f"{api_url}/health"),
-            timeout=timeout,
-            what=f"the Prefect server at {api_url}/health",
-            process=process,
-        )
-        yield server
-    finally:
-        process.stop()
+    return PrefectServer(api_url=api_url, home=home, process=process, env=env)
 
 
 @dataclass
@@ -267,47 +247,95 @@ class MlflowServer:
         return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_REGISTRY_URI": self.url}
 
 
-@contextlib.contextmanager
-def start_mlflow_server(workdir: Path, *, timeout: float = 180.0) -> Iterator[MlflowServer]:
-    """``mlflow server`` on 127.0.0.1:<free port>, SQLite at ``workdir/mlflow.db`` (absolute
-    URI), artifacts proxied to ``workdir/mlflow-artifacts``; yields once ``/health`` answers."""
+def launch_mlflow_server(workdir: Path) -> MlflowServer:
+    """Start ``mlflow server`` on 127.0.0.1:<free port>, SQLite at ``workdir/mlflow.db`` (an
+    absolute URI), artifacts proxied to ``workdir/mlflow-artifacts``, without waiting for it."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     backend_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     artifacts = workdir / "mlflow-artifacts"
     artifacts.mkdir(exist_ok=True)
+    command = [
+        str(BIN_DIR / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_uri,
+        "--artifacts-destination",
+        str(artifacts),
+        "--workers",
+        "1",
+    ]
     process = spawn(
         "mlflow server",
-        [
-            str(BIN_DIR / "mlflow"),
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            backend_uri,
-            "--artifacts-destination",
-            str(artifacts),
-            "--workers",
-            "1",
-        ],
+        command,
         log_path=workdir / "logs" / "mlflow-server.log",
         env=child_env(),
         cwd=workdir,
     )
+    return MlflowServer(
+        url=f"http://127.0.0.1:{port}",
+        backend_uri=backend_uri,
+        artifacts=artifacts,
+        process=process,
+    )
+
+
+def health_url(server: PrefectServer | MlflowServer) -> str:
+    if isinstance(server, PrefectServer):
+        return f"{server.api_url}/health"
+    return f"{server.url}/health"
+
+
+def wait_ready(server: PrefectServer | MlflowServer, timeout: float) -> None:
+    """Wait (bounded) until the server's health endpoint answers; fail early if it exits."""
+    url = health_url(server)
+    wait_until(lambda: http_ok(url), timeout=timeout, what=url, process=server.process)
+
+
+@contextlib.contextmanager
+def start_prefect_server(workdir: Path, *, timeout: float = 240.0) -> Iterator[PrefectServer]:
+    """A Prefect server for the block; yields once ``/api/health`` answers; stops the group."""
+    server = launch_prefect_server(workdir)
     try:
-        wait_until(
-            lambda: http_ok(f"{url}/health"),
-            timeout=timeout,
-            what=f"the MLflow server at {url}/health",
-            process=process,
-        )
-        yield MlflowServer(url=url, backend_uri=backend_uri, artifacts=artifacts, process=process)
+        wait_ready(server, timeout)
+        yield server
     finally:
-        process.stop()
+        server.process.stop()
+
+
+@contextlib.contextmanager
+def start_mlflow_server(workdir: Path, *, timeout: float = 240.0) -> Iterator[MlflowServer]:
+    """An MLflow server for the block; yields once ``/health`` answers; stops the group."""
+    server = launch_mlflow_server(workdir)
+    try:
+        wait_ready(server, timeout)
+        yield server
+    finally:
+        server.process.stop()
+
+
+@contextlib.contextmanager
+def start_servers(
+    workdir: Path, *, timeout: float = 240.0
+) -> Iterator[tuple[PrefectServer, MlflowServer]]:
+    """Both servers, started side by side (each takes tens of seconds to come up on a busy
+    machine), under ``workdir/prefect`` and ``workdir/mlflow``."""
+    workdir = Path(workdir).resolve()
+    servers: list[PrefectServer | MlflowServer] = []
+    try:
+        servers.append(launch_prefect_server(workdir / "prefect"))
+        servers.append(launch_mlflow_server(workdir / "mlflow"))
+        for server in servers:
+            wait_ready(server, timeout)
+        yield servers[0], servers[1]  # type: ignore[misc]
+    finally:
+        for server in reversed(servers):
+            server.process.stop()
 
 
 def worker_online(server: PrefectServer, pool: str) -> bool:
