@@ -47,6 +47,7 @@ from tasks.promotion import (
     record_decision,
     registry_snapshot,
 )
+from tasks.registry import model_name
 from ulmfit.errors import InputError
 
 DEFAULT_METRIC = "test_error_ensemble"
@@ -257,10 +258,10 @@ def params_datasets(params: dict, project_dir: Path) -> list[str]:
 
 
 def registered_model_name(params: dict, dataset: str) -> str:
-    """The registered MLflow model of ``dataset``'s classifier: ``<mlflow.model_name_prefix>-<dataset>``
-    (``ulmfit-<dataset>`` by default), the name the evaluate stage registers under."""
+    """The registered MLflow model of ``dataset``'s classifier, named as the evaluate stage
+    registers it (``tasks.registry.model_name``; ``ulmfit-<dataset>`` by default)."""
     prefix = (params.get("mlflow") or {}).get("model_name_prefix", "ulmfit")
-    return f"{prefix}-{dataset}"
+    return model_name(prefix, dataset)
 
 
 @flow(name="retrain", log_prints=True)
@@ -284,14 +285,15 @@ def retrain(
     # Versions that exist before this run are never candidates: only what this run registers is.
     # The champion is read now too: the first version registered gets the alias at registration
     # when there is none, which is then a first model, not one already in service.
-    before = registry_snapshot(list(models.values()))
+    before = registry_snapshot(project, list(models.values()))
     pulled = dvc_pull(project)
     changed = refresh_data(project, prepare_stages(project, names)) if refresh else {}
     run_pipeline(project, command)
     pushed = dvc_push(project)
 
     decisions: list[Decision] = [
-        judge_candidate(dataset, model, metric, *before[model]) for dataset, model in models.items()
+        judge_candidate(project, dataset, model, metric, *before[model])
+        for dataset, model in models.items()
     ]
     context = {
         "project_dir": str(project),
@@ -303,8 +305,8 @@ def retrain(
     decision_runs = {}
     for decision in decisions:
         if decision.promote:
-            promote_champion(decision, flow_run_id)
-        decision_runs[decision.dataset] = record_decision(decision, flow_run_id, context)
+            promote_champion(project, decision, flow_run_id)
+        decision_runs[decision.dataset] = record_decision(project, decision, flow_run_id, context)
         logger.info("%s: %s", decision.dataset, decision.reason)
 
     report = decision_markdown(decisions)

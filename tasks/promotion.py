@@ -27,12 +27,15 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
+
+from tasks import tracking
 
 CHAMPION_ALIAS = "champion"
 LATEST_ALIAS = "latest"
@@ -358,10 +361,10 @@ _IO_RETRIES = {
 }
 
 
-def _client() -> MlflowClient:
-    # Tracking and registry URIs come from MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (the fleet's
-    # shared server) or the project's default, set up by the pipeline's tracking module.
-    return MlflowClient()
+def _client(project_dir: Path) -> MlflowClient:
+    """The pipeline's MLflow store: ``MLFLOW_TRACKING_URI`` (the fleet's shared server) or the
+    project's SQLite database, exactly as the stages that registered the models."""
+    return tracking.client(project_dir)
 
 
 def champion_version(client: MlflowClient, model_name: str) -> str | None:
@@ -403,9 +406,11 @@ def judge(
 
 
 @task(name="registry-snapshot", **_IO_RETRIES)
-def registry_snapshot(model_names: Sequence[str]) -> dict[str, tuple[int | None, str | None]]:
+def registry_snapshot(
+    project_dir: Path, model_names: Sequence[str]
+) -> dict[str, tuple[int | None, str | None]]:
     """``{model: (newest version number, champion version)}`` before the pipeline runs."""
-    client = _client()
+    client = _client(project_dir)
     return {
         name: (newest_version_number(client, name), champion_version(client, name))
         for name in model_names
@@ -414,6 +419,7 @@ def registry_snapshot(model_names: Sequence[str]) -> dict[str, tuple[int | None,
 
 @task(name="judge-candidate", **_IO_RETRIES)
 def judge_candidate(
+    project_dir: Path,
     dataset: str,
     model_name: str,
     metric: str,
@@ -421,23 +427,26 @@ def judge_candidate(
     champion_before: str | None,
 ) -> Decision:
     """Read the new version and the champion from MLflow and decide (no side effects)."""
-    return judge(_client(), dataset, model_name, metric, newer_than, champion_before)
+    return judge(_client(project_dir), dataset, model_name, metric, newer_than, champion_before)
 
 
 @task(name="promote-champion", **_IO_RETRIES)
-def promote_champion(decision: Decision, flow_run_id: str | None) -> str:
+def promote_champion(project_dir: Path, decision: Decision, flow_run_id: str | None) -> str:
     """Apply a promoting decision: alias ``champion`` -> the new version. Idempotent."""
-    set_champion(_client(), decision, flow_run_id=flow_run_id)
+    set_champion(_client(project_dir), decision, flow_run_id=flow_run_id)
     assert decision.candidate is not None
     return decision.candidate.version
 
 
 @task(name="record-decision", **_IO_RETRIES)
 def record_decision(
-    decision: Decision, flow_run_id: str | None, context: Mapping[str, str] | None = None
+    project_dir: Path,
+    decision: Decision,
+    flow_run_id: str | None,
+    context: Mapping[str, str] | None = None,
 ) -> str:
     """Log the decision as a run of MLflow experiment ``retrain``; return its run id."""
-    return log_decision(_client(), decision, flow_run_id=flow_run_id, context=context)
+    return log_decision(_client(project_dir), decision, flow_run_id=flow_run_id, context=context)
 
 
 def artifact_key(text: str) -> str:

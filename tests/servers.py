@@ -85,8 +85,10 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM the whole process group, wait up to ``timeout`` s, then SIGKILL it."""
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the whole process group, wait up to ``timeout`` s, then SIGKILL it; the time
+        it took is appended to the log."""
+        started = time.monotonic()
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGTERM)
@@ -97,6 +99,10 @@ class ManagedProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=5)
+        with contextlib.suppress(OSError), open(self.log_path, "a") as log:
+            log.write(
+                f"\n[tests/servers.py] {self.name} stopped in {time.monotonic() - started:.1f}s\n"
+            )
 
     def failure(self, what: str) -> RuntimeError:
         return RuntimeError(

@@ -134,6 +134,61 @@ def test_artifact_key_is_valid_for_prefect():
     assert re.fullmatch(r"[a-z0-9-]+", artifact_key("__"))
 
 
+# --- the flow's helpers --------------------------------------------------------------------
+
+
+def test_prepare_stages_are_found_in_dvc_yaml_and_filtered_by_dataset(tmp_path):
+    from flows.retrain import prepare_stages
+
+    (tmp_path / "dvc.yaml").write_text(
+        textwrap.dedent(
+            """
+            stages:
+              prepare_wikipedia:
+                cmd: echo wiki
+              prepare_dataset:
+                foreach: [imdb, trec]
+                do:
+                  cmd: echo ${item}
+              evaluate:
+                cmd: echo evaluate
+            """
+        )
+    )
+    subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "init", "--no-scm", "-q"],
+        cwd=tmp_path,
+        check=True,
+        env=child_env(),
+        timeout=120,
+    )
+    everything = ["prepare_wikipedia", "prepare_dataset@imdb", "prepare_dataset@trec"]
+    assert prepare_stages(tmp_path, None) == everything
+    # The shared Wikipedia stage is always refreshed; other datasets' stages are left alone.
+    assert prepare_stages(tmp_path, ["trec"]) == ["prepare_wikipedia", "prepare_dataset@trec"]
+
+
+def test_bad_input_stops_the_refresh_without_retries():
+    from prefect.states import Failed
+
+    from flows.retrain import BAD_INPUT_LINE, BadInput, CommandFailed, retry_unless_bad_input
+
+    line = "ulmfit prepare-dataset: error: data/x.csv:3: bad label. Fix: use an integer label"
+    assert BAD_INPUT_LINE.search(line)
+    assert not BAD_INPUT_LINE.search("ERROR: failed to reproduce 'prepare_dataset@imdb'")
+    assert retry_unless_bad_input(None, None, Failed(data=BadInput("bad"))) is False
+    assert retry_unless_bad_input(None, None, Failed(data=CommandFailed("network"))) is True
+
+
+def test_model_names_follow_the_evaluate_stage():
+    from flows.retrain import params_datasets, registered_model_name
+
+    params = {"datasets": {"imdb": {}, "trec": {}}, "mlflow": {"model_name_prefix": "acme"}}
+    assert params_datasets(params, Path(".")) == ["imdb", "trec"]
+    assert registered_model_name(params, "imdb") == "acme-imdb"
+    assert registered_model_name({}, "imdb") == "ulmfit-imdb"
+
+
 # --- the MLflow calls, on a local SQLite store -------------------------------------------
 
 
