@@ -361,7 +361,8 @@ def encode_corpus(
     whichever comes first); at most ``max_chunks_in_flight`` (default ``2 * workers``) chunks are
     in the pool at once, and results are written in input order as Parquet row groups. Memory
     therefore depends on the chunk size, not on the corpus. ``workers`` defaults to all cores;
-    ``workers=1`` encodes in this process. ``progress`` receives the number of documents done.
+    ``workers=1`` (or a corpus of a single chunk) encodes in this process. ``progress`` receives
+    the number of documents done.
     ``labels``, if given, is consumed in step with ``texts``.
 
     Workers are started with ``start_method`` (default: "forkserver" where the platform has it,
@@ -388,7 +389,10 @@ def encode_corpus(
             if progress is not None:
                 progress(writer.num_docs)
 
-        if workers == 1:
+        # A corpus of one chunk (a small valid or test split) is not worth starting a pool for.
+        head = list(itertools.islice(chunks, 2))
+        chunks = itertools.chain(head, chunks)
+        if workers == 1 or len(head) < 2:
             for chunk, chunk_labels in chunks:
                 write(_flatten(tokenizer.encode(chunk)), chunk_labels)
         else:
