@@ -236,15 +236,20 @@ def _deterministic(enabled: bool) -> Iterator[None]:
     previous = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     previous_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    previous_fill = torch.utils.deterministic.fill_uninitialized_memory
     if enabled:
         # warn_only: an op without a deterministic kernel (rare, CUDA only) warns instead of
         # failing a long run.
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN, a debugging aid that costs
+        # a memory pass per allocation; no kernel here reads memory it has not written.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous, warn_only=previous_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = previous_fill
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
 
 
