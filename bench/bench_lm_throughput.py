@@ -241,8 +241,8 @@ def main() -> None:
     rows = [
         "| threads | config | variant | median wall s/step | tokens/s (wall) "
         "| median CPU s/step | tokens per CPU-s | vs fastai (CPU time) | vs fastai (wall) "
-        "| % of GEMM rate |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| % of GEMM rate | wall spread (max/min) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for threads in thread_counts:
         torch.set_num_threads(threads)
@@ -274,10 +274,17 @@ def main() -> None:
                     f"| {threads} | {size.name} (V={size.vocab}, {size.embed}/{size.hidden}x3, "
                     f"{size.batch}x{size.bptt}) | {VARIANTS[v][0]} | {walls[v]:.2f} | "
                     f"{tokens / walls[v]:.0f} | {cpus[v]:.2f} | {tokens / cpus[v]:.0f} | "
-                    f"{vs_cpu} | {vs_wall} | {100 * step_flops(size) / cpus[v] / rate:.0f}% |"
+                    f"{vs_cpu} | {vs_wall} | {100 * step_flops(size) / cpus[v] / rate:.0f}% | "
+                    f"{max(t[0] for t in times[v]) / min(t[0] for t in times[v]):.1f} |"
                 )
             print("\n".join(rows[-len(variants) :]), flush=True)
-    footer = ["", f"Steps measured per variant: {args.steps} (after {args.warmup} warm-up).", ""]
+    footer = [
+        "",
+        f"Steps measured per variant: {args.steps} (after {args.warmup} warm-up). A wall spread "
+        "far above 1 means identical steps took very different times: the row measured "
+        "contention with other jobs more than the model.",
+        "",
+    ]
     text = "\n".join(header + gemm_lines + [""] + rows + footer)
     print(text)
     with atomic_write(args.output, "w") as f:
