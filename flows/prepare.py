@@ -13,13 +13,16 @@ from tasks.workspace import Layout
 
 
 def _summary_metrics(summary: dict) -> dict:
-    """The numeric leaves of a corpus summary (counts, lengths, repairs), minus the echoed
-    options: what ``dvc metrics show`` and MLflow display for a prepare stage."""
+    """The counts of a corpus summary (documents and words per split and class, skipped and
+    repaired records): what ``dvc metrics show`` / ``dvc exp show`` display for a prepare stage.
+    Echoed options and length distributions stay in ``summary.json``."""
     out = {}
     for key, value in summary.items():
         if key == "options":
             continue
         if isinstance(value, dict):
+            if set(value) <= {"min", "median", "mean", "max"}:
+                continue  # a length distribution
             nested = _summary_metrics(value)
             if nested:
                 out[key] = nested

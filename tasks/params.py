@@ -192,7 +192,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         return parse_params(data)
     except (ValueError, TypeError) as error:
-        raise InputError(path, str(error), fix="correct or remove the key named above") from error
+        raise InputError(
+            path,
+            str(error),
+            fix="correct the key or section named above (profiles/default.yaml documents every one)",
+        ) from error
 
 
 def parse_params(data: Mapping[str, Any]) -> Params:

@@ -108,10 +108,11 @@ def stage_run(
     ctx = StageContext(root, spec, params, section, deps, key, run_id)
     try:
         yield ctx
+    except KeyboardInterrupt:
+        tracking.end_run(root, run_id, "KILLED")
+        raise
     except BaseException:
-        tracking.end_run(
-            root, run_id, "FAILED" if not isinstance(_current(), KeyboardInterrupt) else "KILLED"
-        )
+        tracking.end_run(root, run_id, "FAILED")
         raise
     if spec.group != "report":
         write_json(
@@ -127,13 +128,7 @@ def stage_run(
     clear_checkpoints(root, spec)
 
 
-def _current() -> BaseException | None:
-    import sys
-
-    return sys.exc_info()[1]
-
-
-# Model files bigger than this are recorded by path and md5 tag instead of copied into the
+# Model files bigger than this are recorded by path (a run tag) instead of copied into the
 # MLflow artifact store (the DVC cache already keeps them; the store should stay small).
 MAX_ARTIFACT_BYTES = 50 * 2**20
 

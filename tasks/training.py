@@ -31,6 +31,7 @@ from ulmfit.tokenizer import Tokenizer
 from ulmfit.train import (
     ClassifierTrainConfig,
     LMTrainConfig,
+    evaluate_lm,
     seed_everything,
     train_classifier,
     train_language_model,
@@ -167,7 +168,21 @@ def train_lm_task(
         )
     finally:
         logger.close()
+    final = {k: v for k, v in result.metrics.items() if k not in ("step", "epoch")}
+    if valid_docs is not None and len(valid_docs) and "perplexity" not in final:
+        # The loop validates at epoch ends; a run cut short by max_steps ends between them.
+        final = evaluate_lm(
+            model,
+            valid_docs,
+            batch_size=train_cfg.eval_batch_size or train_cfg.batch_size,
+            bptt=train_cfg.bptt,
+            backward=train_cfg.backward,
+            device=device,
+            amp=train_cfg.amp,
+        )
+        logger.evals.append({"step": result.steps, "epoch": result.epochs, **final})
     summary = _result_summary(result)
+    summary["metrics"] = final
     summary.update(
         train_documents=len(train_docs),
         valid_documents=len(valid_docs or []),
@@ -182,7 +197,7 @@ def train_lm_task(
         extra={"backward": train_cfg.backward},
         summary=summary,
     )
-    metrics = {f"valid_{k}": float(v) for k, v in result.metrics.items()}
+    metrics = {f"valid_{k}": float(v) for k, v in final.items()}
     metrics.update(
         train_loss=float(result.train_loss),
         steps=result.steps,
@@ -270,7 +285,9 @@ def train_classifier_task(
         extra={"backward": train_cfg.backward, "label_names": label_names},
         summary=summary,
     )
-    metrics = {f"valid_{k}": float(v) for k, v in result.metrics.items()}
+    metrics = {
+        f"valid_{k}": float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")
+    }
     metrics.update(
         train_loss=float(result.train_loss),
         steps=result.steps,

@@ -32,6 +32,8 @@ CODE_COMMON = (
     "tasks/progress.py",
     "tasks/plots.py",
     "ulmfit/config.py",
+    "ulmfit/corpora/sources.py",
+    "ulmfit/corpora/output.py",
     "ulmfit/errors.py",
     "ulmfit/io.py",
 )
@@ -101,15 +103,8 @@ EVALUATE_CODE = (
     "tasks/evaluation.py",
     "tasks/registry.py",
     "tasks/pyfunc_model.py",
-    "tasks/plots.py",
     "ulmfit/predict.py",
-    "ulmfit/model.py",
-    "ulmfit/train.py",
-    "ulmfit/checkpoint.py",
-    "ulmfit/batches.py",
-    "ulmfit/storage.py",
-    "ulmfit/tokenizer.py",
-    "ulmfit/text.py",
+    *(path for path in CODE_MODEL if path != "flows/train.py"),
 )
 
 
@@ -379,3 +374,80 @@ def workspace_lock(root: Path, stage: str) -> Iterator[Path]:
         yield path
     finally:
         handle.close()
+
+
+# ------------------------------------------------------------------------------- dvc.yaml
+
+DVC_YAML_HEADER = """\
+# The ULMFiT pipeline (Howard & Ruder 2018). Each stage runs 'ulmfit <stage>' (a Prefect flow,
+# tracked in MLflow). Generated from tasks/workspace.py: python -m tasks.workspace > dvc.yaml
+# (tests/test_pipeline.py checks that the two agree). Run it with 'ulmfit repro'; see
+# docs/pipeline.md.
+"""
+
+# (group, command, matrix lines): ${item.*} placeholders are filled in by DVC.
+_DVC_STAGES = (
+    ("prepare_wikipedia", "ulmfit prepare-wikipedia", ()),
+    ("train_tokenizer", "ulmfit train-tokenizer", ()),
+    ("tokenize_wikipedia", "ulmfit tokenize-wikipedia", ()),
+    ("pretrain", "ulmfit pretrain --direction ${item.direction}", ("direction: [fwd, bwd]",)),
+    (
+        "prepare_dataset",
+        "ulmfit prepare-dataset --dataset ${item.dataset}",
+        ("dataset: ${datasets}",),
+    ),
+    (
+        "tokenize_dataset",
+        "ulmfit tokenize-dataset --dataset ${item.dataset}",
+        ("dataset: ${datasets}",),
+    ),
+    (
+        "finetune_lm",
+        "ulmfit finetune-lm --dataset ${item.dataset} --direction ${item.direction}",
+        ("dataset: ${datasets}", "direction: [fwd, bwd]"),
+    ),
+    (
+        "train_classifier",
+        "ulmfit train-classifier --dataset ${item.dataset} --direction ${item.direction}",
+        ("dataset: ${datasets}", "direction: [fwd, bwd]"),
+    ),
+    ("evaluate", "ulmfit evaluate --dataset ${item.dataset}", ("dataset: ${datasets}",)),
+    ("report", "ulmfit report", ()),
+)
+
+
+def render_dvc_yaml() -> str:
+    """``dvc.yaml`` from the stage specs: matrix stages over ``datasets`` and directions."""
+    lines = [DVC_YAML_HEADER.rstrip("\n"), "stages:"]
+    for group, command, matrix in _DVC_STAGES:
+        spec = Layout.stage(group, "${item.dataset}", "${item.direction}")
+        lines.append(f"  {group}:")
+        if matrix:
+            lines.append("    matrix:")
+            lines += [f"      {entry}" for entry in matrix]
+        lines.append(f"    cmd: {command}")
+        lines.append("    deps:")
+        lines += [f"      - {dep}" for dep in spec.deps]
+        lines.append("    params:")
+        lines += [f"      - {param}" for param in spec.params]
+        lines.append("    outs:")
+        lines += [f"      - {out}" for out in spec.outs]
+        if group != "report":
+            lines += [f"      - {spec.run_record}:", "          cache: false"]
+            lines += ["    metrics:", f"      - {spec.metrics}:", "          cache: false"]
+        if spec.plots:
+            lines += ["    plots:", f"      - {spec.curve}:", "          cache: false"]
+            if group == "evaluate":
+                lines += [
+                    "          template: confusion",
+                    "          x: predicted",
+                    "          y: actual",
+                ]
+            else:
+                lines += ["          x: step", "          y: loss"]
+            lines.append(f"      - {spec.figure}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_dvc_yaml(), end="")

@@ -85,7 +85,8 @@ def test_unknown_profile_is_a_clean_input_error(tmp_path, monkeypatch, capsys):
 
 def test_broken_profile_never_replaces_params(tmp_path, monkeypatch, capsys):
     project = _project_copy(tmp_path)
-    (project / "profiles" / "broken.yaml").write_text("pretrain:\n  modle: {}\n")
+    broken = (project / "profiles" / "default.yaml").read_text().replace("  model:", "  modle:", 1)
+    (project / "profiles" / "broken.yaml").write_text(broken)
     monkeypatch.chdir(project)
     before = (project / "params.yaml").read_text()
     assert main(["profile", "broken"]) == 2

@@ -197,8 +197,38 @@ def test_stage_deps_and_outs_match_the_python_layout(pipeline):
         assert outs == expected, stage
 
 
+def test_dvc_yaml_is_generated_from_the_layout():
+    from tasks.workspace import render_dvc_yaml
+
+    assert (ROOT / "dvc.yaml").read_text() == render_dvc_yaml(), (
+        "dvc.yaml is stale: python -m tasks.workspace > dvc.yaml"
+    )
+
+
+def _project_modules(*modules: str) -> set[str]:
+    """Project files (relative paths) loaded by importing ``modules`` in a fresh interpreter."""
+    code = (
+        f"import sys, {', '.join(modules)}; print('\\n'.join(m.__file__ for m in "
+        "list(sys.modules.values()) if getattr(m, '__file__', None)))"
+    )
+    files = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    out = set()
+    for file in files:
+        path = Path(file)
+        if ROOT in path.parents and ".venv" not in path.parts:
+            out.add(path.relative_to(ROOT).as_posix())
+    return out
+
+
 def test_code_deps_cover_every_project_module_a_stage_imports():
-    """A stage's deps list every project file its command imports, so a code change reruns it."""
+    """A stage's deps list every project file its command imports, so a code change reruns it.
+
+    Parsing ``params.yaml`` imports the library's config dataclasses (and with them most of the
+    library); what a stage imports *beyond* that is code it runs and must be a dependency.
+    """
+    parsing = _project_modules("tasks.params")
     for group, target in [
         ("pretrain", "flows.train"),
         ("evaluate", "flows.evaluate"),
@@ -206,24 +236,14 @@ def test_code_deps_cover_every_project_module_a_stage_imports():
         ("tokenize_dataset", "flows.tokenize"),
         ("report", "flows.report"),
     ]:
-        code = (
-            f"import sys, flows.cli, {target}; print('\\n'.join(sorted(m.__file__ for m in "
-            "list(sys.modules.values()) if getattr(m, '__file__', None))))"
-        )
-        files = subprocess.run(
-            [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.split()
         spec = Layout.stage(group, "x", "fwd")
-        for file in files:
-            path = Path(file)
-            if ROOT not in path.parents or ".venv" in path.parts:
-                continue
-            relative = path.relative_to(ROOT).as_posix()
+        for relative in sorted(_project_modules("flows.cli", target) - parsing):
             if relative.endswith("__init__.py") and relative.count("/") == 1:
-                continue  # empty package markers
+                continue  # package markers
             assert any(relative == d or relative.startswith(d + "/") for d in spec.deps), (
                 f"{group} imports {relative} but dvc.yaml does not list it as a dependency"
             )
+        assert "tasks/params.py" in spec.deps
 
 
 def test_dvc_metrics_and_plots_are_declared(pipeline):
