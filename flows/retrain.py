@@ -24,6 +24,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -165,16 +166,28 @@ def prepare_stages(project_dir: Path, datasets: Sequence[str] | None) -> list[st
     return stages
 
 
-def lock_outputs(project_dir: Path) -> dict[str, str]:
-    """``{stage: md5s of its outs}`` from dvc.lock, to tell which refreshed stages changed."""
+def stage_outputs(project_dir: Path, stages: Sequence[str]) -> set[str]:
+    """The output paths of ``stages`` as recorded in dvc.lock."""
     lock_path = project_dir / "dvc.lock"
     if not lock_path.is_file():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text()) or {}
-    return {
-        stage: ",".join(str(out.get("md5")) for out in entry.get("outs", []))
-        for stage, entry in (lock.get("stages") or {}).items()
-    }
+        return set()
+    lock = (yaml.safe_load(lock_path.read_text()) or {}).get("stages") or {}
+    return {out["path"] for stage in stages for out in (lock.get(stage) or {}).get("outs", [])}
+
+
+def changed_data(project_dir: Path, stages: Sequence[str]) -> list[str]:
+    """Outputs of the refreshed ``stages`` that differ from what the downstream stages last used,
+    per ``dvc status``: the new upstream data that the pipeline will now train on. (Comparing
+    the outputs themselves would also flag run records that change on every run.)"""
+    outputs = stage_outputs(project_dir, stages)
+    status = json.loads(dvc_query(["status", "--json"], project_dir) or "{}")
+    changed = set()
+    for entries in status.values():
+        for entry in entries if isinstance(entries, list) else []:
+            for path in (entry.get("changed deps") or {}) if isinstance(entry, dict) else []:
+                if any(path == out or path.startswith(out.rstrip("/") + "/") for out in outputs):
+                    changed.add(path)
+    return sorted(changed)
 
 
 @task(
@@ -201,19 +214,18 @@ def dvc_pull(project_dir: Path) -> bool:
     retry_condition_fn=retry_unless_bad_input,
     **NO_CACHE,
 )
-def refresh_data(project_dir: Path, stages: Sequence[str]) -> dict[str, bool]:
+def refresh_data(project_dir: Path, stages: Sequence[str]) -> list[str]:
     """Re-run the prepare ``stages`` even if DVC thinks they are up to date, so that new upstream
-    data is fetched and verified (downloads: retried). Returns ``{stage: outputs changed}``;
-    a stage with no earlier record in dvc.lock (a fresh clone) counts as changed."""
+    data is fetched and verified (downloads: retried). Returns the prepared files that changed."""
     if not stages:
         get_run_logger().warning(
             "no prepare stages in %s/dvc.yaml: nothing to refresh", project_dir
         )
-        return {}
-    before = lock_outputs(project_dir)
+        return []
     run_command(["dvc", "repro", "--force", "--single-item", *stages], project_dir)
-    after = lock_outputs(project_dir)
-    return {stage: before.get(stage) != after.get(stage) for stage in stages}
+    changed = changed_data(project_dir, stages)
+    get_run_logger().info("new upstream data: %s", ", ".join(changed) or "none")
+    return changed
 
 
 @task(name="run-pipeline", **NO_CACHE)
@@ -287,7 +299,8 @@ def retrain(
     # when there is none, which is then a first model, not one already in service.
     before = registry_snapshot(project, list(models.values()))
     pulled = dvc_pull(project)
-    changed = refresh_data(project, prepare_stages(project, names)) if refresh else {}
+    stages = prepare_stages(project, names) if refresh else []
+    changed = refresh_data(project, stages) if refresh else []
     run_pipeline(project, command)
     pushed = dvc_push(project)
 
@@ -298,8 +311,8 @@ def retrain(
     context = {
         "project_dir": str(project),
         "pipeline_command": " ".join(command),
-        "refreshed_stages": ",".join(changed) or "none",
-        "data_changed": ",".join(stage for stage, diff in changed.items() if diff) or "none",
+        "refreshed_stages": ",".join(stages) or "none",
+        "data_changed": ",".join(changed) or "none",
         "dvc_remote": "yes" if (pulled or pushed) else "no",
     }
     decision_runs = {}

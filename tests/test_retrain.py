@@ -168,6 +168,48 @@ def test_prepare_stages_are_found_in_dvc_yaml_and_filtered_by_dataset(tmp_path):
     assert prepare_stages(tmp_path, ["trec"]) == ["prepare_wikipedia", "prepare_dataset@trec"]
 
 
+def test_refresh_reports_only_prepared_data_that_changed(tmp_path):
+    """Forcing a prepare stage rewrites its outputs; only real upstream changes are reported,
+    not run records that differ on every run."""
+    from flows.retrain import changed_data
+
+    upstream = tmp_path / "upstream.txt"
+    upstream.write_text("first\n")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "dvc.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            stages:
+              prepare_dataset:
+                cmd: cp {upstream} prepared.txt && date +%s%N > run_record.txt
+                outs:
+                  - prepared.txt
+                  - run_record.txt:
+                      cache: false
+              train:
+                cmd: wc -l prepared.txt > model.txt
+                deps:
+                  - prepared.txt
+                outs:
+                  - model.txt
+            """
+        )
+    )
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run_dvc(*args: str) -> None:
+        subprocess.run([dvc, *args], cwd=project, check=True, env=child_env(), timeout=120)
+
+    run_dvc("init", "--no-scm", "-q")
+    run_dvc("repro", "-q")
+    run_dvc("repro", "-q", "--force", "--single-item", "prepare_dataset")
+    assert changed_data(project, ["prepare_dataset"]) == []  # same data, new run record
+    upstream.write_text("first\nsecond\n")
+    run_dvc("repro", "-q", "--force", "--single-item", "prepare_dataset")
+    assert changed_data(project, ["prepare_dataset"]) == ["prepared.txt"]
+
+
 def test_bad_input_stops_the_refresh_without_retries():
     from prefect.states import Failed
 
@@ -692,5 +734,6 @@ def test_deployed_retrain_promotes_only_a_better_model(fleet):
         assert int(candidate) > int(better)  # a new model was made, and not promoted
         assert logged.data.metrics["candidate_error"] > logged.data.metrics["champion_error"] == 0.0
         assert "not strictly better" in logged.data.tags["reason"]
+        assert logged.data.tags["data_changed"] == "data/news/prepared.csv"
         report = markdown_artifact(prefect, second)
         assert f"| news | {MODEL} | kept | {candidate} |" in report
