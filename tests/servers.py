@@ -81,13 +81,15 @@ class ManagedProcess:
     name: str
     process: subprocess.Popen
     log_path: Path
+    stop_timeout: float = 15.0  # grace period after SIGTERM
 
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the whole process group, wait up to ``timeout`` s, then SIGKILL it; the time
-        it took is appended to the log."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM the whole process group, wait up to ``timeout`` s (default: the process's
+        ``stop_timeout``), then SIGKILL it; the time it took is appended to the log."""
+        timeout = self.stop_timeout if timeout is None else timeout
         started = time.monotonic()
         if self.process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -283,6 +285,9 @@ def launch_mlflow_server(workdir: Path) -> MlflowServer:
         env=child_env(),
         cwd=workdir,
     )
+    # uvicorn's graceful shutdown waits for idle keep-alive clients; every request has been
+    # committed to SQLite by then, so a short grace period loses nothing.
+    process.stop_timeout = 3.0
     return MlflowServer(
         url=f"http://127.0.0.1:{port}",
         backend_uri=backend_uri,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -55,6 +56,7 @@ from servers import (  # noqa: E402
     child_env,
     flow_run_logs,
     log_tail,
+    start_prefect_server,
     start_process_worker,
     start_servers,
     wait_for_flow_run,
@@ -737,3 +739,41 @@ def test_deployed_retrain_promotes_only_a_better_model(fleet):
         assert logged.data.tags["data_changed"] == "data/news/prepared.csv"
         report = markdown_artifact(prefect, second)
         assert f"| news | {MODEL} | kept | {candidate} |" in report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+@pytest.mark.skipif(
+    os.environ.get("ULMFIT_RETRAIN_MICRO") != "1",
+    reason="opt-in (set ULMFIT_RETRAIN_MICRO=1): the real pipeline twice, several minutes",
+)
+def test_retrain_flow_on_the_real_micro_pipeline(tmp_path):
+    """The retrain flow around the real ULMFiT pipeline (``ulmfit repro`` on the micro config
+    of tests/test_pipeline.py): the first model becomes champion; a second retrain with
+    nothing new upstream registers nothing and keeps it."""
+    from mlflow import MlflowClient
+    from test_pipeline import make_workspace, micro_params
+
+    workspace = make_workspace(tmp_path / "ws", micro_params())
+    model = "ulmfit-bbc_news"
+    with start_prefect_server(tmp_path / "prefect") as prefect:
+        env = child_env({**prefect.env, "PYTHONPATH": str(workspace)})
+        outcomes = []
+        for _ in range(2):
+            result = subprocess.run(
+                [sys.executable, "-m", "flows.retrain", "--project-dir", str(workspace)],
+                cwd=workspace,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=1500,
+            )
+            assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+            client = MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+            experiment = client.get_experiment_by_name(RETRAIN_EXPERIMENT)
+            latest = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
+            outcomes.append(latest[0].data.tags["outcome"])
+    assert outcomes == [PROMOTED_FIRST, KEPT_NO_NEW_MODEL]
+    champion = client.get_model_version_by_alias(model, CHAMPION_ALIAS)
+    assert str(champion.version) == "1"
+    assert METRIC in client.get_run(champion.run_id).data.metrics
