@@ -116,9 +116,10 @@ def predict_proba(
 ) -> np.ndarray:
     """Class probabilities ``(N, C)`` float32 of ``docs``, in input order.
 
-    ``model`` is a :class:`~ulmfit.model.SequenceClassifier` (or the module returned by
-    :func:`inference_model` / :func:`quantize_dynamic_int8`): ``model(tokens (B, T), lengths
-    (B,)) -> logits (B, C)``. It runs in eval mode under ``torch.inference_mode()`` and is put
+    ``model`` is a :class:`~ulmfit.model.SequenceClassifier` (run through an
+    :class:`InferenceClassifier` copy: same probabilities, no work spent on padding) or any module
+    ``model(tokens (B, T), lengths (B,)) -> logits (B, C)``, such as the one returned by
+    :func:`quantize_dynamic_int8`. It runs in eval mode under ``torch.inference_mode()`` and is put
     back in the mode it was in. Each document must hold at least one token (a tokenised empty
     text still holds the ``xxbos`` token). ``backward=True`` reverses every document, for a
     classifier fine-tuned from the backward language model. ``max_tokens`` caps the padded
@@ -140,6 +141,9 @@ def predict_proba(
             f"the model is on {_model_device(model)} but device={device}; move it with "
             f"model.to({str(device)!r}) first"
         )
+    if isinstance(unwrap_model(model), SequenceClassifier):
+        # same probabilities (see InferenceClassifier) without computing the padding
+        model = InferenceClassifier(model)
     was_training = model.training
     model.eval()
     probs: np.ndarray | None = None
@@ -196,11 +200,13 @@ def _num_classes(model: nn.Module) -> int:
 class InferenceClassifier(nn.Module):
     """The eval-mode computation of a :class:`~ulmfit.model.SequenceClassifier`, for prediction.
 
-    In eval mode BPT3C's chunks with the state carried between them equal one pass over the
-    whole document, and weight dropout is the identity, so the encoder is a plain embedding
-    followed by ``nn.LSTM`` layers run over the full padded batch (right padding comes after
-    the last real token, so it never reaches a document's pooled features). ``nn.LSTM`` and
-    ``nn.Linear`` are what ``quantize_dynamic`` replaces by int8 modules.
+    In eval mode weight dropout is the identity and BPT3C's chunks, with the state carried
+    between them, compute exactly what one pass over the document computes, so the encoder is a
+    plain embedding followed by ``nn.LSTM`` layers (what ``quantize_dynamic`` replaces by int8
+    modules). It still runs in chunks of ``bptt`` steps, for one reason: the rows of a batch are
+    sorted longest first and each chunk runs only the rows that still have real tokens (fastai's
+    trick), so a batch of mixed lengths spends almost nothing on padding. The weights are copied:
+    later changes to the source model do not reach this one.
     """
 
     def __init__(self, model: SequenceClassifier) -> None:
@@ -228,10 +234,26 @@ class InferenceClassifier(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # (B, T), (B,) -> (B, C)
-        x = self.embedding(tokens)  # (B, T, E)
-        for lstm in self.lstms:
-            x, _ = lstm(x)  # (B, T, H_l)
-        return self.head(masked_concat_pool(x, lengths))  # (B, 3E) -> (B, C)
+        lengths = lengths.to(tokens.device)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        tokens, lengths = tokens[order], lengths[order]  # longest row first
+        lengths_cpu = lengths.cpu()
+        longest, chunk = int(lengths_cpu[0]), self.cfg.bptt
+        embedded = self.embedding(tokens[:, :longest])  # (B, T, E)
+        batch_size = tokens.size(0)
+        output = embedded.new_zeros(batch_size, longest, self.lstms[-1].hidden_size)  # (B, T, E)
+        states: list[tuple[Tensor, Tensor] | None] = [None] * len(self.lstms)
+        for start in range(0, longest, chunk):
+            active = int((lengths_cpu > start).sum())  # rows with real tokens in this chunk
+            x = embedded[:active, start : start + chunk]  # (b, t, E)
+            for index, lstm in enumerate(self.lstms):
+                state = states[index]
+                if state is not None:  # (1, B', H) -> the first `active` rows, still contiguous
+                    state = (state[0][:, :active], state[1][:, :active])
+                x, states[index] = lstm(x, state)  # (b, t, H_l)
+            output[:active, start : start + chunk] = x
+        logits = self.head(masked_concat_pool(output, lengths))  # (B, 3E) -> (B, C)
+        return logits[torch.argsort(order)]  # back to the caller's row order
 
 
 def inference_model(model: SequenceClassifier) -> InferenceClassifier:
@@ -281,13 +303,19 @@ class Int8LSTM(nn.Module):
         self.input_projection = _int8_linear(lstm.weight_ih_l0, lstm.bias_ih_l0 + lstm.bias_hh_l0)
         self.recurrent = _int8_linear(lstm.weight_hh_l0, None)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, None]:  # (B, T, I) -> (B, T, H)
+    def forward(
+        self, x: Tensor, state: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        # x: (B, T, I); state: h, c each (1, B, H) as nn.LSTM -> output (B, T, H), new state
         batch_size, steps, _ = x.shape
         hidden = self.hidden_size
         gates_x = self.input_projection(x.reshape(batch_size * steps, -1))
         gates_x = gates_x.view(batch_size, steps, 4 * hidden)  # (B, T, 4H), gate order i f g o
-        h = x.new_zeros(batch_size, hidden)  # (B, H)
-        c = x.new_zeros(batch_size, hidden)
+        if state is None:
+            h = x.new_zeros(batch_size, hidden)  # (B, H)
+            c = x.new_zeros(batch_size, hidden)
+        else:
+            h, c = state[0][0], state[1][0]
         output = x.new_empty(batch_size, steps, hidden)
         for t in range(steps):
             gates = self.recurrent(h).add_(gates_x[:, t])  # (B, 4H)
@@ -298,7 +326,7 @@ class Int8LSTM(nn.Module):
             c = torch.addcmul(f * c, i, g)
             h = o * torch.tanh(c)
             output[:, t] = h
-        return output, None
+        return output, (h.unsqueeze(0), c.unsqueeze(0))
 
 
 def quantize_dynamic_int8(model: nn.Module, *, lstm: str = "precomputed") -> nn.Module:
@@ -351,6 +379,13 @@ class TextClassifier:
         self.backward_model = backward_model
         self.label_names = [str(name) for name in label_names]
         self.device = torch.device(device)
+        # built once: the eval-only copies predict_proba would otherwise rebuild at every call
+        self._runners = [
+            InferenceClassifier(model)
+            if isinstance(unwrap_model(model), SequenceClassifier)
+            else model
+            for model in (forward_model, backward_model)
+        ]
         for model in (forward_model, backward_model):
             if model is not None and _num_classes(model) != len(self.label_names):
                 raise ValueError(
@@ -366,11 +401,10 @@ class TextClassifier:
             raise TypeError("predict takes a sequence of texts, not a single string")
         docs = self.tokenizer.encode(list(texts))
         options = dict(batch_size=batch_size, device=self.device, max_tokens=max_tokens)
-        probs = predict_proba(self.forward_model, docs, **options)
-        if self.backward_model is not None:
-            probs = ensemble(
-                probs, predict_proba(self.backward_model, docs, backward=True, **options)
-            )
+        forward, backward = self._runners
+        probs = predict_proba(forward, docs, **options)
+        if backward is not None:
+            probs = ensemble(probs, predict_proba(backward, docs, backward=True, **options))
         return probs
 
     def predict(
