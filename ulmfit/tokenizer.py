@@ -154,7 +154,7 @@ class Tokenizer:
             raise InputError(
                 path,
                 f"cannot read tokenizer model ({err.strerror})",
-                fix="re-train the tokenizer (the tokenizer stage)",
+                fix="re-run the train_tokenizer stage",
             ) from err
         try:
             return cls(proto, path, sha256_file(path))
@@ -162,7 +162,7 @@ class Tokenizer:
             raise InputError(
                 path,
                 "not a valid SentencePiece model",
-                fix="re-train the tokenizer (the tokenizer stage)",
+                fix="re-run the train_tokenizer stage",
             ) from err
 
     def __getstate__(self) -> dict:
