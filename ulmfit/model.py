@@ -362,9 +362,23 @@ class _DecoderCrossEntropy(torch.autograd.Function):
 
 
 def decoder_cross_entropy(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int = 512
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    chunk_rows: int | None = None,
+    max_chunk_elements: int = 1 << 25,
 ) -> Tensor:
-    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` chunked (hidden (N, E))."""
+    """``F.cross_entropy(F.linear(hidden, weight, bias), targets)`` chunked (hidden (N, E)).
+
+    By default the N rows are split into the fewest equal chunks whose logits stay under
+    ``max_chunk_elements`` (128 MB in fp32): few chunks keep the kernels large, which matters
+    with several threads, and the bound keeps memory flat for any batch and vocabulary.
+    """
+    if chunk_rows is None:
+        n, vocab = hidden.size(0), weight.size(0)
+        num_chunks = max(1, -(-n * vocab // max_chunk_elements))
+        chunk_rows = max(1, -(-n // num_chunks))
     return _DecoderCrossEntropy.apply(hidden, weight, bias, targets, chunk_rows)
 
 
