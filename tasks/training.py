@@ -25,7 +25,13 @@ from ulmfit.checkpoint import load_model, save_model
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
-from ulmfit.model import AWDLSTMConfig, ClassifierConfig, LanguageModel, SequenceClassifier
+from ulmfit.model import (
+    AWDLSTMConfig,
+    ClassifierConfig,
+    LanguageModel,
+    SequenceClassifier,
+    layer_groups,
+)
 from ulmfit.storage import TokenDocs, read_tokens
 from ulmfit.tokenizer import Tokenizer
 from ulmfit.train import (
@@ -199,7 +205,7 @@ def train_lm_task(
     )
     metrics = {f"valid_{k}": float(v) for k, v in final.items()}
     metrics.update(
-        train_loss=float(result.train_loss),
+        last_epoch_train_loss=float(result.train_loss),
         steps=result.steps,
         epochs=result.epochs,
         train_tokens=int(train_docs.offsets[-1]),
@@ -253,7 +259,13 @@ def train_classifier_task(
     model = SequenceClassifier(config)
     model.encoder.load_state_dict(lm.encoder.state_dict())
     per_epoch = math.ceil(len(train_docs) / train_cfg.batch_size)
-    total = per_epoch * train_cfg.epochs
+    # Gradual unfreezing runs at least one epoch per layer group.
+    epochs = (
+        max(train_cfg.epochs, len(layer_groups(model)))
+        if train_cfg.gradual_unfreezing
+        else train_cfg.epochs
+    )
+    total = per_epoch * epochs
     logger = TrainLogger(
         root,
         run_id,
@@ -289,7 +301,7 @@ def train_classifier_task(
         f"valid_{k}": float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")
     }
     metrics.update(
-        train_loss=float(result.train_loss),
+        last_epoch_train_loss=float(result.train_loss),
         steps=result.steps,
         epochs=result.epochs,
         train_documents=len(train_docs),
