@@ -630,12 +630,6 @@ def fleet(tmp_path_factory) -> Iterator[Fleet]:
         yield Fleet(prefect, mlflow_server, repo, upstream, workdir, deployment)
 
 
-def sqlalchemy_2_1() -> bool:
-    import sqlalchemy
-
-    return tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
-
-
 @pytest.mark.slow
 def test_prefect_yaml_deploys_retrain_on_a_cron_to_the_gpu_pool(fleet):
     deployment = fleet.deployment
@@ -659,12 +653,6 @@ def test_prefect_yaml_deploys_retrain_on_a_cron_to_the_gpu_pool(fleet):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    sqlalchemy_2_1(),
-    strict=True,
-    reason="Prefect 3.8's scheduler cannot insert scheduled runs with SQLAlchemy 2.1 "
-    "(InvalidRequestError: Can't evaluate bulk DML statement); pin sqlalchemy<2.1",
-)
 def test_cron_schedule_creates_scheduled_runs(fleet):
     """The server's scheduler turns the cron into runs: Sundays 02:00 UTC."""
     found: list = []
