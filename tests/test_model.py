@@ -185,6 +185,19 @@ def test_bpt3c_no_gradient_before_the_max_len_window():
     assert grad[20:].abs().sum() > 0
 
 
+def test_bpt3c_short_document_beside_a_long_one_gets_gradient():
+    """The window is per document: a short review batched with a long one still trains."""
+    bptt = 5
+    classifier = tiny_classifier(bptt=bptt, max_len=2 * bptt).train()
+    batch = tokens(batch=2, seq=6 * bptt)
+    batch[0] = torch.randint(20, VOCAB, (6 * bptt,))  # long document
+    batch[1, :bptt] = torch.arange(10, 10 + bptt)  # short document: one chunk of unique words
+    batch[1, bptt:] = 1  # padding
+    classifier(batch, torch.tensor([6 * bptt, bptt])).sum().backward()
+    grad = classifier.encoder.embedding.weight.grad
+    assert grad[10 : 10 + bptt].abs().sum(dim=1).gt(0).all()
+
+
 def test_state_in_state_out_continues_a_sequence():
     model = AWDLSTM(tiny_config()).eval()
     sequence = tokens(seq=12)

@@ -58,7 +58,7 @@ class ClassifierConfig:
     head_hidden: int = 50
     head_dropouts: tuple[float, float] = (0.4, 0.1)
     bptt: int = 70  # BPT3C chunk length
-    max_len: int = 1400  # gradients flow through (at least) the last max_len tokens of a batch
+    max_len: int = 1400  # gradients flow through (at least) each document's last max_len tokens
 
 
 # ----------------------------------------------------------------------------- regularisers
@@ -435,16 +435,19 @@ class SequenceClassifier(nn.Module):
 
         The batch runs in chunks of ``bptt`` with the state carried from chunk to chunk. Max,
         sum and the last real output are accumulated across chunks, masked per document, so
-        padding never enters the pooled features. Chunks entirely before the last ``max_len``
-        tokens of the batch run without a graph (their contributions enter as constants,
-        bounding memory); from there on gradients flow through the chunks and the carried state.
+        padding never enters the pooled features. Chunks that lie entirely before every
+        document's last ``max_len`` tokens run without a graph (their contributions enter as
+        constants, bounding memory); from there on gradients flow through the chunks and the
+        carried state. The window starts at the shortest document's window, so each document,
+        short or long, gets gradients through at least its last ``max_len`` tokens; length-bucketed
+        batches keep the extra span small.
         """
         batch_size = tokens.size(0)
         lengths = lengths.to(tokens.device)
         if int(lengths.min()) < 1 or int(lengths.max()) > tokens.size(1):
             raise ValueError(f"lengths must lie in [1, {tokens.size(1)}], got {lengths.tolist()}")
         longest = int(lengths.max())
-        window_start = max(0, longest - self.cfg.max_len)
+        window_start = max(0, int(lengths.min()) - self.cfg.max_len)
         state = self.encoder.init_state(batch_size, tokens.device)
         batch_index = torch.arange(batch_size, device=tokens.device)
         running_max = running_sum = last = None
