@@ -193,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-epochs", type=int, default=3)
     parser.add_argument("--train-lr", type=float, default=1e-2)
     parser.add_argument("--drop-mult", type=float, default=0.3)
+    parser.add_argument(
+        "--accuracy-task",
+        choices=["keyword", "sentiment"],
+        default="keyword",
+        help="labels for the int8 accuracy check: IMDb sentiment, or whether the review holds "
+        "the word 'bad' (a task a from-scratch model learns in a few minutes)",
+    )
     parser.add_argument("--fastai-vocab-docs", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -249,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
 
     order = rng.permutation(len(train_docs))[: args.train_docs]
     short = truncate(train_docs.subset(order), args.train_tokens)
+    test_docs = tokenizer.encode(texts)
+    if args.accuracy_task == "keyword":
+        # "xxbos bad" encodes to [xxbos, ▁bad]: the label is whether that piece occurs
+        keyword = tokenizer.encode(["bad"])[0][-1]
+        short.labels = np.array([int(keyword in short[i]) for i in range(len(short))])
+        labels = np.array([int(keyword in doc) for doc in test_docs])
     start = time.perf_counter()
     train_classifier(
         model,
@@ -268,7 +281,6 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32 = TextClassifier(tokenizer, model, label_names=LABELS)
     int8 = fp32.quantized()
-    test_docs = tokenizer.encode(texts)
     test_tokens = sum(len(doc) for doc in test_docs)
 
     log("building the fastai learner")
@@ -307,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     error32 = float((probs32.argmax(1) != labels).mean())
     error8 = float((probs8.argmax(1) != labels).mean())
     agreement = float((probs32.argmax(1) == probs8.argmax(1)).mean())
+    baseline_error = float(min(labels.mean(), 1 - labels.mean()))
     max_diff = float(np.abs(probs32 - probs8).max())
 
     # ---- padding overhead on the IMDb training reviews
@@ -410,7 +423,15 @@ def main(argv: list[str] | None = None) -> int:
         f"`train_classifier` (lr {args.train_lr}, no gradual unfreezing) for "
         f"{args.train_epochs} epochs on {args.train_docs} IMDb training reviews cut to "
         f"{args.train_tokens} tokens ({train_seconds:.0f} s), then scored on the {n} full test "
-        "reviews:",
+        "reviews. Task: "
+        + (
+            "IMDb sentiment."
+            if args.accuracy_task == "sentiment"
+            else "does the review contain the word 'bad' (the `▁bad` piece)? A synthetic label "
+            "on the real reviews: a from-scratch model does not learn sentiment in a few minutes "
+            f"on this shared CPU (it stayed at chance). {100 * labels.mean():.1f}% of the "
+            "sampled test reviews hold the word, so always answering 'no' errs on that many."
+        ),
         "",
         "| precision | test error |",
         "|---|---:|",
@@ -419,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"Change: {100 * (error8 - error32):+.2f} points; argmax agreement "
         f"{100 * agreement:.2f}%; max |p_int8 - p_fp32| = {max_diff:.4f}.",
+        ""
+        if error32 < baseline_error
+        else f"**The trained model did not beat the majority-class baseline "
+        f"({100 * baseline_error:.2f}% error), so the error change above says nothing about "
+        "int8 on a useful model; only the probability differences and argmax agreement are "
+        "informative. A real figure needs a fine-tuned classifier (the pipeline's).**",
         "",
         "## Padding overhead (pad tokens / all tokens, IMDb training reviews)",
         "",
