@@ -133,14 +133,16 @@ class _NoInputErrorTraceback(logging.Filter):
 
 
 def _quiet_input_error_tracebacks() -> None:
-    quiet = _NoInputErrorTraceback()
-    for name in [
-        "prefect",
-        *[n for n in logging.root.manager.loggerDict if n.startswith("prefect")],
-    ]:
-        for handler in logging.getLogger(name).handlers:
-            if isinstance(handler, logging.StreamHandler) and quiet not in handler.filters:
-                handler.addFilter(quiet)
+    """Attach :class:`_NoInputErrorTraceback` to every console handler (the root logger's,
+    where Prefect's run loggers propagate, and Prefect's own); API handlers keep the traceback
+    for the Prefect UI."""
+    names = [n for n in logging.root.manager.loggerDict if n.startswith("prefect")]
+    for logger in [logging.getLogger(), *map(logging.getLogger, names)]:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not any(
+                isinstance(f, _NoInputErrorTraceback) for f in handler.filters
+            ):
+                handler.addFilter(_NoInputErrorTraceback())
 
 
 # ----------------------------------------------------------------------------- stage commands

@@ -124,6 +124,10 @@ def _start_parent_run(root: Path, pipeline: str) -> str | None:
         return None
 
 
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def repro(root: Path, dvc_args: list[str]) -> int:
     """Run ``dvc repro <dvc_args>``; returns its exit code."""
     from tasks import tracking
@@ -137,6 +141,8 @@ def repro(root: Path, dvc_args: list[str]) -> int:
         env[tracking.PARENT_RUN_ENV] = parent
     command = [_executable("dvc"), "repro", *dvc_args]
     status = "FAILED"
+    # A plain `kill` must also stop the Prefect server and close the parent run.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with contextlib.ExitStack() as stack:
             if not env.get("PREFECT_API_URL"):
@@ -149,6 +155,7 @@ def repro(root: Path, dvc_args: list[str]) -> int:
         status = "KILLED"
         raise
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if parent:
             with contextlib.suppress(Exception):
                 tracking.end_run(root, parent, status)
