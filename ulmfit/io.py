@@ -19,6 +19,7 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    default_permissions(tmp)
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -40,6 +41,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    default_permissions(tmp)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -47,6 +49,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path: str | Path, *, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp``/``mkdtemp`` (0600/0700) the permissions of one made by
+    ``open``/``mkdir`` under the current umask, so shared caches and other users can read it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:

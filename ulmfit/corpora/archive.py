@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ulmfit.errors import InputError
+from ulmfit.io import default_permissions
 
 _MAGIC = {
     "gzip": b"\x1f\x8b",
@@ -352,6 +353,7 @@ def safe_extract(
     limits = limits or ExtractLimits()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    default_permissions(staging, directory=True)
     try:
         budget = _Budget(archive, limits)
         try:

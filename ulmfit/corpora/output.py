@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ulmfit.io import atomic_path, atomic_write
+from ulmfit.io import atomic_path, atomic_write, default_permissions
 
 LABELLED_SCHEMA = pa.schema(
     [("text", pa.string()), ("label", pa.int64()), ("label_name", pa.string())]
@@ -38,6 +38,7 @@ def staged_directory(out_dir: str | Path) -> Iterator[Path]:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    default_permissions(staging, directory=True)
     try:
         yield staging
         old = None
