@@ -1,0 +1,38 @@
+"""Assemble BENCHMARKS.md from the tables the benchmark scripts wrote to bench/results/.
+
+Every figure comes from a results file that a bench script generated; nothing is typed here.
+Run: python bench/collect.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["lm_throughput", "tokenize", "predict", "ingest"]
+
+HEADER = """# Benchmarks
+
+Each section below is the output of one script in `bench/`, with the command that reproduces
+it. They were measured on this project's development machine (2 CPU cores, no GPU); absolute
+times on this CPU say little, so each script measures our code and fastai side by side in one
+run and reports medians and ratios. Where a section says the machine was under load, other jobs
+shared its two cores; the ratios were still taken interleaved. Regenerate this file with
+`python bench/collect.py` after running the scripts.
+"""
+
+
+def main() -> None:
+    parts = [HEADER]
+    for name in ORDER:
+        path = ROOT / "bench" / "results" / f"{name}.md"
+        if path.exists():
+            text = path.read_text().strip()
+            # Demote the file's headings one level so they nest under this page's title.
+            lines = [("#" + line) if line.startswith("#") else line for line in text.splitlines()]
+            parts.append("\n".join(lines))
+    (ROOT / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
+
+
+if __name__ == "__main__":
+    main()
