@@ -22,23 +22,30 @@ def paper_stlr(t: int, total: int, lr_max: float, cut_frac: float, ratio: float)
     return lr_max * (1 + p * (ratio - 1)) / ratio
 
 
-@pytest.mark.parametrize("total", [1000, 1234, 50])
-def test_stlr_matches_the_formula_at_start_cut_and_end(total: int) -> None:
+@pytest.mark.parametrize("total", [1000, 50, 20])
+def test_stlr_matches_the_formula_at_every_step(total: int) -> None:
     lr_max, cut_frac, ratio = 0.01, 0.1, 32.0
     cut = math.floor(total * cut_frac)
     assert stlr(0, total, lr_max=lr_max) == pytest.approx(lr_max / ratio, rel=1e-12)
     assert stlr(cut, total, lr_max=lr_max) == pytest.approx(lr_max, rel=1e-12)
-    expected_end = max(paper_stlr(total, total, lr_max, cut_frac, ratio), lr_max / ratio)
-    assert stlr(total, total, lr_max=lr_max) == pytest.approx(expected_end, rel=1e-12)
-    for t in range(0, total + 1, max(1, total // 37)):
-        expected = max(paper_stlr(t, total, lr_max, cut_frac, ratio), lr_max / ratio)
+    assert stlr(total, total, lr_max=lr_max) == pytest.approx(lr_max / ratio, rel=1e-12)
+    for t in range(total + 1):
+        expected = paper_stlr(t, total, lr_max, cut_frac, ratio)
         assert stlr(t, total, lr_max=lr_max, cut_frac=cut_frac, ratio=ratio) == pytest.approx(
             expected, rel=1e-12
         )
 
 
-def test_stlr_end_is_exactly_lr_over_ratio_when_cut_is_whole() -> None:
-    assert stlr(1000, 1000, lr_max=0.01) == pytest.approx(0.01 / 32, rel=1e-12)
+@pytest.mark.parametrize("total", [1234, 19])
+def test_stlr_decay_ends_at_total_when_cut_is_rounded_down(total: int) -> None:
+    """The paper's decay length cut*(1/cut_frac - 1) would reach the floor early (step 10 of
+    19); ours decays over total - cut steps, so the floor comes exactly at the last step."""
+    lr_max, ratio = 0.01, 32.0
+    cut = math.floor(total * 0.1)
+    values = [stlr(t, total, lr_max=lr_max) for t in range(total + 1)]
+    assert values[cut] == pytest.approx(lr_max, rel=1e-12)
+    assert values[total] == pytest.approx(lr_max / ratio, rel=1e-12)
+    assert all(a > b for a, b in zip(values[cut:-1], values[cut + 1 :], strict=True))
 
 
 def test_stlr_rises_then_falls() -> None:

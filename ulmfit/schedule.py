@@ -23,8 +23,12 @@ def stlr(t: int, total: int, *, lr_max: float, cut_frac: float = 0.1, ratio: flo
     ``cut = floor(total * cut_frac)``; ``p = t / cut`` while ``t < cut``, else
     ``1 - (t - cut) / (cut * (1 / cut_frac - 1))``; ``lr = lr_max * (1 + p * (ratio - 1)) / ratio``.
 
-    So ``stlr(0) = lr_max / ratio``, ``stlr(cut) = lr_max`` and ``stlr(total) ~ lr_max / ratio``
-    (exactly when ``total * cut_frac`` is a whole number).
+    So ``stlr(0) = lr_max / ratio``, ``stlr(cut) = lr_max`` and ``stlr(total) = lr_max / ratio``.
+    The decay's length ``cut * (1 / cut_frac - 1)`` equals ``total - cut`` whenever
+    ``total * cut_frac`` is a whole number, and then this is the paper's formula at every step.
+    Otherwise the paper's expression would reach the floor early (for 19 steps, cut = 1, at
+    step 10, leaving half the run at the floor: short gradual-unfreezing stages hit this), so
+    the decay runs over ``total - cut`` steps instead and ends exactly at ``total``.
     """
     if total <= 0:
         raise ValueError(f"total steps must be positive, got {total}")
@@ -40,10 +44,8 @@ def stlr(t: int, total: int, *, lr_max: float, cut_frac: float = 0.1, ratio: flo
     elif t < cut:
         p = t / cut
     else:
-        p = 1.0 - (t - cut) / (cut * (1.0 / cut_frac - 1.0))
-    # Past ``total`` (or for a ``total`` that is not a multiple of 1/cut_frac) p can dip
-    # slightly below 0; the paper's rate never goes below lr_max / ratio.
-    p = max(p, 0.0)
+        p = 1.0 - (t - cut) / (total - cut)
+    p = max(p, 0.0)  # past ``total`` the rate stays at its floor, lr_max / ratio
     return lr_max * (1.0 + p * (ratio - 1.0)) / ratio
 
 
