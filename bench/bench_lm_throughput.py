@@ -224,8 +224,13 @@ def main() -> None:
         f"--threads {args.threads}`",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}. "
-        "**Measured under load**: the machine was shared with other jobs (load average "
-        f"{load:.1f} at start), so wall-clock figures are noisy. The steps are interleaved and "
+        + (
+            "**Measured under load**: the machine was shared with other jobs (load average "
+            f"{load:.1f} at start), so wall-clock figures are noisy. "
+            if load > 1.5
+            else f"Load average {load:.1f} at start (no other jobs). "
+        )
+        + "The steps are interleaved and "
         "the ratios use the median CPU time per step, which time-slicing does not inflate "
         "(with 2 threads, CPU time also counts OpenMP spin-waiting).",
         "",

@@ -298,9 +298,13 @@ def main() -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. "
-        f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after: the machine was "
-        "shared with other jobs, so absolute rates are noisy; the runs are interleaved so the "
-        "ratio is fair.",
+        f"Load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
+        + (
+            ": the machine was shared with other jobs, so absolute rates are noisy; the runs "
+            "are interleaved so the ratio is fair."
+            if load_before[0] > 1.5
+            else " (no other jobs running); the runs are interleaved."
+        ),
         "",
         f"Our tokenizer: SentencePiece unigram, {tokenizer.vocab_size} pieces, trained on the "
         f"2 MB Wikipedia sample in {train_seconds:.1f} s (untimed below). Texts: the first "
