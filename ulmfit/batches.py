@@ -76,7 +76,26 @@ class LMBatch(NamedTuple):
     seq_len: int
 
 
-class LMStream:
+class _ResumableBatches:
+    """Iteration shared by both batch sources: from ``position`` to the end of the epoch.
+
+    Subclasses provide ``__len__``, ``batch(index)`` and a ``position`` attribute.
+    """
+
+    position: int
+
+    def __iter__(self) -> Iterator:
+        if self.position >= len(self):
+            self.position = 0  # a finished epoch read again starts over
+        while self.position < len(self):
+            index = self.position
+            # Advance first: a state_dict taken while the caller works on this batch resumes
+            # at the next one.
+            self.position += 1
+            yield self.batch(index)
+
+
+class LMStream(_ResumableBatches):
     """Contiguous language-model batches over a corpus, resumable and DDP-sliced.
 
     Iterating yields :class:`LMBatch` for the current epoch from the current position. Call
@@ -188,16 +207,6 @@ class LMStream:
         tokens = torch.from_numpy(window)
         return LMBatch(x=tokens[:, :-1], y=tokens[:, 1:], seq_len=seq_len)
 
-    def __iter__(self) -> Iterator[LMBatch]:
-        if self.position >= len(self):
-            self.position = 0
-        while self.position < len(self):
-            index = self.position
-            # Advance first: a state_dict taken while the caller works on this batch resumes
-            # at the next one.
-            self.position += 1
-            yield self.batch(index)
-
     def state_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
@@ -227,7 +236,7 @@ class ClsBatch(NamedTuple):
     index: torch.Tensor  # (B,) int64 position of each row in the input documents
 
 
-class ClassifierBatches:
+class ClassifierBatches(_ResumableBatches):
     """Length-bucketed, right-padded classifier batches; resumable and DDP-sliced.
 
     Training (``shuffle=True``): per epoch, shuffle, cut into megabatches of
@@ -330,14 +339,6 @@ class ClassifierBatches:
             labels=torch.from_numpy(np.asarray(labels, dtype=np.int64)),
             index=torch.from_numpy(rows.astype(np.int64)),
         )
-
-    def __iter__(self) -> Iterator[ClsBatch]:
-        if self.position >= len(self):
-            self.position = 0
-        while self.position < len(self):
-            index = self.position
-            self.position += 1
-            yield self.batch(index)
 
     def state_dict(self) -> dict[str, Any]:
         return {

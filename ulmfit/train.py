@@ -440,6 +440,32 @@ class _LMLossModule(nn.Module):
         return self.model.forward_loss(tokens, targets, state)
 
 
+def _finish(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    epoch: int,
+    history: list[dict[str, float]],
+    last_epoch_loss: float,
+    loss_sum: float,
+    seen: float,
+    resumed_from: str | None,
+) -> TrainResult:
+    """The end of either loop: consistent buffers, averaged weights adopted, the result."""
+    _sync_buffers(model)
+    _adopt_averaged(model, optimizer)
+    if seen and math.isnan(last_epoch_loss):  # a max_steps run that ended mid-epoch
+        last_epoch_loss = loss_sum / seen
+    return TrainResult(
+        steps=step,
+        epochs=epoch,
+        metrics=history[-1] if history else {},
+        history=history,
+        train_loss=last_epoch_loss,
+        resumed_from=resumed_from,
+    )
+
+
 def _write_checkpoint(checkpoint_dir: Any, step: int, state: dict[str, Any], keep: int) -> None:
     """Rank 0 writes; every rank waits so that no rank runs ahead of a half-written file."""
     if distributed.is_main_process():
@@ -842,17 +868,8 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
-    _sync_buffers(model)
-    _adopt_averaged(model, optimizer)
-    if tokens_seen and math.isnan(last_epoch_loss):
-        last_epoch_loss = loss_sum / tokens_seen
-    return TrainResult(
-        steps=step,
-        epochs=epoch,
-        metrics=history[-1] if history else {},
-        history=history,
-        train_loss=last_epoch_loss,
-        resumed_from=resumed_from,
+    return _finish(
+        model, optimizer, step, epoch, history, last_epoch_loss, loss_sum, tokens_seen, resumed_from
     )
 
 
@@ -1105,15 +1122,6 @@ def _train_classifier(
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
-    _sync_buffers(model)
-    _adopt_averaged(model, optimizer)
-    if seen and math.isnan(last_epoch_loss):
-        last_epoch_loss = loss_sum / seen
-    return TrainResult(
-        steps=step,
-        epochs=epoch,
-        metrics=history[-1] if history else {},
-        history=history,
-        train_loss=last_epoch_loss,
-        resumed_from=resumed_from,
+    return _finish(
+        model, optimizer, step, epoch, history, last_epoch_loss, loss_sum, seen, resumed_from
     )
