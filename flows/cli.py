@@ -43,6 +43,8 @@ STAGE_FLOWS = {
     "finetune_lm": "flows.train:finetune_lm_flow",
     "train_classifier": "flows.train:train_classifier_flow",
     "evaluate": "flows.evaluate:evaluate_flow",
+    "baseline": "flows.baseline:baseline_flow",
+    "control": "flows.control:control_flow",
     "report": "flows.report:report_flow",
 }
 
@@ -85,9 +87,18 @@ STAGE_HELP = {
         "matrix, and the ensemble saved to data/datasets/<name>/model/ and registered in "
         "MLflow as '<prefix>-<name>'."
     ),
+    "baseline": (
+        "Stage 5f: TF-IDF n-grams + logistic regression (section 'baseline') on the dataset's "
+        "full train split and on each label subset its controls use -> "
+        "metrics/<name>/baseline.json."
+    ),
+    "control": (
+        "Stage 5g: one entry of section 'controls' (an ablation or a label subset): its "
+        "classifier trained and tested with the dataset's tuning -> data/controls/<name>/."
+    ),
     "report": (
-        "Stage 6: write reports/results.md, one table over every dataset with the MLflow run "
-        "id of each figure."
+        "Stage 6: write reports/results.md (every dataset, ablation and baseline with the "
+        "MLflow run id of each figure) and reports/sample_efficiency.png."
     ),
 }
 
@@ -297,8 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
             "finetune-lm",
             "train-classifier",
             "evaluate",
+            "baseline",
         ):
             stage.add_argument("--dataset", required=True, help="a dataset name from params.yaml")
+        if name == "control":
+            stage.add_argument(
+                "--name",
+                dest="dataset",
+                metavar="NAME",
+                required=True,
+                help="a control name from params.yaml",
+            )
         if name in ("pretrain", "finetune-lm", "train-classifier"):
             stage.add_argument(
                 "--direction",

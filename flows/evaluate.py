@@ -36,7 +36,7 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
             root_path / Layout.classifier(dataset, d) / MODEL_FILE,
             f"train_classifier@{dataset}-{d}",
         )
-        for d in ("fwd", "bwd")
+        for d in params.dataset(dataset).directions
     }
     label_names = list(json.loads((prepared / "summary.json").read_text())["label_names"])
     with stage_run(root_path, spec, params, section_dict(params, "evaluate")) as ctx:
@@ -46,7 +46,7 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
             train_file=tokens / "train.parquet",
             test_file=tokens / "test.parquet",
             forward_file=files["fwd"],
-            backward_file=files["bwd"],
+            backward_file=files.get("bwd"),
             label_names=label_names,
             model_dir=out,
             batch_size=params.evaluate.batch_size,

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.params import DIRECTIONS, load_params, section_dict
-from tasks.stage import record_outputs, require, runtime, stage_run
+from tasks.stage import record_outputs, require, runtime, skip_stage, stage_run
 from tasks.tokens import TOKENIZER_FILE
 from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
 from tasks.workspace import Layout
@@ -21,6 +21,15 @@ def _check_direction(direction: str) -> bool:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     return direction == "bwd"
+
+
+def _left_out(root: Path, params, dataset: str, direction: str, spec) -> bool:
+    """True (after recording it) when ``datasets.<dataset>.directions`` leaves ``direction``
+    out: the stage item exists in dvc.yaml for every dataset but does no work."""
+    if direction in params.dataset(dataset).directions:
+        return False
+    skip_stage(root, spec, f"datasets.{dataset}.directions leaves out {direction}")
+    return True
 
 
 @flow(name="pretrain", persist_result=False, flow_run_name="pretrain-{direction}")
@@ -72,6 +81,8 @@ def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
     params = load_params(root_path / "params.yaml")
     finetune = params.dataset(dataset).finetune
     spec = Layout.stage("finetune_lm", dataset, direction)
+    if _left_out(root_path, params, dataset, direction, spec):
+        return ""
     tokens = require(root_path / Layout.tokens(dataset), f"tokenize_dataset@{dataset}")
     tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
     pretrained = require(
@@ -136,6 +147,8 @@ def train_classifier_flow(dataset: str, direction: str, root: str = ".") -> str:
     params = load_params(root_path / "params.yaml")
     classifier = params.dataset(dataset).classifier
     spec = Layout.stage("train_classifier", dataset, direction)
+    if _left_out(root_path, params, dataset, direction, spec):
+        return ""
     tokens = require(root_path / Layout.tokens(dataset), f"tokenize_dataset@{dataset}")
     tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
     lm_file = require(
@@ -166,6 +179,7 @@ def train_classifier_flow(dataset: str, direction: str, root: str = ".") -> str:
             device=runtime(classifier.device, classifier.threads),
             log_every=params.mlflow.log_every_steps,
             description=f"classifier {dataset} {direction}",
+            lrs=classifier.lr_grid,
         )
         record_outputs(
             root_path,

@@ -27,7 +27,7 @@ def evaluate_task(
     train_file: Path,
     test_file: Path,
     forward_file: Path,
-    backward_file: Path,
+    backward_file: Path | None,
     label_names: list[str],
     model_dir: Path,
     batch_size: int,
@@ -46,6 +46,8 @@ def evaluate_task(
         )
     models = {}
     for name, path in (("fwd", forward_file), ("bwd", backward_file)):
+        if path is None:  # the dataset trains the forward direction alone
+            continue
         model, meta = load_model(path, device=device)
         if meta["tokenizer_identity"] != tokenizer.identity:
             raise InputError(
@@ -62,18 +64,21 @@ def evaluate_task(
         )
         renamed = {"error_rate": "error"}  # test_error_<direction>: the paper's figure
         metrics.update({f"test_{renamed.get(k, k)}_{name}": v for k, v in result.items()})
-    combined = ensemble(probs["fwd"], probs["bwd"])
     actual = np.asarray(test.labels, dtype=np.int64)
-    predicted = combined.argmax(axis=1)
-    metrics["test_error_ensemble"] = float((predicted != actual).mean())
-    metrics["test_accuracy_ensemble"] = 1.0 - metrics["test_error_ensemble"]
+    if "bwd" in probs:
+        predicted = ensemble(probs["fwd"], probs["bwd"]).argmax(axis=1)
+        metrics["test_error_ensemble"] = float((predicted != actual).mean())
+        metrics["test_accuracy_ensemble"] = 1.0 - metrics["test_error_ensemble"]
+    else:
+        predicted = probs["fwd"].argmax(axis=1)
     # The majority class of the training labels, scored on the test set: the bar to beat.
     majority = int(np.bincount(np.asarray(train_labels), minlength=len(label_names)).argmax())
     metrics["test_error_majority"] = float((actual != majority).mean())
     metrics["test_documents"] = len(test)
+    metrics["train_documents"] = len(train_labels)
     metrics["num_classes"] = len(label_names)
     with staged_directory(model_dir) as staging:
         TextClassifier(
-            tokenizer, models["fwd"], models["bwd"], label_names=label_names, device=device
+            tokenizer, models["fwd"], models.get("bwd"), label_names=label_names, device=device
         ).save(staging)
     return {"metrics": metrics, "actual": actual.tolist(), "predicted": predicted.tolist()}

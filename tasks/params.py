@@ -93,6 +93,13 @@ class ClassifierParams:
     dropout_multiplier: float = 0.5
     device: str = "auto"
     threads: int = 0
+    # Learning-rate search: one classifier per value (each with train.patience/keep_best), the
+    # lowest validation error wins. Empty: train.lr alone. Controls get the same grid.
+    lrs: tuple[float, ...] = ()
+
+    @property
+    def lr_grid(self) -> tuple[float, ...]:
+        return tuple(self.lrs) or (self.train.lr,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +110,48 @@ class EvaluateParams:
     device: str = "auto"
     threads: int = 0
     register: bool = True  # register the ensemble in the MLflow model registry
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineParams:
+    """Stage ``baseline``: TF-IDF n-grams + logistic regression (scikit-learn) per dataset, on
+    the full train split and on every label subset the controls use; C tuned on valid."""
+
+    ngram_max: int = 2
+    min_df: int = 1
+    max_features: int | None = None
+    sublinear_tf: bool = True
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    seed: int = 42
+
+
+ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlParams:
+    """One entry of ``controls``: a classifier trained another way than the pipeline's, on the
+    same data and with the same tuning (lr grid, early stopping), for ablations and sample
+    efficiency (paper section 5, Tables 6-7 and Figure 3).
+
+    encoder: where the classifier's encoder starts. ``finetuned``: the dataset's fine-tuned LM
+        (full ULMFiT); ``pretrained``: the Wikipedia LM (no LM fine-tuning); ``lm_from_scratch``:
+        an LM fine-tuned on the dataset from random weights (no pretraining); ``scratch``:
+        random weights (no LM at all).
+    labels: train on a seeded class-balanced subset of this many training documents (nested:
+        a smaller subset is part of a larger one); None: the whole train split.
+    classifier / finetune: the dataset's sections with this control's overrides merged in.
+    """
+
+    name: str
+    dataset: str
+    classifier: ClassifierParams
+    finetune: FinetuneParams
+    encoder: str = "finetuned"
+    labels: int | None = None
+    labels_seed: int = 42
+    direction: str = "fwd"
+    description: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +179,9 @@ class DatasetParams:
     source: DatasetSource
     finetune: FinetuneParams
     classifier: ClassifierParams
+    # The directions trained by the pipeline; the stages of a direction left out record that
+    # they did not run, and evaluate reports that direction alone (no ensemble).
+    directions: tuple[str, ...] = DIRECTIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +199,25 @@ class Params:
     report: ReportParams
     mlflow: MlflowParams
     raw: Mapping[str, Any]  # the parsed YAML, for logging each stage's own section
+    controls: Mapping[str, ControlParams] = dataclasses.field(default_factory=dict)
+    baseline: BaselineParams = BaselineParams()
+
+    def control(self, name: str) -> ControlParams:
+        if name not in self.controls:
+            raise KeyError(
+                f"control '{name}' is not in params.yaml controls {sorted(self.controls)}"
+            )
+        return self.controls[name]
+
+    def label_subsets(self, dataset: str) -> list[tuple[int, int]]:
+        """The (labels, seed) subsets the controls of ``dataset`` train on, smallest first."""
+        return sorted(
+            {
+                (c.labels, c.labels_seed)
+                for c in self.controls.values()
+                if c.dataset == dataset and c.labels is not None
+            }
+        )
 
     def dataset(self, name: str) -> DatasetParams:
         if name not in self.datasets:
@@ -165,6 +236,8 @@ SECTIONS = (
     "finetune",
     "classifier",
     "evaluate",
+    "controls",
+    "baseline",
     "report",
     "mlflow",
 )
@@ -225,6 +298,13 @@ def parse_params(data: Mapping[str, Any]) -> Params:
         datasets[name] = _dataset(
             str(name), entry or {}, finetune_data, classifier_data, pretrain.model
         )
+    controls_data = data.get("controls") or {}
+    if not isinstance(controls_data, Mapping):
+        raise ValueError("section 'controls' must map control names to their options")
+    controls = {
+        str(name): _control(str(name), entry or {}, datasets, data, pretrain.model)
+        for name, entry in controls_data.items()
+    }
 
     return Params(
         wikipedia=from_dict(WikipediaSource, _section(data, "wikipedia"), where="wikipedia"),
@@ -238,6 +318,8 @@ def parse_params(data: Mapping[str, Any]) -> Params:
         report=from_dict(ReportParams, _section(data, "report"), where="report"),
         mlflow=from_dict(MlflowParams, _section(data, "mlflow"), where="mlflow"),
         raw=data,
+        controls=controls,
+        baseline=from_dict(BaselineParams, _section(data, "baseline"), where="baseline"),
     )
 
 
@@ -249,6 +331,9 @@ def section_dict(params: Params, *names: str, dataset: str | None = None) -> dic
         if name == "datasets":
             assert dataset is not None
             out["dataset"] = to_dict(params.dataset(dataset))
+        elif name == "controls":
+            assert dataset is not None  # here: the control's name
+            out["control"] = to_dict(params.control(dataset))
         elif dataset is not None and name in ("finetune", "classifier"):
             out[name] = to_dict(getattr(params.dataset(dataset), name))
         else:
@@ -303,7 +388,7 @@ def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
 
 
 def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
-    _split(data, where, ("model", "train", "dropout_multiplier", "device", "threads"))
+    _split(data, where, ("model", "train", "dropout_multiplier", "device", "threads", "lrs"))
     model = dict(data.get("model") or {})
     encoder_overrides = dict(model.pop("encoder", None) or {})
     fixed = sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
@@ -327,6 +412,7 @@ def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> Cla
         dropout_multiplier=float(data.get("dropout_multiplier", 0.5)),
         device=str(data.get("device", "auto")),
         threads=int(data.get("threads", 0)),
+        lrs=tuple(float(lr) for lr in data.get("lrs") or ()),
     )
 
 
@@ -351,9 +437,12 @@ def _dataset(
     where = f"datasets.{name}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"section '{where}' must be a mapping")
-    _split(dict(entry), where, ("source", "finetune", "classifier"))
+    _split(dict(entry), where, ("source", "finetune", "classifier", "directions"))
     source = dict(entry.get("source") or {})
     source.setdefault("name", name)
+    directions = tuple(entry.get("directions") or DIRECTIONS)
+    if directions not in (("fwd",), ("fwd", "bwd")):
+        raise ValueError(f"{where}.directions must be [fwd] or [fwd, bwd]")
     return DatasetParams(
         name=name,
         source=from_dict(DatasetSource, source, where=f"{where}.source"),
@@ -361,4 +450,46 @@ def _dataset(
         classifier=_classifier(
             _merge(classifier, entry.get("classifier") or {}), encoder, f"{where}.classifier"
         ),
+        directions=directions,
+    )
+
+
+def _control(
+    name: str,
+    entry: Mapping[str, Any],
+    datasets: Mapping[str, DatasetParams],
+    data: Mapping[str, Any],
+    encoder: AWDLSTMConfig,
+) -> ControlParams:
+    """A control: its dataset's finetune/classifier sections (global, then the dataset's
+    overrides, then the control's own) and its options."""
+    where = f"controls.{name}"
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"section '{where}' must be a mapping")
+    keys = ("dataset", "encoder", "labels", "labels_seed", "direction", "description")
+    _split(dict(entry), where, (*keys, "finetune", "classifier"))
+    dataset = entry.get("dataset")
+    if dataset not in datasets:
+        raise ValueError(f"{where}.dataset must be one of the datasets {sorted(datasets)}")
+    if entry.get("encoder", "finetuned") not in ENCODERS:
+        raise ValueError(f"{where}.encoder must be one of {list(ENCODERS)}")
+    if entry.get("direction", "fwd") not in DIRECTIONS:
+        raise ValueError(f"{where}.direction must be one of {list(DIRECTIONS)}")
+    if entry.get("labels") is not None and int(entry["labels"]) < 2:
+        raise ValueError(f"{where}.labels must be at least 2 (or null: the whole train split)")
+    dataset_entry = (data.get("datasets") or {}).get(dataset) or {}
+    finetune = _merge(
+        _merge(_section(data, "finetune"), dataset_entry.get("finetune") or {}),
+        entry.get("finetune") or {},
+    )
+    classifier = _merge(
+        _merge(_section(data, "classifier"), dataset_entry.get("classifier") or {}),
+        entry.get("classifier") or {},
+    )
+    options = {k: entry[k] for k in keys if k in entry}
+    return ControlParams(
+        name=name,
+        classifier=_classifier(classifier, encoder, f"{where}.classifier"),
+        finetune=_finetune(finetune, f"{where}.finetune"),
+        **options,
     )

@@ -97,6 +97,15 @@ def confusion_figure(
     return _save(fig, path)
 
 
+def note_figure(path: Path, text: str) -> Path:
+    """A figure that only says ``text`` (the declared plot of a stage item that did not run)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 1.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     plt = _pyplot()
     with atomic_path(path) as tmp:

@@ -156,4 +156,62 @@ def write_report_task(root: Path, params: Params) -> dict:
     path = root / Layout.results
     with atomic_write(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+    sample_efficiency_figure(root, params)
     return figures
+
+
+def sample_efficiency_figure(root: Path, params: Params) -> Path:
+    """``reports/sample_efficiency.png``: test error against the number of labelled training
+    documents (the paper's Figure 3), one panel per dataset, for ULMFiT (the pipeline's forward
+    classifier and the ``finetuned`` controls), classifiers from scratch (``scratch``
+    controls) and the TF-IDF baseline, all read from the stages' metrics."""
+    from tasks.plots import _pyplot, _save
+
+    curves = sample_efficiency_points(root, params)
+    plt = _pyplot()
+    names = list(curves) or ["(no datasets)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for label, points in curves.get(name, {}).items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training documents")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        if curves.get(name):
+            ax.legend()
+    fig.tight_layout()
+    return _save(fig, root / Layout.sample_efficiency)
+
+
+def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
+    """{dataset: {"ULMFiT": [(labels, test error)], "from scratch": [...], "TF-IDF + LR": [...]}}
+    for every dataset with label-subset controls (standard training settings only)."""
+    out: dict[str, dict[str, list]] = {}
+    for name in params.datasets:
+        controls = [
+            (key, c)
+            for key, c in params.controls.items()
+            if c.dataset == name and c.labels is not None
+        ]
+        if not controls:
+            continue
+        curves: dict[str, list] = {"ULMFiT": [], "from scratch": [], "TF-IDF + LR": []}
+        evaluation = _read(root / Layout.stage("evaluate", name).metrics)
+        if isinstance(evaluation.get("test_error_fwd"), int | float):
+            curves["ULMFiT"].append((evaluation["train_documents"], evaluation["test_error_fwd"]))
+        for key, control in params.controls.items():
+            if control.dataset != name or control.encoder not in ("finetuned", "scratch"):
+                continue
+            metrics = _read(root / Layout.stage("control", key, name).metrics)
+            if isinstance(metrics.get("test_error"), int | float):
+                label = "ULMFiT" if control.encoder == "finetuned" else "from scratch"
+                curves[label].append((metrics["train_documents"], metrics["test_error"]))
+        baseline = _read(root / Layout.stage("baseline", name).metrics)
+        for run in baseline.get("runs", []):
+            curves["TF-IDF + LR"].append((run["train_documents"], run["test_error"]))
+        out[name] = curves
+    return out

@@ -12,6 +12,8 @@ import dataclasses
 import json
 import logging
 import math
+import shutil
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,7 @@ def stage_run(
 ) -> Iterator[StageContext]:
     """Open the stage's MLflow run around its work; on success write its run record and drop
     its resume checkpoints."""
+    started = time.time()
     deps = deps_md5(root, spec)
     key = stage_key(spec, dict(section), deps)
     run_id = tracking.start_stage_run(
@@ -122,10 +125,31 @@ def stage_run(
                 "stage": spec.stage,
                 "stage_key": key,
                 "pipeline_id": tracking.pipeline_id(root),
+                # Wall time of this execution (a resumed stage counts its last execution).
+                "wall_seconds": round(time.time() - started, 1),
             },
         )
     tracking.end_run(root, run_id, "FINISHED")
     clear_checkpoints(root, spec)
+
+
+def skip_stage(root: Path, spec: StageSpec, reason: str) -> None:
+    """A stage item that the parameters leave out (a direction a dataset does not train):
+    every declared output is written, saying so, so DVC and the report see a finished stage."""
+    from tasks.plots import note_figure
+
+    for out in spec.outs:
+        path = root / out
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        path.mkdir(parents=True)
+        write_json(path / "SKIPPED.json", {"skipped": reason})
+    write_json(root / spec.metrics, {"skipped": reason})
+    write_json(root / spec.run_record, {"mlflow_run_id": None, "skipped": reason})
+    if spec.plots:
+        write_rows(root / spec.curve, [], ["step", "loss"])
+        note_figure(root / spec.figure, f"{spec.stage}: not run ({reason})")
+    logger.info("%s: not run (%s)", spec.stage, reason)
 
 
 # Model files bigger than this are recorded by path (a run tag) instead of copied into the

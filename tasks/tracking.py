@@ -229,9 +229,12 @@ class TrainLogger:
         every: int,
         description: str,
         total_steps: int | None = None,
+        metric_prefix: str = "",
     ) -> None:
         self.root = root
         self.run_id = run_id
+        # Several trainings in one run (a learning-rate search) log under their own prefix.
+        self.metric_prefix = metric_prefix
         self.every = max(1, every)
         self.steps: list[dict[str, float]] = []  # every step: step, epoch, loss, lr, ...
         self.evals: list[dict[str, float]] = []  # every validation
@@ -251,7 +254,7 @@ class TrainLogger:
             )
             if event.step % self.every == 0:
                 self._pending += [
-                    Metric(f"train_{k}", float(v), now, event.step)
+                    Metric(self.metric_prefix + f"train_{k}", float(v), now, event.step)
                     for k, v in event.metrics.items()
                     if math.isfinite(float(v))
                 ]
@@ -260,7 +263,7 @@ class TrainLogger:
             if event.kind == "eval":
                 self.evals.append({"step": event.step, "epoch": event.epoch, **event.metrics})
             self._pending += [
-                Metric(f"{prefix}_{k}", float(v), now, event.step)
+                Metric(self.metric_prefix + f"{prefix}_{k}", float(v), now, event.step)
                 for k, v in event.metrics.items()
                 if isinstance(v, int | float) and math.isfinite(float(v))
             ]
@@ -271,7 +274,7 @@ class TrainLogger:
                 )
         elif event.kind == "stage":
             self._pending += [
-                Metric(f"unfreeze_{k}", float(v), now, event.step)
+                Metric(self.metric_prefix + f"unfreeze_{k}", float(v), now, event.step)
                 for k, v in event.metrics.items()
                 if isinstance(v, int | float)
             ]

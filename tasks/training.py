@@ -25,6 +25,7 @@ from ulmfit.checkpoint import load_model, save_model
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
+from ulmfit.io import atomic_write
 from ulmfit.model import (
     AWDLSTMConfig,
     ClassifierConfig,
@@ -120,6 +121,7 @@ def train_lm_task(
     log_every: int,
     holdout: tuple[float, int, int | None] | None = None,
     description: str,
+    metric_prefix: str = "",
 ) -> dict:
     """Pretrain (``init_model=None``) or fine-tune (from ``init_model``) a language model.
 
@@ -160,6 +162,7 @@ def train_lm_task(
         total_steps=_steps_estimate(
             train_docs, train_cfg.batch_size, train_cfg.bptt, train_cfg.epochs, train_cfg.max_steps
         ),
+        metric_prefix=metric_prefix,
     )
     try:
         result = train_language_model(
@@ -229,7 +232,7 @@ def train_classifier_task(
     train_file: Path,
     valid_file: Path,
     label_names: list[str],
-    lm_file: Path,
+    lm_file: Path | None,
     model_cfg: ClassifierConfig,
     dropout_multiplier: float,
     train_cfg: ClassifierTrainConfig,
@@ -238,56 +241,78 @@ def train_classifier_task(
     device: str,
     log_every: int,
     description: str,
+    lrs: tuple[float, ...] = (),
+    train_indices: np.ndarray | None = None,
 ) -> dict:
-    """Classifier on the fine-tuned LM's encoder: gradual unfreezing, discriminative LRs, STLR
-    and BPT3C inside ``ulmfit.train.train_classifier``."""
+    """Classifier on the encoder of ``lm_file`` (random weights when None): gradual unfreezing,
+    discriminative LRs, STLR and BPT3C inside ``ulmfit.train.train_classifier``.
+
+    ``lrs``: a learning-rate search. One classifier is trained per value (each resumable in
+    its own checkpoint folder, and each kept once finished, so a killed search redoes nothing
+    that was done); the lowest validation error wins (ties: the earlier value). Empty:
+    ``train_cfg.lr`` alone. ``train_indices``: train on these documents of the train split.
+    """
     tokenizer = Tokenizer.load(tokenizer_path)
     train_docs = read_tokens(train_file, tokenizer)
+    if train_indices is not None:
+        train_docs = train_docs.subset(np.asarray(train_indices))
     valid_docs = read_tokens(valid_file, tokenizer)
-    lm, meta = load_model(lm_file)
-    if meta["tokenizer_identity"] != tokenizer.identity:
-        raise InputError(
-            lm_file,
-            "the fine-tuned LM was trained with another tokenizer",
-            fix="re-run finetune_lm (dvc repro finetune_lm)",
-        )
+    encoder_state = None
+    if lm_file is not None:
+        lm, meta = load_model(lm_file)
+        if meta["tokenizer_identity"] != tokenizer.identity:
+            raise InputError(
+                lm_file,
+                "the language model was trained with another tokenizer",
+                fix="re-run the stage that made it (dvc repro)",
+            )
+        encoder_state = lm.encoder.state_dict()
     encoder = dataclasses.replace(model_cfg.encoder, vocab_size=tokenizer.vocab_size)
     config = dataclasses.replace(
         model_cfg, encoder=encoder.scaled(dropout_multiplier), num_classes=len(label_names)
     )
-    seed_everything(train_cfg.seed)
-    model = SequenceClassifier(config)
-    model.encoder.load_state_dict(lm.encoder.state_dict())
-    per_epoch = math.ceil(len(train_docs) / train_cfg.batch_size)
-    # Gradual unfreezing runs at least one epoch per layer group.
-    epochs = (
-        max(train_cfg.epochs, len(layer_groups(model)))
-        if train_cfg.gradual_unfreezing
-        else train_cfg.epochs
-    )
-    total = per_epoch * epochs
-    logger = TrainLogger(
-        root,
-        run_id,
-        every=log_every,
-        description=description,
-        total_steps=min(total, train_cfg.max_steps) if train_cfg.max_steps else total,
-    )
-    try:
-        result = train_classifier(
-            model,
-            train_docs,
-            valid_docs,
-            train_cfg,
-            checkpoint_dir=checkpoint_dir,
-            callback=logger,
-            device=device,
-            tokenizer_identity=tokenizer.identity,
-        )
-    finally:
-        logger.close()
-    summary = _result_summary(result)
-    summary.update(label_names=label_names, train_documents=len(train_docs))
+    grid = tuple(lrs) or (train_cfg.lr,)
+    search = []
+    for lr in grid:
+        cfg = dataclasses.replace(train_cfg, lr=lr)
+        folder = checkpoint_dir / f"lr-{lr:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        done = folder / "done.json"
+        if not done.is_file():
+            seed_everything(cfg.seed)
+            model = SequenceClassifier(config)
+            if encoder_state is not None:
+                model.encoder.load_state_dict(encoder_state)
+            label = f"{description} lr={lr:g}" if len(grid) > 1 else description
+            outcome = _train_one_classifier(
+                root,
+                run_id,
+                model,
+                train_docs,
+                valid_docs,
+                cfg,
+                folder,
+                device,
+                log_every,
+                label,
+                tokenizer.identity,
+                prefix=f"lr_{lr:g}/" if len(grid) > 1 else "",
+            )
+            save_model(
+                folder / MODEL_FILE,
+                model,
+                kind="classifier",
+                config=to_dict(config),
+                tokenizer_identity=tokenizer.identity,
+                extra={"backward": cfg.backward, "label_names": label_names},
+            )
+            with atomic_write(done, "w") as handle:
+                json.dump(outcome, handle, default=float)
+        search.append({"lr": lr, **json.loads(done.read_text(encoding="utf-8"))})
+    chosen = min(search, key=lambda c: (c["valid_error"], grid.index(c["lr"])))
+    model, _ = load_model(checkpoint_dir / f"lr-{chosen['lr']:g}" / MODEL_FILE)
+    summary = dict(chosen["summary"])
+    summary.update(label_names=label_names, train_documents=len(train_docs), lr=chosen["lr"])
     _write_model_dir(
         out_dir,
         model,
@@ -297,19 +322,76 @@ def train_classifier_task(
         extra={"backward": train_cfg.backward, "label_names": label_names},
         summary=summary,
     )
-    metrics = {
-        f"valid_{k}": float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")
-    }
+    metrics = {f"valid_{k}": float(v) for k, v in chosen["metrics"].items()}
     metrics.update(
-        last_epoch_train_loss=float(result.train_loss),
-        steps=result.steps,
-        epochs=result.epochs,
+        last_epoch_train_loss=float(chosen["summary"]["train_loss"]),
+        steps=chosen["summary"]["steps"],
+        epochs=chosen["summary"]["epochs"],
+        best_epoch=chosen["best_epoch"],
+        lr=chosen["lr"],
         train_documents=len(train_docs),
+        lr_search=[
+            {k: c[k] for k in ("lr", "valid_error", "best_epoch", "epochs")} for c in search
+        ],
     )
     return {
         "metrics": metrics,
+        "steps": chosen["steps"],
+        "evals": chosen["evals"],
+        "model": str(out_dir / MODEL_FILE),
+        "resumed_from": chosen["summary"].get("resumed_from"),
+    }
+
+
+def _train_one_classifier(
+    root,
+    run_id,
+    model,
+    train_docs,
+    valid_docs,
+    cfg,
+    folder,
+    device,
+    log_every,
+    label,
+    identity,
+    *,
+    prefix: str,
+) -> dict:
+    """One training of the learning-rate search; its outcome as plain values."""
+    per_epoch = math.ceil(len(train_docs) / cfg.batch_size)
+    # Gradual unfreezing runs at least one epoch per layer group.
+    groups = len(layer_groups(model))
+    epochs = max(cfg.epochs, groups) if cfg.gradual_unfreezing else cfg.epochs
+    total = per_epoch * epochs
+    logger = TrainLogger(
+        root,
+        run_id,
+        every=log_every,
+        description=label,
+        total_steps=min(total, cfg.max_steps) if cfg.max_steps else total,
+        metric_prefix=prefix,
+    )
+    try:
+        result = train_classifier(
+            model,
+            train_docs,
+            valid_docs,
+            cfg,
+            checkpoint_dir=folder,
+            callback=logger,
+            device=device,
+            tokenizer_identity=identity,
+        )
+    finally:
+        logger.close()
+    metrics = {k: float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")}
+    return {
+        "valid_error": metrics.get("error_rate", math.inf),
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs,
+        "metrics": metrics,
+        "summary": _result_summary(result),
         "steps": logger.steps,
         "evals": logger.evals,
-        "model": str(out_dir / MODEL_FILE),
-        "resumed_from": result.resumed_from,
     }

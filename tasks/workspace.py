@@ -108,6 +108,11 @@ EVALUATE_CODE = (
 )
 
 
+CONTROL_CODE = ("flows/control.py", "tasks/baseline.py")
+BASELINE_CODE = ("flows/baseline.py", "tasks/baseline.py", "tasks/data.py")
+REPORT_CODE = ("flows/report.py", "tasks/report.py")
+
+
 class Layout:
     """Paths of the project (relative to its root) and every stage's :class:`StageSpec`."""
 
@@ -115,6 +120,7 @@ class Layout:
     tokenizer_dir = "data/tokenizer"
     wikipedia_tokens = "data/wikipedia_tokens"
     results = "reports/results.md"
+    sample_efficiency = "reports/sample_efficiency.png"  # the paper's Figure 3, from the runs
     checkpoints = "runs/checkpoints"
     lock_file = "runs/ulmfit.lock"
     cache_dir = "runs/cache"
@@ -139,6 +145,10 @@ class Layout:
     @staticmethod
     def classifier(dataset: str, direction: str) -> str:
         return f"data/datasets/{dataset}/classifier_{direction}"
+
+    @staticmethod
+    def control(name: str) -> str:
+        return f"data/controls/{name}"
 
     @staticmethod
     def model(dataset: str) -> str:
@@ -257,14 +267,48 @@ class Layout:
                 ("evaluate",),
                 plots=True,
             )
+        if group == "control":
+            # ``dataset`` is the control's name here; its data and LMs are the dataset's. Both
+            # directions' LMs are deps: dvc.yaml cannot pick one per control, so a control
+            # re-runs when either changes (more often than needed, never less).
+            name, of = dataset, direction
+            return StageSpec(
+                group,
+                name,
+                f"controls/{name}",
+                (
+                    *CODE_COMMON,
+                    *CODE_MODEL,
+                    *CONTROL_CODE,
+                    L.tokens(of),
+                    L.prepared(of),
+                    L.tokenizer_dir,
+                    L.pretrained("fwd"),
+                    L.pretrained("bwd"),
+                    L.finetuned(of, "fwd"),
+                    L.finetuned(of, "bwd"),
+                ),
+                (L.control(name),),
+                ("pretrain.model", "finetune", "classifier", f"datasets.{of}", f"controls.{name}"),
+                plots=True,
+            )
+        if group == "baseline":
+            return StageSpec(
+                group,
+                dataset,
+                f"{dataset}/baseline",
+                (*CODE_COMMON, *BASELINE_CODE, L.prepared(dataset)),
+                (),
+                ("baseline", "controls"),
+            )
         if group == "report":
             return StageSpec(
                 group,
                 "",
                 "report",
-                (*CODE_COMMON, "flows/report.py", "tasks/report.py", "metrics"),
-                (L.results,),
-                ("report",),
+                (*CODE_COMMON, *REPORT_CODE, "metrics"),
+                (L.results, L.sample_efficiency),
+                ("report", "controls"),
             )
         raise KeyError(f"unknown stage '{group}'")
 
@@ -412,6 +456,8 @@ _DVC_STAGES = (
         ("dataset: ${datasets}", "direction: [fwd, bwd]"),
     ),
     ("evaluate", "ulmfit evaluate --dataset ${item.dataset}", ("dataset: ${datasets}",)),
+    ("baseline", "ulmfit baseline --dataset ${item.dataset}", ("dataset: ${datasets}",)),
+    ("control", "ulmfit control --name ${key}", ("foreach",)),
     ("report", "ulmfit report", ()),
 )
 
@@ -420,33 +466,43 @@ def render_dvc_yaml() -> str:
     """``dvc.yaml`` from the stage specs: matrix stages over ``datasets`` and directions."""
     lines = [DVC_YAML_HEADER.rstrip("\n"), "stages:"]
     for group, command, matrix in _DVC_STAGES:
+        if matrix == ("foreach",):  # one stage per entry of the controls mapping
+            spec = Layout.stage(group, "${key}", "${item.dataset}")
+            lines += [f"  {group}:", "    foreach: ${controls}", "    do:"]
+            lines += ["  " + line for line in _stage_body(spec, group, command)]
+            continue
         spec = Layout.stage(group, "${item.dataset}", "${item.direction}")
         lines.append(f"  {group}:")
         if matrix:
             lines.append("    matrix:")
             lines += [f"      {entry}" for entry in matrix]
-        lines.append(f"    cmd: {command}")
-        lines.append("    deps:")
-        lines += [f"      - {dep}" for dep in spec.deps]
-        lines.append("    params:")
-        lines += [f"      - {param}" for param in spec.params]
-        lines.append("    outs:")
-        lines += [f"      - {out}" for out in spec.outs]
-        if group != "report":
-            lines += [f"      - {spec.run_record}:", "          cache: false"]
-            lines += ["    metrics:", f"      - {spec.metrics}:", "          cache: false"]
-        if spec.plots:
-            lines += ["    plots:", f"      - {spec.curve}:", "          cache: false"]
-            if group == "evaluate":
-                lines += [
-                    "          template: confusion",
-                    "          x: predicted",
-                    "          y: actual",
-                ]
-            else:
-                lines += ["          x: step", "          y: loss"]
-            lines.append(f"      - {spec.figure}")
+        lines += _stage_body(spec, group, command)
     return "\n".join(lines) + "\n"
+
+
+def _stage_body(spec: StageSpec, group: str, command: str) -> list[str]:
+    """The cmd, deps, params, outs, metrics and plots lines of one stage (4-space indent)."""
+    lines = [f"    cmd: {command}", "    deps:"]
+    lines += [f"      - {dep}" for dep in spec.deps]
+    lines.append("    params:")
+    lines += [f"      - {param}" for param in spec.params]
+    lines.append("    outs:")
+    lines += [f"      - {out}" for out in spec.outs]
+    if group != "report":
+        lines += [f"      - {spec.run_record}:", "          cache: false"]
+        lines += ["    metrics:", f"      - {spec.metrics}:", "          cache: false"]
+    if spec.plots:
+        lines += ["    plots:", f"      - {spec.curve}:", "          cache: false"]
+        if group == "evaluate":
+            lines += [
+                "          template: confusion",
+                "          x: predicted",
+                "          y: actual",
+            ]
+        else:
+            lines += ["          x: step", "          y: loss"]
+        lines.append(f"      - {spec.figure}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -54,6 +54,20 @@ def micro_params() -> dict:
     params["classifier"]["model"].update(bptt=20, max_len=200)
     params["evaluate"].update(batch_size=16)
     params["mlflow"].update(log_every_steps=1)
+    params["classifier"]["train"].update(patience=1, keep_best=True)
+    params["classifier"]["lrs"] = [0.01, 0.03]
+    # The controls of the benchmark profile, one of each kind, on label subsets.
+    params["controls"] = {
+        "bbc_news-scratch-20": {"dataset": "bbc_news", "encoder": "scratch", "labels": 20},
+        "bbc_news-ulmfit-20": {"dataset": "bbc_news", "labels": 20},
+        "bbc_news-no_pretraining": {"dataset": "bbc_news", "encoder": "lm_from_scratch"},
+        "bbc_news-no_lm_finetuning": {
+            "dataset": "bbc_news",
+            "encoder": "pretrained",
+            "classifier": {"train": {"gradual_unfreezing": False}},
+        },
+    }
+    params["baseline"] = {"c_grid": [1.0, 10.0]}
     return params
 
 

@@ -131,6 +131,13 @@ class ClassifierTrainConfig:
         (at least 1) train every group.
     gradual_unfreezing: off trains every group from the start (the ablation).
     lr: peak learning rate of the top group (0.01 in the paper).
+    patience: early stopping. Once every group is trainable, stop after this many epochs
+        without a lower validation error than the best so far, counted from the later of the
+        best epoch and the first fully unfrozen epoch (0: run all ``epochs``). The
+        paper trains a fixed number of epochs; stopping on the validation error gives every
+        arm of a comparison (ULMFiT and its controls) the same, automatic, epoch tuning.
+    keep_best: end with the weights of the epoch with the lowest validation error (ties: the
+        earlier epoch) instead of the last epoch's.
     clip: gradient-norm clipping (25 in the paper's scripts).
     The other fields mean what they mean in :class:`LMTrainConfig`; STLR restarts each stage.
     """
@@ -144,6 +151,8 @@ class ClassifierTrainConfig:
     cut_frac: float = 0.1
     stlr_ratio: float = 32.0
     gradual_unfreezing: bool = True
+    patience: int = 0
+    keep_best: bool = False
     optimizer: str = "adam"
     betas: tuple[float, float] = (0.7, 0.99)
     eps: float = 1e-8
@@ -209,6 +218,8 @@ class TrainResult:
     history: every validation's metrics with ``step`` and ``epoch``, oldest first.
     train_loss: mean training loss of the last epoch.
     resumed_from: the checkpoint this call continued from, if any.
+    best_epoch: the epoch with the lowest validation error (classifier only; 0: not tracked).
+    stopped_early: the classifier stopped before ``epochs`` because of ``patience``.
     """
 
     steps: int
@@ -217,6 +228,8 @@ class TrainResult:
     history: list[dict[str, float]]
     train_loss: float
     resumed_from: str | None = None
+    best_epoch: int = 0
+    stopped_early: bool = False
 
 
 # ============================================================================================
@@ -968,10 +981,15 @@ def _train_classifier(
     last_epoch_loss = float("nan")
     resumed_from = None
     last_checkpoint_step = None
+    # Early stopping / keep_best: the lowest validation error so far, its epoch and weights.
+    best: dict[str, Any] = {"error": math.inf, "epoch": 0, "state": None}
+    stopped_early = False
     batches.set_epoch(0)
     if checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)) is not None:
         payload = load_checkpoint(path)
         _check_resumable(payload, "classifier", cfg, str(path))
+        best = dict(payload.get("best") or best)
+        stopped_early = bool(payload.get("stopped_early", False))
         model.load_state_dict(payload["model"])
         optimizer.load_state_dict(payload["optimizer"])
         if scaler is not None and payload.get("scaler"):
@@ -1029,13 +1047,32 @@ def _train_classifier(
             "last_epoch_loss": last_epoch_loss,
             "world_size": world,
             "rng": _gather_rng_states(),
+            "best": best,
+            "stopped_early": stopped_early,
         }
         _write_checkpoint(checkpoint_dir, step, state, cfg.keep_checkpoints)
+
+    def track_best(metrics: dict[str, float]) -> bool:
+        """Record a new best epoch; True when early stopping says stop."""
+        error = metrics.get("error_rate", math.nan)
+        if error < best["error"]:
+            best.update(error=float(error), epoch=epoch)
+            if cfg.keep_best:
+                best["state"] = {
+                    k: v.detach().to("cpu", copy=True)
+                    for k, v in unwrap_model(model).state_dict().items()
+                }
+        # Count patience from the later of the best epoch and the start of the last stage, so
+        # the fully unfrozen model always gets `patience` epochs to beat a best found earlier.
+        last_stage_start = stage_of_epoch.index(len(plan) - 1)
+        if not cfg.patience or stage_of_epoch[epoch - 1] != len(plan) - 1:
+            return False
+        return epoch - max(best["epoch"], last_stage_start) >= cfg.patience
 
     current_stage = None
     train_model: nn.Module = model
     model.train()
-    while epoch < total_epochs and step < (cfg.max_steps or math.inf):
+    while not stopped_early and epoch < total_epochs and step < (cfg.max_steps or math.inf):
         stage = stage_of_epoch[epoch]
         trainable, stage_epochs = plan[stage]
         if stage != current_stage:
@@ -1115,13 +1152,24 @@ def _train_classifier(
         loss_sum = seen = 0.0
         epoch_steps = 0
         metrics = evaluate() if valid is not None else {}
+        stopped_early = bool(metrics) and track_best(metrics)
         _emit(
             callback, TrainEvent("epoch", step, epoch, {"train_loss": last_epoch_loss, **metrics})
         )
         checkpoint()
+        if stopped_early:
+            break
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
-    return _finish(
+    result = _finish(
         model, optimizer, step, epoch, history, last_epoch_loss, loss_sum, seen, resumed_from
     )
+    result.best_epoch = best["epoch"] or epoch
+    result.stopped_early = stopped_early
+    if cfg.keep_best and best["state"] is not None and best["epoch"] != epoch:
+        unwrap_model(model).load_state_dict(best["state"])
+        result.metrics = next(
+            (m for m in history if m.get("epoch") == best["epoch"]), result.metrics
+        )
+    return result

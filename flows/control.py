@@ -1,0 +1,172 @@
+"""Flow of stage ``control``: one classifier trained another way than the pipeline's, on the
+same data and with the same tuning, for the paper's ablations (section 5, "Impact of
+pretraining", "Impact of LM quality/fine-tuning", "Impact of classifier fine-tuning") and its
+sample-efficiency curve (Figure 3).
+
+The tuning is the pipeline's own: the dataset's learning-rate grid (``classifier.lrs``) and
+early stopping on the validation error (``classifier.train.patience`` / ``keep_best``), so a
+control is never handicapped by settings tuned for ULMFiT alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+from prefect import flow
+
+from tasks.baseline import label_subset
+from tasks.params import load_params, section_dict
+from tasks.stage import record_outputs, require, runtime, stage_run
+from tasks.tokens import TOKENIZER_FILE, parquet_column
+from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
+from tasks.workspace import Layout
+from ulmfit.checkpoint import load_model
+from ulmfit.errors import InputError
+from ulmfit.storage import read_tokens
+from ulmfit.tokenizer import Tokenizer
+from ulmfit.train import evaluate_classifier
+
+
+def train_subset(root: Path, dataset: str, labels: int | None, seed: int) -> np.ndarray | None:
+    """Indices of the control's training documents (None: all), checked to be the same
+    documents in the prepared Parquet (what the TF-IDF baseline reads) and the token file."""
+    if labels is None:
+        return None
+    prepared = root / Layout.prepared(dataset) / "train.parquet"
+    tokens = root / Layout.tokens(dataset) / "train.parquet"
+    text_labels = np.asarray(list(parquet_column(prepared, "label")), dtype=np.int64)
+    token_labels = np.asarray(read_tokens(tokens).labels, dtype=np.int64)
+    if not np.array_equal(text_labels, token_labels):
+        raise InputError(
+            tokens,
+            "its documents are not in the order of the prepared train split",
+            fix=f"re-run the tokenizer for this dataset: dvc repro -f tokenize_dataset@{dataset}",
+        )
+    return label_subset(text_labels, labels, seed)
+
+
+@flow(name="control", persist_result=False, flow_run_name="control-{dataset}")
+def control_flow(dataset: str, root: str = ".") -> str:
+    """Train and test control ``dataset`` (the name of an entry of ``controls``)."""
+    name = dataset
+    root_path = Path(root).resolve()
+    params = load_params(root_path / "params.yaml")
+    control = params.control(name)
+    of, direction = control.dataset, control.direction
+    spec = Layout.stage("control", name, of)
+    tokens = require(root_path / Layout.tokens(of), f"tokenize_dataset@{of}")
+    tokenizer_path = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
+    summary = require(root_path / Layout.prepared(of) / "summary.json", f"prepare_dataset@{of}")
+    label_names = list(json.loads(summary.read_text(encoding="utf-8"))["label_names"])
+    if control.encoder == "finetuned" and direction not in params.dataset(of).directions:
+        raise InputError(
+            root_path / "params.yaml",
+            f"control {name} needs the {direction} LM of {of}, which "
+            f"datasets.{of}.directions leaves out",
+            fix=f"add {direction} to datasets.{of}.directions or change the control's direction",
+        )
+    indices = train_subset(root_path, of, control.labels, control.labels_seed)
+    section = section_dict(params, "controls", dataset=name)
+    section["pretrain_model"] = section_dict(params, "pretrain")["pretrain"]["model"]
+    backward = direction == "bwd"
+    device = runtime(control.classifier.device, control.classifier.threads)
+    with stage_run(root_path, spec, params, section) as ctx:
+        out = ctx.path(Layout.control(name))
+        out.mkdir(parents=True, exist_ok=True)
+        metrics: dict = {}
+        lm_file: Path | None = None
+        if control.encoder == "finetuned":
+            lm_file = require(
+                root_path / Layout.finetuned(of, direction) / MODEL_FILE,
+                f"finetune_lm@{of}-{direction}",
+            )
+        elif control.encoder == "pretrained":
+            lm_file = require(
+                root_path / Layout.pretrained(direction) / MODEL_FILE, f"pretrain@{direction}"
+            )
+        elif control.encoder == "lm_from_scratch":
+            lm_file, lm_metrics = _lm_from_scratch(root_path, ctx, control, tokens, tokenizer_path)
+            metrics.update({f"lm_{k}": v for k, v in lm_metrics.items()})
+        result = train_classifier_task(
+            root=root_path,
+            run_id=ctx.run_id,
+            tokenizer_path=tokenizer_path,
+            train_file=tokens / "train.parquet",
+            valid_file=tokens / "valid.parquet",
+            label_names=label_names,
+            lm_file=lm_file,
+            model_cfg=control.classifier.model,
+            dropout_multiplier=control.classifier.dropout_multiplier,
+            train_cfg=dataclasses.replace(control.classifier.train, backward=backward),
+            out_dir=out / "classifier",
+            checkpoint_dir=ctx.checkpoint_dir("classifier"),
+            device=device,
+            log_every=params.mlflow.log_every_steps,
+            description=f"control {name}",
+            lrs=control.classifier.lr_grid,
+            train_indices=indices,
+        )
+        tokenizer = Tokenizer.load(tokenizer_path)
+        test = read_tokens(tokens / "test.parquet", tokenizer)
+        model, _ = load_model(result["model"], device=device)
+        test_metrics, _ = evaluate_classifier(
+            model, test, batch_size=params.evaluate.batch_size, backward=backward, device=device
+        )
+        metrics.update(result["metrics"])
+        metrics.update(
+            dataset=of,
+            encoder=control.encoder,
+            labels=control.labels,
+            direction=direction,
+            description=control.description,
+            test_error=test_metrics["error_rate"],
+            test_accuracy=test_metrics["accuracy"],
+            test_loss=test_metrics["loss"],
+            test_documents=len(test),
+            valid_error=result["metrics"].get("valid_error_rate"),
+        )
+        record_outputs(
+            root_path,
+            ctx.run_id,
+            spec,
+            metrics,
+            result["steps"],
+            result["evals"],
+            artifacts=(Path(result["model"]),),
+        )
+    return result["model"]
+
+
+def _lm_from_scratch(root: Path, ctx, control, tokens: Path, tokenizer_path: Path):
+    """The "no pretraining" ablation's LM: the dataset's LM fine-tuning, from random weights."""
+    finetune = control.finetune
+    files = [
+        tokens / f"{s}.parquet" for s in finetune.splits if (tokens / f"{s}.parquet").is_file()
+    ]
+    if not files:
+        raise InputError(tokens, f"none of the splits {list(finetune.splits)} was found")
+    out = ctx.path(Layout.control(control.name)) / "lm"
+    result = train_lm_task(
+        root=root,
+        run_id=ctx.run_id,
+        tokenizer_path=tokenizer_path,
+        token_files=files,
+        valid_file=None,
+        holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
+        model_cfg=ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
+        train_cfg=dataclasses.replace(finetune.train, backward=control.direction == "bwd"),
+        init_model=None,
+        out_dir=out,
+        checkpoint_dir=ctx.checkpoint_dir("lm"),
+        device=runtime(finetune.device, finetune.threads),
+        log_every=ctx.params.mlflow.log_every_steps,
+        description=f"control {control.name}: LM from scratch",
+        metric_prefix="lm_",
+    )
+    wanted = ("valid_perplexity", "valid_loss", "steps", "epochs", "train_tokens")
+    return Path(result["model"]), {
+        k: result["metrics"][k] for k in wanted if k in result["metrics"]
+    }
