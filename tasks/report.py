@@ -18,6 +18,20 @@ from tasks.params import Params
 from tasks.workspace import Layout
 from ulmfit.io import atomic_write
 
+# Validation error (%) of the paper's ablations (Howard & Ruder 2018, Tables 4-6, full data:
+# IMDb, TREC-6, AG News), by control encoder; the schedule ablations are not in METHOD.md.
+PAPER_ABLATION_VALID_ERROR = {
+    "full": {"imdb": 5.00, "trec6": 5.69, "ag_news": 5.38},
+    "lm_from_scratch": {"imdb": 5.63, "trec6": 10.67, "ag_news": 5.52},
+    "pretrained": {"imdb": 6.99, "trec6": 6.38, "ag_news": 6.09},
+    "scratch": {"imdb": 9.93, "trec6": 13.36, "ag_news": 6.81},
+}
+PAPER_SAMPLE_EFFICIENCY = (
+    "paper (Figure 3, full IMDb / AG News): with 100 labels ULMFiT matches a model trained from "
+    "scratch on 10x (IMDb) and 20x (AG) more labels; 100x with 50k unlabelled documents for LM "
+    "fine-tuning"
+)
+
 # Test error (%) of ULMFiT in the paper (Howard & Ruder 2018, Tables 2 and 3), full datasets.
 PAPER_TEST_ERROR = {
     "imdb": 4.6,
@@ -131,6 +145,7 @@ def write_report_task(root: Path, params: Params) -> dict:
             figures[f"{spec.name}.valid_perplexity"] = float(metrics["valid_perplexity"])
         all_runs.append((label, run_id))
 
+    lines += benchmark_sections(root, params, decimals, figures, all_runs)
     lines += ["", "## Figures", ""]
     for name in params.datasets:
         lines.append(
@@ -141,6 +156,11 @@ def write_report_task(root: Path, params: Params) -> dict:
     lines.append(
         "- pretraining: `figures/wikipedia/pretrain_fwd.png`, `figures/wikipedia/pretrain_bwd.png`"
     )
+    if params.controls:
+        lines.append(
+            "- sample efficiency (the paper's Figure 3): `sample_efficiency.png`; each "
+            "control's curves: `figures/controls/<name>.png`"
+        )
     lines += [
         "",
         "## MLflow runs",
@@ -215,3 +235,238 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
             curves["TF-IDF + LR"].append((run["train_documents"], run["test_error"]))
         out[name] = curves
     return out
+
+
+# ------------------------------------------------------------------- benchmark sections
+
+
+def _run(root: Path, spec) -> dict:
+    return _read(root / spec.run_record)
+
+
+def _minutes(seconds) -> str:
+    return "n/a" if not isinstance(seconds, int | float) else f"{seconds / 60:.1f} min"
+
+
+def _command(stage: str) -> str:
+    return f"`ulmfit repro {stage}`"
+
+
+def _error(value, decimals: int) -> str:
+    return _percent(value, decimals) if isinstance(value, int | float) else "n/a"
+
+
+def benchmark_sections(
+    root: Path, params: Params, decimals: int, figures: dict, all_runs: list
+) -> list[str]:
+    """The setting, the bars, the ablations, the baselines and the sample-efficiency table,
+    when ``params.yaml`` has controls or a baseline stage ran. Every number is read from the
+    stages' metrics and run records; each row names its MLflow run, wall time and command."""
+    stage = Layout.stage
+    baselines = {n: _read(root / stage("baseline", n).metrics) for n in params.datasets}
+    if not params.controls and not any(baselines.values()):
+        return []
+    lines = ["", "## Setting", ""]
+    model = params.pretrain.model
+    pretrain = params.pretrain.train
+    lines.append(
+        f"AWD-LSTM {model.embed_size}/{model.hidden_size}x{model.num_layers}, "
+        f"{params.tokenizer.vocab_size:,}-piece SentencePiece {params.tokenizer.model_type} "
+        f"vocabulary. Times are each stage's wall time in its last execution (a resumed stage "
+        f"counts only its last part)."
+    )
+    lines += [
+        "",
+        "| stage | data | steps x batch x bptt (tokens seen) | wall time | MLflow run | command |",
+        "|---|---|---|---|---|---|",
+    ]
+    total_seconds = 0.0
+    for direction in ("fwd", "bwd"):
+        spec = stage("pretrain", direction=direction)
+        metrics, run = _read(root / spec.metrics), _run(root, spec)
+        tokens = metrics.get("steps", 0) * pretrain.batch_size * pretrain.bptt
+        lines.append(
+            f"| pretrain {direction} | Wikipedia, {metrics.get('train_documents', 'n/a')} "
+            f"articles | {metrics.get('steps', 'n/a')} x {pretrain.batch_size} x "
+            f"{pretrain.bptt} ({tokens:,}) | {_minutes(run.get('wall_seconds'))} "
+            f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} |"
+        )
+    for name, dataset in params.datasets.items():
+        summary = _read(root / Layout.prepared(name) / "summary.json").get("splits", {})
+        sizes = ", ".join(f"{split} {info.get('count', 0):,}" for split, info in summary.items())
+        for direction in dataset.directions:
+            spec = stage("finetune_lm", name, direction)
+            metrics, run = _read(root / spec.metrics), _run(root, spec)
+            train = dataset.finetune.train
+            tokens = metrics.get("steps", 0) * train.batch_size * train.bptt
+            lines.append(
+                f"| {name} LM fine-tuning {direction} | {sizes} (texts of "
+                f"{', '.join(dataset.finetune.splits)}) | {metrics.get('steps', 'n/a')} x "
+                f"{train.batch_size} x {train.bptt} ({tokens:,}) "
+                f"| {_minutes(run.get('wall_seconds'))} | {cite(run.get('mlflow_run_id', ''))} "
+                f"| {_command(spec.stage)} |"
+            )
+    for path in sorted((root / "metrics" / "runs").rglob("*.json")):
+        seconds = _read(path).get("wall_seconds")
+        total_seconds += seconds if isinstance(seconds, int | float) else 0.0
+    lines += ["", f"Sum of the wall times of every stage: **{_minutes(total_seconds)}**."]
+
+    lines += _bars(root, params, decimals, baselines)
+    for name in params.datasets:
+        lines += _ablations(root, params, name, decimals, baselines.get(name) or {}, all_runs)
+    lines += _sample_efficiency(root, params, decimals)
+    for key, value in (
+        (f"{n}.baseline.test_error", b.get("test_error")) for n, b in baselines.items()
+    ):
+        if isinstance(value, int | float):
+            figures[key] = float(value)
+    for key, control in params.controls.items():
+        value = _read(root / stage("control", key, control.dataset).metrics).get("test_error")
+        if isinstance(value, int | float):
+            figures[f"controls.{key}.test_error"] = float(value)
+    return lines
+
+
+def cite(run_id) -> str:
+    return f"`{run_id[:8]}`" if run_id else "n/a"
+
+
+def _control_rows(root: Path, params: Params, dataset: str, with_labels: bool):
+    for key, control in params.controls.items():
+        if control.dataset == dataset and (control.labels is not None) == with_labels:
+            spec = Layout.stage("control", key, dataset)
+            yield key, control, spec, _read(root / spec.metrics), _run(root, spec)
+
+
+def _bars(root: Path, params: Params, decimals: int, baselines: dict) -> list[str]:
+    """The issue's three bars, each checked on the measured numbers (never tuned away)."""
+    lines = ["", "## Bars", "", "| bar | measured | verdict |", "|---|---|---|"]
+    for name in params.datasets:
+        evaluation = _read(root / Layout.stage("evaluate", name).metrics)
+        fwd = evaluation.get("test_error_fwd")
+        for _key, control, _, metrics, _ in _control_rows(root, params, name, False):
+            if control.encoder == "scratch" and isinstance(fwd, int | float):
+                scratch = metrics.get("test_error")
+                if isinstance(scratch, int | float):
+                    gap = 100 * (scratch - fwd)
+                    lines.append(
+                        f"| {name}: ULMFiT beats the same model from scratch by >= 3 points "
+                        f"| fwd {_error(fwd, decimals)} % vs scratch {_error(scratch, decimals)} "
+                        f"% ({gap:+.{decimals}f} points) | {'met' if gap >= 3 else 'missed'} |"
+                    )
+        if isinstance(evaluation.get("test_error_ensemble"), int | float):
+            best = min(evaluation["test_error_fwd"], evaluation["test_error_bwd"])
+            ensemble = evaluation["test_error_ensemble"]
+            lines.append(
+                f"| {name}: the ensemble is not worse than the better direction "
+                f"| ensemble {_error(ensemble, decimals)} % vs best single "
+                f"{_error(best, decimals)} % | {'met' if ensemble <= best else 'missed'} |"
+            )
+        subsets = (baselines.get(name) or {}).get("subsets", {})
+        for _key, control, _, metrics, _ in _control_rows(root, params, name, True):
+            baseline = subsets.get(str(control.labels), {}).get("test_error")
+            ours = metrics.get("test_error")
+            if control.encoder != "finetuned" or control.labels != min(
+                (c.labels for c in params.controls.values() if c.dataset == name and c.labels),
+                default=None,
+            ):
+                continue
+            if isinstance(ours, int | float) and isinstance(baseline, int | float):
+                lines.append(
+                    f"| {name}, {control.labels} labels: ULMFiT beats TF-IDF on the same labels "
+                    f"| ULMFiT {_error(ours, decimals)} % vs TF-IDF {_error(baseline, decimals)} "
+                    f"% | {'met' if ours < baseline else 'missed'} |"
+                )
+    return lines
+
+
+def _ablations(
+    root: Path, params: Params, name: str, decimals: int, baseline: dict, all_runs: list
+) -> list[str]:
+    controls = list(_control_rows(root, params, name, False))
+    if not controls and not baseline:
+        return []
+    stage = Layout.stage
+    lines = [
+        "",
+        f"## Ablations and baseline: {name}",
+        "",
+        "Test and validation error in %, forward direction. *lr*: the learning rate the "
+        "validation error chose from the grid; *epochs*: best / run (early stopping). "
+        "*paper*: the paper's validation error for the same ablation on the full dataset "
+        "(a different scale: compare directions of effects, not values).",
+        "",
+        "| variant | test error | valid error | lr | epochs | train docs | wall time | MLflow run "
+        "| command | paper (valid, full data) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    evaluation = _read(root / stage("evaluate", name).metrics)
+    spec = stage("train_classifier", name, "fwd")
+    metrics, run = _read(root / spec.metrics), _run(root, spec)
+    paper = PAPER_ABLATION_VALID_ERROR
+    if metrics:
+        lines.append(
+            f"| full ULMFiT | **{_error(evaluation.get('test_error_fwd'), decimals)}** "
+            f"| {_error(metrics.get('valid_error_rate'), decimals)} | {metrics.get('lr', 'n/a')} "
+            f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
+            f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
+            f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} "
+            f"| {paper['full'].get(name, 'n/a')} |"
+        )
+    for key, control, spec, metrics, run in controls:
+        if not metrics:
+            lines.append(f"| {control.description or key} | not run | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {control.description or key} | {_error(metrics.get('test_error'), decimals)} "
+            f"| {_error(metrics.get('valid_error'), decimals)} | {metrics.get('lr', 'n/a')} "
+            f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
+            f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
+            f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} "
+            f"| {paper.get(control.encoder, {}).get(name, 'n/a')} |"
+        )
+        all_runs.append((f"control {key}", run.get("mlflow_run_id", "")))
+    if baseline:
+        spec = stage("baseline", name)
+        run = _run(root, spec)
+        lines.append(
+            f"| TF-IDF 1-{params.baseline.ngram_max} grams + logistic regression "
+            f"| {_error(baseline.get('test_error'), decimals)} "
+            f"| {_error(baseline.get('valid_error'), decimals)} | C={baseline.get('C')} | - "
+            f"| {baseline.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
+            f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} | - |"
+        )
+        all_runs.append((f"{name} baseline", run.get("mlflow_run_id", "")))
+    if isinstance(evaluation.get("test_error_ensemble"), int | float):
+        lines.append(
+            f"| ULMFiT fwd + bwd ensemble | **{_error(evaluation['test_error_ensemble'], decimals)}**"
+            f" | | | | | | {cite(_run(root, stage('evaluate', name)).get('mlflow_run_id', ''))} "
+            f"| {_command(stage('evaluate', name).stage)} | - |"
+        )
+    return lines
+
+
+def _sample_efficiency(root: Path, params: Params, decimals: int) -> list[str]:
+    curves = sample_efficiency_points(root, params)
+    lines: list[str] = []
+    for name, series in curves.items():
+        sizes = sorted({n for points in series.values() for n, _ in points})
+        lines += [
+            "",
+            f"## Sample efficiency: {name} (the paper's Figure 3, `sample_efficiency.png`)",
+            "",
+            f"Test error in % against the number of labelled training documents "
+            f"(class-balanced, nested subsets), forward direction. The LM was fine-tuned on the "
+            f"texts of every training document and the unlabelled ones, whatever the number of "
+            f"labels. {PAPER_SAMPLE_EFFICIENCY}.",
+            "",
+            "| labels | " + " | ".join(series) + " |",
+            "|---|" + "---|" * len(series),
+        ]
+        for size in sizes:
+            cells = []
+            for points in series.values():
+                value = next((e for n, e in points if n == size), None)
+                cells.append(_error(value, decimals))
+            lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    return lines

@@ -44,7 +44,7 @@ def test_every_profile_parses(path):
 
 
 def test_required_profiles_exist():
-    assert {"default", "paper", "paper-slice"} <= {p.stem for p in PROFILES}
+    assert {"default", "paper", "paper-slice", "benchmark"} <= {p.stem for p in PROFILES}
 
 
 @pytest.mark.parametrize(
@@ -133,3 +133,50 @@ def test_unknown_key_in_a_file_names_file_and_section(tmp_path):
     with pytest.raises(InputError) as info:
         load_params(path)
     assert "epohcs" in str(info.value) and "finetune.train" in str(info.value)
+
+
+def test_controls_merge_the_dataset_sections_and_their_own_overrides():
+    data = _default()
+    data["datasets"]["bbc_news"]["classifier"] = {"train": {"epochs": 9}, "lrs": [0.01, 0.02]}
+    data["controls"] = {
+        "bbc-scratch": {"dataset": "bbc_news", "encoder": "scratch", "labels": 50},
+        "bbc-no_stlr": {"dataset": "bbc_news", "classifier": {"train": {"stlr": False}}},
+    }
+    params = parse_params(data)
+    scratch, no_stlr = params.control("bbc-scratch"), params.control("bbc-no_stlr")
+    assert (scratch.encoder, scratch.labels, scratch.direction) == ("scratch", 50, "fwd")
+    # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
+    assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
+    assert scratch.classifier.lr_grid == (0.01, 0.02)
+    assert scratch.classifier.train.stlr and not no_stlr.classifier.train.stlr
+    assert params.label_subsets("bbc_news") == [(50, 42)]
+    assert parse_params(_default()).controls == {}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"dataset": "nope"}, "controls.c.dataset"),
+        ({"dataset": "bbc_news", "encoder": "random"}, "controls.c.encoder"),
+        ({"dataset": "bbc_news", "direction": "up"}, "controls.c.direction"),
+        ({"dataset": "bbc_news", "labels": 1}, "controls.c.labels"),
+        ({"dataset": "bbc_news", "epochs": 3}, "section 'controls.c'"),
+        ({"dataset": "bbc_news", "classifier": {"train": {"patiense": 2}}}, "patiense"),
+    ],
+)
+def test_bad_controls_are_rejected_with_their_key(entry, message):
+    data = _default()
+    data["controls"] = {"c": entry}
+    with pytest.raises(ValueError, match=message):
+        parse_params(data)
+
+
+@pytest.mark.parametrize("directions", [["bwd"], ["fwd", "fwd"], ["fwd", "sideways"], []])
+def test_dataset_directions_must_include_forward(directions):
+    data = _default()
+    data["datasets"]["bbc_news"]["directions"] = directions
+    if not directions:  # empty: the default, both directions
+        assert parse_params(data).dataset("bbc_news").directions == ("fwd", "bwd")
+        return
+    with pytest.raises(ValueError, match="directions"):
+        parse_params(data)

@@ -177,17 +177,44 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
         "train_classifier@bbc_news-fwd",
         "train_classifier@bbc_news-bwd",
         "evaluate@bbc_news",
+        "baseline@bbc_news",
+        "control@bbc_news-scratch-20",
+        "control@bbc_news-ulmfit-20",
+        "control@bbc_news-no_pretraining",
+        "control@bbc_news-no_lm_finetuning",
         "report",
     }
     assert expected == set(stages)
     results = (workspace / Layout.results).read_text()
     assert "bbc_news" in results and "MLflow run" in results
+    for heading in ("## Setting", "## Bars", "## Ablations and baseline", "## Sample efficiency"):
+        assert heading in results, heading
+    assert (workspace / Layout.sample_efficiency).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for figure in ("wikipedia/pretrain_fwd", "bbc_news/classifier_bwd", "bbc_news/evaluate"):
         png = workspace / f"reports/figures/{figure}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
     # No checkpoints are left once a stage has finished, and no staging folders either.
     assert not any((workspace / Layout.checkpoints).rglob("*.pt"))
     assert not [p for p in (workspace / "data").rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_controls_and_baseline_record_what_they_trained(pipeline):
+    workspace = pipeline["workspace"]
+    read = lambda path: json.loads((workspace / path).read_text())  # noqa: E731
+    scratch = read("metrics/controls/bbc_news-scratch-20.json")
+    assert scratch["encoder"] == "scratch" and scratch["train_documents"] == 20
+    assert [c["lr"] for c in scratch["lr_search"]] == [0.01, 0.03]  # the dataset's lr grid
+    assert scratch["lr"] in (0.01, 0.03) and 0 <= scratch["test_error"] <= 1
+    assert 1 <= scratch["best_epoch"] <= scratch["epochs"]
+    no_pretraining = read("metrics/controls/bbc_news-no_pretraining.json")
+    assert no_pretraining["lm_valid_perplexity"] > 1  # its own LM, fine-tuned from scratch
+    assert (workspace / "data/controls/bbc_news-no_pretraining/lm/model.pt").is_file()
+    baseline = read("metrics/bbc_news/baseline.json")
+    assert [r["labels"] for r in baseline["runs"]] == [None, 20]
+    assert baseline["subsets"]["20"]["train_documents"] == 20
+    assert baseline["train_documents"] == 40 and baseline["C"] in (1.0, 10.0)
+    record = read("metrics/runs/controls/bbc_news-scratch-20.json")
+    assert record["mlflow_run_id"] and record["wall_seconds"] > 0
 
 
 def test_stage_deps_and_outs_match_the_python_layout(pipeline):

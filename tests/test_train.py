@@ -481,3 +481,48 @@ def test_amp_on_cuda_trains_and_resumes_the_scaler(tmp_path: Path, amp: str) -> 
     assert np.isfinite(result.metrics["loss"])
     saved = load_checkpoint(latest_checkpoint(tmp_path))
     assert (saved["scaler"] is not None) == (amp == "fp16" or not torch.cuda.is_bf16_supported())
+
+
+def _noisy_classifier_run(tmp_path: Path | None, **overrides):
+    """A classifier whose validation labels are random: its validation error cannot keep
+    improving, so early stopping must end the run before ``epochs``."""
+    torch.manual_seed(0)
+    train = classifier_docs(n_docs=16, seed=1)
+    valid = classifier_docs(n_docs=16, seed=2)
+    valid = TokenDocs(valid.ids, valid.offsets, np.random.default_rng(3).integers(0, 2, 16))
+    model = SequenceClassifier(
+        ClassifierConfig(encoder=TINY, num_classes=2, head_hidden=8, head_dropouts=(0.1, 0.1))
+    )
+    cfg = ClassifierTrainConfig(epochs=12, batch_size=8, lr=0.02, **overrides)
+    result = train_classifier(model, train, valid, cfg, checkpoint_dir=tmp_path)
+    return model, valid, result
+
+
+def test_classifier_early_stopping_keeps_the_best_epoch(tmp_path) -> None:
+    model, valid, result = _noisy_classifier_run(tmp_path, patience=2, keep_best=True)
+    errors = [h["error_rate"] for h in result.history]
+    groups = len(layer_groups(model))
+    assert result.stopped_early and result.epochs < 12
+    # Patience counts from the first fully unfrozen epoch at the earliest.
+    assert result.epochs >= groups - 1 + 2
+    assert result.epochs - max(result.best_epoch, groups - 1) == 2
+    assert errors[result.best_epoch - 1] == min(errors)
+    assert errors.index(min(errors)) == result.best_epoch - 1  # ties: the earlier epoch
+    # The model holds the best epoch's weights, and the result reports that epoch's metrics.
+    measured, _ = evaluate_classifier(model, valid, batch_size=8)
+    assert measured["error_rate"] == pytest.approx(min(errors))
+    assert result.metrics["epoch"] == result.best_epoch
+    # Running again on the same checkpoints neither trains on nor changes the decision.
+    _, _, again = _noisy_classifier_run(tmp_path, patience=2, keep_best=True)
+    assert (again.steps, again.epochs, again.best_epoch) == (
+        result.steps,
+        result.epochs,
+        result.best_epoch,
+    )
+    assert again.stopped_early
+
+
+def test_classifier_without_patience_runs_every_epoch() -> None:
+    _, _, result = _noisy_classifier_run(None)
+    assert result.epochs == 12 and not result.stopped_early
+    assert 1 <= result.best_epoch <= 12
