@@ -225,6 +225,9 @@ def test_stage_deps_and_outs_match_the_python_layout(pipeline):
         dataset = direction = None
         if group == "pretrain":
             direction = item
+        elif group == "control":  # the item is the control's name; its data are its dataset's
+            params = yaml.safe_load((workspace / "params.yaml").read_text())
+            dataset, direction = item, params["controls"][item]["dataset"]
         elif item:
             dataset, _, direction = item.partition("-")
         spec = Layout.stage(group, dataset, direction or None)
