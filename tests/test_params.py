@@ -180,3 +180,23 @@ def test_dataset_directions_must_include_forward(directions):
         return
     with pytest.raises(ValueError, match="directions"):
         parse_params(data)
+
+
+@pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
+def test_every_profile_defines_what_dvc_yaml_reads(path):
+    """dvc.yaml iterates over ``${datasets}`` and ``${controls}`` and lists params sections as
+    stage parameters: DVC refuses to parse the pipeline when a profile lacks one of them."""
+    import re
+
+    text = (ROOT / "dvc.yaml").read_text()
+    data = yaml.safe_load(path.read_text())
+    iterated = set(re.findall(r"\$\{(\w+)\}", text)) - {"key"}  # ${key}: a foreach item
+    stages = yaml.safe_load(text)["stages"].values()
+    sections = {
+        param.split(".")[0]
+        for stage in stages
+        for param in stage.get("params", stage.get("do", {}).get("params", []))
+    }
+    assert iterated == {"datasets", "controls"}
+    missing = sorted(name for name in iterated | sections if name not in data)
+    assert not missing, f"{path.name} lacks {missing}"
