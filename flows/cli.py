@@ -159,22 +159,18 @@ def _quiet_input_error_tracebacks() -> None:
 # ----------------------------------------------------------------------------- stage commands
 
 
-def _run_stage(group: str, dataset: str | None = None, direction: str | None = None) -> int:
-    """Run one stage's flow under the workspace lock."""
+def _run_stage(group: str, items: dict[str, str]) -> int:
+    """Run one stage's flow under the workspace lock; ``items`` are its arguments (dataset,
+    direction or control name), which also name the stage item (``finetune_lm@imdb-fwd``)."""
     root = _project_root()
     from tasks.workspace import workspace_lock
 
-    item = "-".join(x for x in (dataset, direction) if x)
+    item = "-".join(items.values())
     with workspace_lock(root, f"{group}@{item}" if item else group):
         module, name = STAGE_FLOWS[group].split(":")
         flow_fn = getattr(importlib.import_module(module), name)
-        kwargs = {"root": str(root)}
-        if dataset is not None:
-            kwargs["dataset"] = dataset
-        if direction is not None:
-            kwargs["direction"] = direction
         _quiet_input_error_tracebacks()
-        flow_fn(**kwargs)
+        flow_fn(root=str(root), **items)
     return 0
 
 
@@ -182,11 +178,8 @@ def _run_stage(group: str, dataset: str | None = None, direction: str | None = N
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    return _run_stage(
-        args.command.replace("-", "_"),
-        getattr(args, "dataset", None),
-        getattr(args, "direction", None),
-    )
+    items = {k: getattr(args, k) for k in ("dataset", "name", "direction") if hasattr(args, k)}
+    return _run_stage(args.command.replace("-", "_"), items)
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -314,8 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "control":
             stage.add_argument(
                 "--name",
-                dest="dataset",
-                metavar="NAME",
                 required=True,
                 help="a control name from params.yaml",
             )

@@ -10,18 +10,17 @@ control is never handicapped by settings tuned for ULMFiT alone.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 from prefect import flow
 
+from flows.train import finetune_language_model, finetuning_files, fit_classifier, label_names_of
 from tasks.baseline import label_subset
 from tasks.params import load_params, section_dict
 from tasks.stage import record_outputs, require, runtime, stage_run
 from tasks.tokens import TOKENIZER_FILE, parquet_column
-from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
+from tasks.training import MODEL_FILE
 from tasks.workspace import Layout
 from ulmfit.checkpoint import load_model
 from ulmfit.errors import InputError
@@ -48,10 +47,9 @@ def train_subset(root: Path, dataset: str, labels: int | None, seed: int) -> np.
     return label_subset(text_labels, labels, seed)
 
 
-@flow(name="control", persist_result=False, flow_run_name="control-{dataset}")
-def control_flow(dataset: str, root: str = ".") -> str:
-    """Train and test control ``dataset`` (the name of an entry of ``controls``)."""
-    name = dataset
+@flow(name="control", persist_result=False, flow_run_name="control-{name}")
+def control_flow(name: str, root: str = ".") -> str:
+    """Train and test control ``name`` (an entry of ``controls``)."""
     root_path = Path(root).resolve()
     params = load_params(root_path / "params.yaml")
     control = params.control(name)
@@ -59,8 +57,7 @@ def control_flow(dataset: str, root: str = ".") -> str:
     spec = Layout.stage("control", name, of)
     tokens = require(root_path / Layout.tokens(of), f"tokenize_dataset@{of}")
     tokenizer_path = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
-    summary = require(root_path / Layout.prepared(of) / "summary.json", f"prepare_dataset@{of}")
-    label_names = list(json.loads(summary.read_text(encoding="utf-8"))["label_names"])
+    label_names = label_names_of(root_path, of)
     if control.encoder == "finetuned" and direction not in params.dataset(of).directions:
         raise InputError(
             root_path / "params.yaml",
@@ -71,7 +68,6 @@ def control_flow(dataset: str, root: str = ".") -> str:
     indices = train_subset(root_path, of, control.labels, control.labels_seed)
     section = section_dict(params, "controls", dataset=name)
     section["pretrain_model"] = section_dict(params, "pretrain")["pretrain"]["model"]
-    backward = direction == "bwd"
     device = runtime(control.classifier.device, control.classifier.threads)
     with stage_run(root_path, spec, params, section) as ctx:
         out = ctx.path(Layout.control(name))
@@ -88,32 +84,43 @@ def control_flow(dataset: str, root: str = ".") -> str:
                 root_path / Layout.pretrained(direction) / MODEL_FILE, f"pretrain@{direction}"
             )
         elif control.encoder == "lm_from_scratch":
-            lm_file, lm_metrics = _lm_from_scratch(root_path, ctx, control, tokens, tokenizer_path)
-            metrics.update({f"lm_{k}": v for k, v in lm_metrics.items()})
-        result = train_classifier_task(
-            root=root_path,
-            run_id=ctx.run_id,
-            tokenizer_path=tokenizer_path,
-            train_file=tokens / "train.parquet",
-            valid_file=tokens / "valid.parquet",
+            # The "no pretraining" ablation: the dataset's own LM fine-tuning, from random weights.
+            lm = finetune_language_model(
+                ctx,
+                control.finetune,
+                finetuning_files(tokens, control.finetune, of),
+                tokenizer=tokenizer_path,
+                direction=direction,
+                init_model=None,
+                out=out / "lm",
+                checkpoint_dir=ctx.checkpoint_dir("lm"),
+                description=f"control {name}: LM from scratch",
+                metric_prefix="lm_",
+            )
+            lm_file = Path(lm["model"])
+            wanted = ("valid_perplexity", "valid_loss", "steps", "epochs", "train_tokens")
+            metrics.update({f"lm_{k}": lm["metrics"][k] for k in wanted if k in lm["metrics"]})
+        result = fit_classifier(
+            ctx,
+            control.classifier,
+            tokens,
+            tokenizer=tokenizer_path,
             label_names=label_names,
+            direction=direction,
             lm_file=lm_file,
-            model_cfg=control.classifier.model,
-            dropout_multiplier=control.classifier.dropout_multiplier,
-            train_cfg=dataclasses.replace(control.classifier.train, backward=backward),
-            out_dir=out / "classifier",
+            out=out / "classifier",
             checkpoint_dir=ctx.checkpoint_dir("classifier"),
-            device=device,
-            log_every=params.mlflow.log_every_steps,
             description=f"control {name}",
-            lrs=control.classifier.lr_grid,
             train_indices=indices,
         )
-        tokenizer = Tokenizer.load(tokenizer_path)
-        test = read_tokens(tokens / "test.parquet", tokenizer)
+        test = read_tokens(tokens / "test.parquet", Tokenizer.load(tokenizer_path))
         model, _ = load_model(result["model"], device=device)
         test_metrics, _ = evaluate_classifier(
-            model, test, batch_size=params.evaluate.batch_size, backward=backward, device=device
+            model,
+            test,
+            batch_size=params.evaluate.batch_size,
+            backward=direction == "bwd",
+            device=device,
         )
         metrics.update(result["metrics"])
         metrics.update(
@@ -138,35 +145,3 @@ def control_flow(dataset: str, root: str = ".") -> str:
             artifacts=(Path(result["model"]),),
         )
     return result["model"]
-
-
-def _lm_from_scratch(root: Path, ctx, control, tokens: Path, tokenizer_path: Path):
-    """The "no pretraining" ablation's LM: the dataset's LM fine-tuning, from random weights."""
-    finetune = control.finetune
-    files = [
-        tokens / f"{s}.parquet" for s in finetune.splits if (tokens / f"{s}.parquet").is_file()
-    ]
-    if not files:
-        raise InputError(tokens, f"none of the splits {list(finetune.splits)} was found")
-    out = ctx.path(Layout.control(control.name)) / "lm"
-    result = train_lm_task(
-        root=root,
-        run_id=ctx.run_id,
-        tokenizer_path=tokenizer_path,
-        token_files=files,
-        valid_file=None,
-        holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
-        model_cfg=ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
-        train_cfg=dataclasses.replace(finetune.train, backward=control.direction == "bwd"),
-        init_model=None,
-        out_dir=out,
-        checkpoint_dir=ctx.checkpoint_dir("lm"),
-        device=runtime(finetune.device, finetune.threads),
-        log_every=ctx.params.mlflow.log_every_steps,
-        description=f"control {control.name}: LM from scratch",
-        metric_prefix="lm_",
-    )
-    wanted = ("valid_perplexity", "valid_loss", "steps", "epochs", "train_tokens")
-    return Path(result["model"]), {
-        k: result["metrics"][k] for k in wanted if k in result["metrics"]
-    }

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.params import DIRECTIONS, load_params, section_dict
-from tasks.stage import record_outputs, require, runtime, skip_stage, stage_run
+from tasks.params import DIRECTIONS, ClassifierParams, FinetuneParams, load_params, section_dict
+from tasks.stage import StageContext, record_outputs, require, runtime, skip_stage, stage_run
 from tasks.tokens import TOKENIZER_FILE
 from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
 from tasks.workspace import Layout
@@ -30,6 +30,99 @@ def _left_out(root: Path, params, dataset: str, direction: str, spec) -> bool:
         return False
     skip_stage(root, spec, f"datasets.{dataset}.directions leaves out {direction}")
     return True
+
+
+def label_names_of(root: Path, dataset: str) -> list[str]:
+    """The dataset's class names, as ``prepare_dataset`` recorded them."""
+    summary = require(
+        root / Layout.prepared(dataset) / "summary.json", f"prepare_dataset@{dataset}"
+    )
+    return list(json.loads(summary.read_text(encoding="utf-8"))["label_names"])
+
+
+def finetuning_files(tokens: Path, finetune: FinetuneParams, dataset: str) -> list[Path]:
+    """The token files of ``finetune.splits`` that the dataset has (unlabelled is optional)."""
+    files = [
+        tokens / f"{s}.parquet" for s in finetune.splits if (tokens / f"{s}.parquet").is_file()
+    ]
+    if not files:
+        raise InputError(
+            tokens,
+            f"none of the splits {list(finetune.splits)} was found",
+            fix=f"check datasets.{dataset}.finetune.splits in params.yaml",
+        )
+    return files
+
+
+def finetune_language_model(
+    ctx: StageContext,
+    finetune: FinetuneParams,
+    files: list[Path],
+    *,
+    tokenizer: Path,
+    direction: str,
+    init_model: Path | None,
+    out: Path,
+    checkpoint_dir: Path,
+    description: str,
+    metric_prefix: str = "",
+) -> dict:
+    """Target-task LM fine-tuning (paper section 3.2) on ``files``, from ``init_model`` (None:
+    random weights, the "no pretraining" ablation), with a seeded held-out part for perplexity."""
+    return train_lm_task(
+        root=ctx.root,
+        run_id=ctx.run_id,
+        tokenizer_path=tokenizer,
+        token_files=files,
+        valid_file=None,
+        holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
+        model_cfg=ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
+        train_cfg=dataclasses.replace(finetune.train, backward=_check_direction(direction)),
+        init_model=init_model,
+        out_dir=out,
+        checkpoint_dir=checkpoint_dir,
+        device=runtime(finetune.device, finetune.threads),
+        log_every=ctx.params.mlflow.log_every_steps,
+        description=description,
+        metric_prefix=metric_prefix,
+    )
+
+
+def fit_classifier(
+    ctx: StageContext,
+    classifier: ClassifierParams,
+    tokens: Path,
+    *,
+    tokenizer: Path,
+    label_names: list[str],
+    direction: str,
+    lm_file: Path | None,
+    out: Path,
+    checkpoint_dir: Path,
+    description: str,
+    train_indices=None,
+) -> dict:
+    """Classifier fine-tuning (paper section 3.3) on the train split (or ``train_indices`` of
+    it), tuned on the valid split with ``classifier.lrs`` and early stopping."""
+    return train_classifier_task(
+        root=ctx.root,
+        run_id=ctx.run_id,
+        tokenizer_path=tokenizer,
+        train_file=tokens / "train.parquet",
+        valid_file=tokens / "valid.parquet",
+        label_names=label_names,
+        lm_file=lm_file,
+        model_cfg=classifier.model,
+        dropout_multiplier=classifier.dropout_multiplier,
+        train_cfg=dataclasses.replace(classifier.train, backward=_check_direction(direction)),
+        out_dir=out,
+        checkpoint_dir=checkpoint_dir,
+        device=runtime(classifier.device, classifier.threads),
+        log_every=ctx.params.mlflow.log_every_steps,
+        description=description,
+        lrs=classifier.lr_grid,
+        train_indices=train_indices,
+    )
 
 
 @flow(name="pretrain", persist_result=False, flow_run_name="pretrain-{direction}")
@@ -76,7 +169,7 @@ def pretrain_flow(direction: str, root: str = ".") -> str:
 @flow(name="finetune_lm", persist_result=False, flow_run_name="finetune_lm-{dataset}-{direction}")
 def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
     """Target-task LM fine-tuning on the dataset's texts (every split, never a label)."""
-    backward = _check_direction(direction)
+    _check_direction(direction)
     root_path = Path(root).resolve()
     params = load_params(root_path / "params.yaml")
     finetune = params.dataset(dataset).finetune
@@ -88,17 +181,7 @@ def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
     pretrained = require(
         root_path / Layout.pretrained(direction) / MODEL_FILE, f"pretrain@{direction}"
     )
-    files = [
-        tokens / f"{split}.parquet"
-        for split in finetune.splits
-        if (tokens / f"{split}.parquet").is_file()
-    ]
-    if not files:
-        raise InputError(
-            tokens,
-            f"none of the splits {list(finetune.splits)} was found",
-            fix=f"check datasets.{dataset}.finetune.splits in params.yaml",
-        )
+    files = finetuning_files(tokens, finetune, dataset)
     section = section_dict(params, "finetune", dataset=dataset)
     section.update(
         pretrain_model=section_dict(params, "pretrain")["pretrain"]["model"],
@@ -107,20 +190,15 @@ def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
     )
     with stage_run(root_path, spec, params, section) as ctx:
         out = ctx.path(Layout.finetuned(dataset, direction))
-        result = train_lm_task(
-            root=root_path,
-            run_id=ctx.run_id,
-            tokenizer_path=tokenizer,
-            token_files=files,
-            valid_file=None,
-            holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
-            model_cfg=params.pretrain.model.scaled(finetune.dropout_multiplier),
-            train_cfg=dataclasses.replace(finetune.train, backward=backward),
+        result = finetune_language_model(
+            ctx,
+            finetune,
+            files,
+            tokenizer=tokenizer,
+            direction=direction,
             init_model=pretrained,
-            out_dir=out,
+            out=out,
             checkpoint_dir=ctx.checkpoint_dir(),
-            device=runtime(finetune.device, finetune.threads),
-            log_every=params.mlflow.log_every_steps,
             description=f"finetune {dataset} {direction}",
         )
         record_outputs(
@@ -142,7 +220,7 @@ def finetune_lm_flow(dataset: str, direction: str, root: str = ".") -> str:
 )
 def train_classifier_flow(dataset: str, direction: str, root: str = ".") -> str:
     """Classifier fine-tuning on the labelled train split, validated on the valid split."""
-    backward = _check_direction(direction)
+    _check_direction(direction)
     root_path = Path(root).resolve()
     params = load_params(root_path / "params.yaml")
     classifier = params.dataset(dataset).classifier
@@ -155,31 +233,22 @@ def train_classifier_flow(dataset: str, direction: str, root: str = ".") -> str:
         root_path / Layout.finetuned(dataset, direction) / MODEL_FILE,
         f"finetune_lm@{dataset}-{direction}",
     )
-    summary_path = require(
-        root_path / Layout.prepared(dataset) / "summary.json", f"prepare_dataset@{dataset}"
-    )
-    label_names = list(json.loads(summary_path.read_text(encoding="utf-8"))["label_names"])
+    label_names = label_names_of(root_path, dataset)
     section = section_dict(params, "classifier", dataset=dataset)
     section["direction"] = direction
     with stage_run(root_path, spec, params, section) as ctx:
         out = ctx.path(Layout.classifier(dataset, direction))
-        result = train_classifier_task(
-            root=root_path,
-            run_id=ctx.run_id,
-            tokenizer_path=tokenizer,
-            train_file=tokens / "train.parquet",
-            valid_file=tokens / "valid.parquet",
+        result = fit_classifier(
+            ctx,
+            classifier,
+            tokens,
+            tokenizer=tokenizer,
             label_names=label_names,
+            direction=direction,
             lm_file=lm_file,
-            model_cfg=classifier.model,
-            dropout_multiplier=classifier.dropout_multiplier,
-            train_cfg=dataclasses.replace(classifier.train, backward=backward),
-            out_dir=out,
+            out=out,
             checkpoint_dir=ctx.checkpoint_dir(),
-            device=runtime(classifier.device, classifier.threads),
-            log_every=params.mlflow.log_every_steps,
             description=f"classifier {dataset} {direction}",
-            lrs=classifier.lr_grid,
         )
         record_outputs(
             root_path,

@@ -11,7 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
-from ulmfit.checkpoint import load_model
+from tasks.training import load_for
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
 from ulmfit.predict import TextClassifier, ensemble
@@ -48,14 +48,13 @@ def evaluate_task(
     for name, path in (("fwd", forward_file), ("bwd", backward_file)):
         if path is None:  # the dataset trains the forward direction alone
             continue
-        model, meta = load_model(path, device=device)
-        if meta["tokenizer_identity"] != tokenizer.identity:
-            raise InputError(
-                path,
-                "the classifier was trained with another tokenizer",
-                fix="re-run train_classifier (dvc repro train_classifier)",
-            )
-        models[name] = model
+        models[name] = load_for(
+            path,
+            tokenizer,
+            "the classifier",
+            fix="re-run train_classifier (dvc repro train_classifier)",
+            device=device,
+        )
     metrics: dict[str, float] = {}
     probs = {}
     for name, model in models.items():

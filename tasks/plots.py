@@ -97,6 +97,28 @@ def confusion_figure(
     return _save(fig, path)
 
 
+def error_curves_figure(path: Path, curves: Mapping[str, Mapping[str, list]]) -> Path:
+    """Test error against the number of labelled training documents (log scale), one panel per
+    dataset and one line per method: ``{dataset: {method: [(labels, error), ...]}}``."""
+    plt = _pyplot()
+    names = list(curves) or ["(no datasets)"]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for label, points in curves.get(name, {}).items():
+            if points:
+                xs, ys = zip(*sorted(points), strict=True)
+                ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("labelled training documents")
+        ax.set_ylabel("test error (%)")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        if curves.get(name):
+            ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def note_figure(path: Path, text: str) -> Path:
     """A figure that only says ``text`` (the declared plot of a stage item that did not run)."""
     plt = _pyplot()

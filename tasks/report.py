@@ -7,6 +7,7 @@ there to its data (``dvc.dep.*`` md5 tags) and code (git commit tag).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.params import Params
+from tasks.plots import error_curves_figure
 from tasks.workspace import Layout
 from ulmfit.io import atomic_write
 
@@ -48,9 +50,14 @@ def _read(path: Path) -> dict:
 
 
 def _percent(value, decimals: int) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if not isinstance(value, int | float) or math.isnan(value):
         return "n/a"
     return f"{100 * value:.{decimals}f}"
+
+
+def cite(run_id: str | None) -> str:
+    """A run id as the tables show it: its first 8 characters."""
+    return f"`{run_id[:8]}`" if run_id else "n/a"
 
 
 def _number(value, decimals: int) -> str:
@@ -67,9 +74,6 @@ def write_report_task(root: Path, params: Params) -> dict:
 
     def run_of(spec) -> str:
         return _read(root / spec.run_record).get("mlflow_run_id", "")
-
-    def cite(run_id: str) -> str:
-        return f"`{run_id[:8]}`" if run_id else "n/a"
 
     lines = [
         f"# {params.report.title}",
@@ -181,50 +185,33 @@ def write_report_task(root: Path, params: Params) -> dict:
 
 
 def sample_efficiency_figure(root: Path, params: Params) -> Path:
-    """``reports/sample_efficiency.png``: test error against the number of labelled training
-    documents (the paper's Figure 3), one panel per dataset, for ULMFiT (the pipeline's forward
-    classifier and the ``finetuned`` controls), classifiers from scratch (``scratch``
-    controls) and the TF-IDF baseline, all read from the stages' metrics."""
-    from tasks.plots import _pyplot, _save
-
-    curves = sample_efficiency_points(root, params)
-    plt = _pyplot()
-    names = list(curves) or ["(no datasets)"]
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        for label, points in curves.get(name, {}).items():
-            if points:
-                xs, ys = zip(*sorted(points), strict=True)
-                ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("labelled training documents")
-        ax.set_ylabel("test error (%)")
-        ax.set_title(name)
-        ax.grid(True, alpha=0.3)
-        if curves.get(name):
-            ax.legend()
-    fig.tight_layout()
-    return _save(fig, root / Layout.sample_efficiency)
+    """``reports/sample_efficiency.png``: the paper's Figure 3 from the stages' metrics."""
+    return error_curves_figure(
+        root / Layout.sample_efficiency, sample_efficiency_points(root, params)
+    )
 
 
 def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
     """{dataset: {"ULMFiT": [(labels, test error)], "from scratch": [...], "TF-IDF + LR": [...]}}
-    for every dataset with label-subset controls (standard training settings only)."""
+    for every dataset with label-subset controls. A control is a point of a curve when its
+    encoder is ``finetuned`` or ``scratch`` and it trains like the dataset's classifier apart
+    from the epoch budget (an ablation such as "no STLR" is not)."""
     out: dict[str, dict[str, list]] = {}
-    for name in params.datasets:
-        controls = [
-            (key, c)
-            for key, c in params.controls.items()
-            if c.dataset == name and c.labels is not None
-        ]
-        if not controls:
+    for name, dataset in params.datasets.items():
+        if not any(c.dataset == name and c.labels is not None for c in params.controls.values()):
             continue
         curves: dict[str, list] = {"ULMFiT": [], "from scratch": [], "TF-IDF + LR": []}
         evaluation = _read(root / Layout.stage("evaluate", name).metrics)
         if isinstance(evaluation.get("test_error_fwd"), int | float):
             curves["ULMFiT"].append((evaluation["train_documents"], evaluation["test_error_fwd"]))
+        budget = {"epochs": 1, "patience": 0}  # the fields a curve may vary per label count
+        standard = dataclasses.replace(dataset.classifier.train, **budget)
         for key, control in params.controls.items():
-            if control.dataset != name or control.encoder not in ("finetuned", "scratch"):
+            if (
+                control.dataset != name
+                or control.encoder not in ("finetuned", "scratch")
+                or dataclasses.replace(control.classifier.train, **budget) != standard
+            ):
                 continue
             metrics = _read(root / Layout.stage("control", key, name).metrics)
             if isinstance(metrics.get("test_error"), int | float):
@@ -250,10 +237,6 @@ def _minutes(seconds) -> str:
 
 def _command(stage: str) -> str:
     return f"`ulmfit repro {stage}`"
-
-
-def _error(value, decimals: int) -> str:
-    return _percent(value, decimals) if isinstance(value, int | float) else "n/a"
 
 
 def benchmark_sections(
@@ -327,10 +310,6 @@ def benchmark_sections(
     return lines
 
 
-def cite(run_id) -> str:
-    return f"`{run_id[:8]}`" if run_id else "n/a"
-
-
 def _control_rows(root: Path, params: Params, dataset: str, with_labels: bool):
     for key, control in params.controls.items():
         if control.dataset == dataset and (control.labels is not None) == with_labels:
@@ -351,7 +330,7 @@ def _bars(root: Path, params: Params, decimals: int, baselines: dict) -> list[st
                     gap = 100 * (scratch - fwd)
                     lines.append(
                         f"| {name}: ULMFiT beats the same model from scratch by >= 3 points "
-                        f"| fwd {_error(fwd, decimals)} % vs scratch {_error(scratch, decimals)} "
+                        f"| fwd {_percent(fwd, decimals)} % vs scratch {_percent(scratch, decimals)} "
                         f"% ({gap:+.{decimals}f} points) | {'met' if gap >= 3 else 'missed'} |"
                     )
         if isinstance(evaluation.get("test_error_ensemble"), int | float):
@@ -359,23 +338,24 @@ def _bars(root: Path, params: Params, decimals: int, baselines: dict) -> list[st
             ensemble = evaluation["test_error_ensemble"]
             lines.append(
                 f"| {name}: the ensemble is not worse than the better direction "
-                f"| ensemble {_error(ensemble, decimals)} % vs best single "
-                f"{_error(best, decimals)} % | {'met' if ensemble <= best else 'missed'} |"
+                f"| ensemble {_percent(ensemble, decimals)} % vs best single "
+                f"{_percent(best, decimals)} % | {'met' if ensemble <= best else 'missed'} |"
             )
         subsets = (baselines.get(name) or {}).get("subsets", {})
+        fewest = min(
+            (c.labels for c in params.controls.values() if c.dataset == name and c.labels),
+            default=None,
+        )
         for _key, control, _, metrics, _ in _control_rows(root, params, name, True):
+            if control.encoder != "finetuned" or control.labels != fewest:
+                continue
             baseline = subsets.get(str(control.labels), {}).get("test_error")
             ours = metrics.get("test_error")
-            if control.encoder != "finetuned" or control.labels != min(
-                (c.labels for c in params.controls.values() if c.dataset == name and c.labels),
-                default=None,
-            ):
-                continue
             if isinstance(ours, int | float) and isinstance(baseline, int | float):
                 lines.append(
                     f"| {name}, {control.labels} labels: ULMFiT beats TF-IDF on the same labels "
-                    f"| ULMFiT {_error(ours, decimals)} % vs TF-IDF {_error(baseline, decimals)} "
-                    f"% | {'met' if ours < baseline else 'missed'} |"
+                    f"| ULMFiT {_percent(ours, decimals)} % vs TF-IDF "
+                    f"{_percent(baseline, decimals)} % | {'met' if ours < baseline else 'missed'} |"
                 )
     return lines
 
@@ -406,8 +386,8 @@ def _ablations(
     paper = PAPER_ABLATION_VALID_ERROR
     if metrics:
         lines.append(
-            f"| full ULMFiT | **{_error(evaluation.get('test_error_fwd'), decimals)}** "
-            f"| {_error(metrics.get('valid_error_rate'), decimals)} | {metrics.get('lr', 'n/a')} "
+            f"| full ULMFiT | **{_percent(evaluation.get('test_error_fwd'), decimals)}** "
+            f"| {_percent(metrics.get('valid_error_rate'), decimals)} | {metrics.get('lr', 'n/a')} "
             f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
             f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
             f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} "
@@ -418,8 +398,8 @@ def _ablations(
             lines.append(f"| {control.description or key} | not run | | | | | | | | |")
             continue
         lines.append(
-            f"| {control.description or key} | {_error(metrics.get('test_error'), decimals)} "
-            f"| {_error(metrics.get('valid_error'), decimals)} | {metrics.get('lr', 'n/a')} "
+            f"| {control.description or key} | {_percent(metrics.get('test_error'), decimals)} "
+            f"| {_percent(metrics.get('valid_error'), decimals)} | {metrics.get('lr', 'n/a')} "
             f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
             f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
             f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} "
@@ -431,15 +411,15 @@ def _ablations(
         run = _run(root, spec)
         lines.append(
             f"| TF-IDF 1-{params.baseline.ngram_max} grams + logistic regression "
-            f"| {_error(baseline.get('test_error'), decimals)} "
-            f"| {_error(baseline.get('valid_error'), decimals)} | C={baseline.get('C')} | - "
+            f"| {_percent(baseline.get('test_error'), decimals)} "
+            f"| {_percent(baseline.get('valid_error'), decimals)} | C={baseline.get('C')} | - "
             f"| {baseline.get('train_documents', 'n/a')} | {_minutes(run.get('wall_seconds'))} "
             f"| {cite(run.get('mlflow_run_id', ''))} | {_command(spec.stage)} | - |"
         )
         all_runs.append((f"{name} baseline", run.get("mlflow_run_id", "")))
     if isinstance(evaluation.get("test_error_ensemble"), int | float):
         lines.append(
-            f"| ULMFiT fwd + bwd ensemble | **{_error(evaluation['test_error_ensemble'], decimals)}**"
+            f"| ULMFiT fwd + bwd ensemble | **{_percent(evaluation['test_error_ensemble'], decimals)}**"
             f" | | | | | | {cite(_run(root, stage('evaluate', name)).get('mlflow_run_id', ''))} "
             f"| {_command(stage('evaluate', name).stage)} | - |"
         )
@@ -467,6 +447,6 @@ def _sample_efficiency(root: Path, params: Params, decimals: int) -> list[str]:
             cells = []
             for points in series.values():
                 value = next((e for n, e in points if n == size), None)
-                cells.append(_error(value, decimals))
+                cells.append(_percent(value, decimals))
             lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
     return lines

@@ -23,7 +23,7 @@ from prefect.cache_policies import NONE
 
 from tasks import tracking
 from tasks.params import Params
-from tasks.plots import training_figure, write_rows
+from tasks.plots import note_figure, training_figure, write_rows
 from tasks.workspace import StageSpec, checkpoint_dir, clear_checkpoints, deps_md5, stage_key
 from ulmfit.errors import InputError
 from ulmfit.io import atomic_write
@@ -136,8 +136,6 @@ def stage_run(
 def skip_stage(root: Path, spec: StageSpec, reason: str) -> None:
     """A stage item that the parameters leave out (a direction a dataset does not train):
     every declared output is written, saying so, so DVC and the report see a finished stage."""
-    from tasks.plots import note_figure
-
     for out in spec.outs:
         path = root / out
         if path.exists():

@@ -71,6 +71,22 @@ def split_holdout(
     return docs.subset(np.sort(order[n_valid:])), docs.subset(np.sort(order[:n_valid]))
 
 
+def load_for(
+    path: Path,
+    tokenizer: Tokenizer,
+    what: str,
+    *,
+    fix: str = "re-run the stage that made it (dvc repro)",
+    device: str = "cpu",
+):
+    """The model saved at ``path``, refused unless ``tokenizer`` is the one it was trained with
+    (the same ids must mean the same pieces)."""
+    model, meta = load_model(path, device=device)
+    if meta["tokenizer_identity"] != tokenizer.identity:
+        raise InputError(path, f"{what} was trained with another tokenizer", fix=fix)
+    return model
+
+
 def _steps_estimate(
     docs: TokenDocs, batch_size: int, bptt: int, epochs: int, max_steps: int
 ) -> int:
@@ -146,13 +162,12 @@ def train_lm_task(
     seed_everything(train_cfg.seed)
     model = LanguageModel(config)
     if init_model is not None:
-        pretrained, meta = load_model(init_model)
-        if meta["tokenizer_identity"] != tokenizer.identity:
-            raise InputError(
-                init_model,
-                "the pretrained model was trained with another tokenizer",
-                fix="re-run pretrain with the current tokenizer (dvc repro pretrain)",
-            )
+        pretrained = load_for(
+            init_model,
+            tokenizer,
+            "the pretrained model",
+            fix="re-run pretrain with the current tokenizer (dvc repro pretrain)",
+        )
         model.load_state_dict(pretrained.state_dict())
     logger = TrainLogger(
         root,
@@ -259,14 +274,7 @@ def train_classifier_task(
     valid_docs = read_tokens(valid_file, tokenizer)
     encoder_state = None
     if lm_file is not None:
-        lm, meta = load_model(lm_file)
-        if meta["tokenizer_identity"] != tokenizer.identity:
-            raise InputError(
-                lm_file,
-                "the language model was trained with another tokenizer",
-                fix="re-run the stage that made it (dvc repro)",
-            )
-        encoder_state = lm.encoder.state_dict()
+        encoder_state = load_for(lm_file, tokenizer, "the language model").encoder.state_dict()
     encoder = dataclasses.replace(model_cfg.encoder, vocab_size=tokenizer.vocab_size)
     config = dataclasses.replace(
         model_cfg, encoder=encoder.scaled(dropout_multiplier), num_classes=len(label_names)
@@ -283,20 +291,23 @@ def train_classifier_task(
             model = SequenceClassifier(config)
             if encoder_state is not None:
                 model.encoder.load_state_dict(encoder_state)
-            label = f"{description} lr={lr:g}" if len(grid) > 1 else description
+            several = len(grid) > 1
             outcome = _train_one_classifier(
-                root,
-                run_id,
                 model,
                 train_docs,
                 valid_docs,
                 cfg,
                 folder,
-                device,
-                log_every,
-                label,
-                tokenizer.identity,
-                prefix=f"lr_{lr:g}/" if len(grid) > 1 else "",
+                TrainLogger(
+                    root,
+                    run_id,
+                    every=log_every,
+                    description=f"{description} lr={lr:g}" if several else description,
+                    total_steps=_classifier_steps(model, len(train_docs), cfg),
+                    metric_prefix=f"lr_{lr:g}/" if several else "",
+                ),
+                device=device,
+                identity=tokenizer.identity,
             )
             save_model(
                 folder / MODEL_FILE,
@@ -343,35 +354,19 @@ def train_classifier_task(
     }
 
 
-def _train_one_classifier(
-    root,
-    run_id,
-    model,
-    train_docs,
-    valid_docs,
-    cfg,
-    folder,
-    device,
-    log_every,
-    label,
-    identity,
-    *,
-    prefix: str,
-) -> dict:
-    """One training of the learning-rate search; its outcome as plain values."""
-    per_epoch = math.ceil(len(train_docs) / cfg.batch_size)
+def _classifier_steps(model: SequenceClassifier, documents: int, cfg) -> int:
+    """Optimiser steps of a classifier training, for its progress bar."""
+    per_epoch = math.ceil(documents / cfg.batch_size)
     # Gradual unfreezing runs at least one epoch per layer group.
     groups = len(layer_groups(model))
-    epochs = max(cfg.epochs, groups) if cfg.gradual_unfreezing else cfg.epochs
-    total = per_epoch * epochs
-    logger = TrainLogger(
-        root,
-        run_id,
-        every=log_every,
-        description=label,
-        total_steps=min(total, cfg.max_steps) if cfg.max_steps else total,
-        metric_prefix=prefix,
-    )
+    total = per_epoch * (max(cfg.epochs, groups) if cfg.gradual_unfreezing else cfg.epochs)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
+
+
+def _train_one_classifier(
+    model, train_docs, valid_docs, cfg, folder: Path, logger: TrainLogger, *, device, identity
+) -> dict:
+    """One training of the learning-rate search; its outcome as plain values."""
     try:
         result = train_classifier(
             model,
