@@ -20,7 +20,7 @@ from tasks.baseline import label_subset
 from tasks.params import load_params, section_dict
 from tasks.stage import record_outputs, require, runtime, stage_run
 from tasks.tokens import TOKENIZER_FILE, parquet_column
-from tasks.training import MODEL_FILE
+from tasks.training import MODEL_FILE, snapshot_file
 from tasks.workspace import Layout
 from ulmfit.checkpoint import load_model
 from ulmfit.errors import InputError
@@ -58,7 +58,8 @@ def control_flow(name: str, root: str = ".") -> str:
     tokens = require(root_path / Layout.tokens(of), f"tokenize_dataset@{of}")
     tokenizer_path = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
     label_names = label_names_of(root_path, of)
-    if control.encoder == "finetuned" and direction not in params.dataset(of).directions:
+    own_lm = control.encoder == "finetuned" and control.pretrain_step is None
+    if own_lm and direction not in params.dataset(of).directions:
         raise InputError(
             root_path / "params.yaml",
             f"control {name} needs the {direction} LM of {of}, which "
@@ -74,27 +75,35 @@ def control_flow(name: str, root: str = ".") -> str:
         out.mkdir(parents=True, exist_ok=True)
         metrics: dict = {}
         lm_file: Path | None = None
-        if control.encoder == "finetuned":
+        pretrained = root_path / Layout.pretrained(direction)
+        if control.encoder == "finetuned" and control.pretrain_step is None:
             lm_file = require(
                 root_path / Layout.finetuned(of, direction) / MODEL_FILE,
                 f"finetune_lm@{of}-{direction}",
             )
         elif control.encoder == "pretrained":
-            lm_file = require(
-                root_path / Layout.pretrained(direction) / MODEL_FILE, f"pretrain@{direction}"
-            )
-        elif control.encoder == "lm_from_scratch":
-            # The "no pretraining" ablation: the dataset's own LM fine-tuning, from random weights.
+            lm_file = require(pretrained / MODEL_FILE, f"pretrain@{direction}")
+        elif control.encoder in ("lm_from_scratch", "finetuned"):
+            # The dataset's own LM fine-tuning from random weights (the "no pretraining"
+            # ablation) or from a pretraining snapshot (the pretraining-budget curve).
+            init = None
+            if control.pretrain_step is not None:
+                init = require(
+                    pretrained / snapshot_file(control.pretrain_step), f"pretrain@{direction}"
+                )
+                snapshot = load_model(init)[1]["extra"]
+                metrics.update(pretrain_step=snapshot["step"], pretrain_tokens=snapshot["tokens"])
             lm = finetune_language_model(
                 ctx,
                 control.finetune,
                 finetuning_files(tokens, control.finetune, of),
                 tokenizer=tokenizer_path,
                 direction=direction,
-                init_model=None,
+                init_model=init,
                 out=out / "lm",
                 checkpoint_dir=ctx.checkpoint_dir("lm"),
-                description=f"control {name}: LM from scratch",
+                description=f"control {name}: LM fine-tuning from "
+                + ("random weights" if init is None else f"step {control.pretrain_step}"),
                 metric_prefix="lm_",
             )
             lm_file = Path(lm["model"])

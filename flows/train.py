@@ -103,7 +103,8 @@ def fit_classifier(
     train_indices=None,
 ) -> dict:
     """Classifier fine-tuning (paper section 3.3) on the train split (or ``train_indices`` of
-    it), tuned on the valid split with ``classifier.lrs`` and early stopping."""
+    it), tuned on the valid split with ``classifier.lrs``, ``classifier.dropout_multipliers``
+    and early stopping."""
     return train_classifier_task(
         root=ctx.root,
         run_id=ctx.run_id,
@@ -113,7 +114,6 @@ def fit_classifier(
         label_names=label_names,
         lm_file=lm_file,
         model_cfg=classifier.model,
-        dropout_multiplier=classifier.dropout_multiplier,
         train_cfg=dataclasses.replace(classifier.train, backward=_check_direction(direction)),
         out_dir=out,
         checkpoint_dir=checkpoint_dir,
@@ -121,6 +121,7 @@ def fit_classifier(
         log_every=ctx.params.mlflow.log_every_steps,
         description=description,
         lrs=classifier.lr_grid,
+        dropout_multipliers=classifier.dropout_grid,
         train_indices=train_indices,
     )
 

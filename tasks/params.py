@@ -93,13 +93,19 @@ class ClassifierParams:
     dropout_multiplier: float = 0.5
     device: str = "auto"
     threads: int = 0
-    # Learning-rate search: one classifier per value (each with train.patience/keep_best), the
-    # lowest validation error wins. Empty: train.lr alone. Controls get the same grid.
+    # Hyperparameter search: one classifier per (learning rate, dropout multiplier) pair, each
+    # with train.patience/keep_best; the lowest validation error wins. Empty: train.lr /
+    # dropout_multiplier alone. A dataset's controls get the same grid as its ULMFiT classifier.
     lrs: tuple[float, ...] = ()
+    dropout_multipliers: tuple[float, ...] = ()
 
     @property
     def lr_grid(self) -> tuple[float, ...]:
         return tuple(self.lrs) or (self.train.lr,)
+
+    @property
+    def dropout_grid(self) -> tuple[float, ...]:
+        return tuple(self.dropout_multipliers) or (self.dropout_multiplier,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +132,8 @@ class BaselineParams:
 
 
 ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
+# How a classifier with a random encoder trains unless its control says otherwise.
+SCRATCH_TRAINING = {"gradual_unfreezing": False, "discriminative": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +145,17 @@ class ControlParams:
     encoder: where the classifier's encoder starts. ``finetuned``: the dataset's fine-tuned LM
         (full ULMFiT); ``pretrained``: the Wikipedia LM (no LM fine-tuning); ``lm_from_scratch``:
         an LM fine-tuned on the dataset from random weights (no pretraining); ``scratch``:
-        random weights (no LM at all).
+        random weights (no LM at all). A ``scratch`` classifier trains every layer from the
+        first step at one learning rate (``gradual_unfreezing`` and ``discriminative`` default
+        to false for it): those two protect what a pretrained encoder knows (paper section
+        3.3), and a random encoder has nothing to protect; frozen, its random layers only pass
+        noise to the head. The control's own ``classifier`` section can still set them.
     labels: train on a seeded class-balanced subset of this many training documents (nested:
         a smaller subset is part of a larger one); None: the whole train split.
+    pretrain_step: with ``encoder: finetuned``, start the LM fine-tuning from the pretraining
+        snapshot of this step (one of ``pretrain.train.snapshot_steps``) instead of the final
+        pretrained LM, then train the classifier as usual: the same recipe on less
+        pretraining, a point of the pretraining-budget curve. None: the pipeline's own LM.
     classifier / finetune: the dataset's sections with this control's overrides merged in.
     """
 
@@ -150,6 +166,7 @@ class ControlParams:
     encoder: str = "finetuned"
     labels: int | None = None
     labels_seed: int = 42
+    pretrain_step: int | None = None
     direction: str = "fwd"
     description: str = ""
 
@@ -388,7 +405,11 @@ def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
 
 
 def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
-    _split(data, where, ("model", "train", "dropout_multiplier", "device", "threads", "lrs"))
+    _split(
+        data,
+        where,
+        ("model", "train", "dropout_multiplier", "dropout_multipliers", "device", "threads", "lrs"),
+    )
     model = dict(data.get("model") or {})
     encoder_overrides = dict(model.pop("encoder", None) or {})
     fixed = sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
@@ -413,6 +434,7 @@ def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> Cla
         device=str(data.get("device", "auto")),
         threads=int(data.get("threads", 0)),
         lrs=tuple(float(lr) for lr in data.get("lrs") or ()),
+        dropout_multipliers=tuple(float(m) for m in data.get("dropout_multipliers") or ()),
     )
 
 
@@ -466,7 +488,15 @@ def _control(
     where = f"controls.{name}"
     if not isinstance(entry, Mapping):
         raise ValueError(f"section '{where}' must be a mapping")
-    keys = ("dataset", "encoder", "labels", "labels_seed", "direction", "description")
+    keys = (
+        "dataset",
+        "encoder",
+        "labels",
+        "labels_seed",
+        "pretrain_step",
+        "direction",
+        "description",
+    )
     _split(dict(entry), where, (*keys, "finetune", "classifier"))
     dataset = entry.get("dataset")
     if dataset not in datasets:
@@ -477,15 +507,25 @@ def _control(
         raise ValueError(f"{where}.direction must be one of {list(DIRECTIONS)}")
     if entry.get("labels") is not None and int(entry["labels"]) < 2:
         raise ValueError(f"{where}.labels must be at least 2 (or null: the whole train split)")
+    step = entry.get("pretrain_step")
+    if step is not None:
+        snapshots = (_section(data, "pretrain").get("train") or {}).get("snapshot_steps") or ()
+        if entry.get("encoder", "finetuned") != "finetuned":
+            raise ValueError(f"{where}.pretrain_step needs encoder: finetuned")
+        if step not in snapshots:
+            raise ValueError(
+                f"{where}.pretrain_step {step} is not one of pretrain.train.snapshot_steps "
+                f"{list(snapshots)}: add it there so that pretraining saves that snapshot"
+            )
     dataset_entry = (data.get("datasets") or {}).get(dataset) or {}
     finetune = _merge(
         _merge(_section(data, "finetune"), dataset_entry.get("finetune") or {}),
         entry.get("finetune") or {},
     )
-    classifier = _merge(
-        _merge(_section(data, "classifier"), dataset_entry.get("classifier") or {}),
-        entry.get("classifier") or {},
-    )
+    classifier = _merge(_section(data, "classifier"), dataset_entry.get("classifier") or {})
+    if entry.get("encoder") == "scratch":
+        classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
+    classifier = _merge(classifier, entry.get("classifier") or {})
     options = {k: entry[k] for k in keys if k in entry}
     return ControlParams(
         name=name,

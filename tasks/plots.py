@@ -97,9 +97,13 @@ def confusion_figure(
     return _save(fig, path)
 
 
-def error_curves_figure(path: Path, curves: Mapping[str, Mapping[str, list]]) -> Path:
-    """Test error against the number of labelled training documents (log scale), one panel per
-    dataset and one line per method: ``{dataset: {method: [(labels, error), ...]}}``."""
+def error_curves_figure(
+    path: Path,
+    curves: Mapping[str, Mapping[str, list]],
+    xlabel: str = "labelled training documents",
+) -> Path:
+    """Test error against ``xlabel`` (log scale), one panel per dataset and one line per
+    method: ``{dataset: {method: [(x, error), ...]}}``."""
     plt = _pyplot()
     names = list(curves) or ["(no datasets)"]
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
@@ -109,7 +113,7 @@ def error_curves_figure(path: Path, curves: Mapping[str, Mapping[str, list]]) ->
                 xs, ys = zip(*sorted(points), strict=True)
                 ax.plot(xs, [100 * y for y in ys], marker="o", label=label)
         ax.set_xscale("log")
-        ax.set_xlabel("labelled training documents")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel("test error (%)")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)

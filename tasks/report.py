@@ -181,6 +181,11 @@ def write_report_task(root: Path, params: Params) -> dict:
     with atomic_write(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
     sample_efficiency_figure(root, params)
+    error_curves_figure(
+        root / Layout.pretraining_budget,
+        pretraining_budget_points(root, params),
+        xlabel="pretraining tokens (forward LM)",
+    )
     return figures
 
 
@@ -210,6 +215,7 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
             if (
                 control.dataset != name
                 or control.encoder not in ("finetuned", "scratch")
+                or control.pretrain_step is not None
                 or dataclasses.replace(control.classifier.train, **budget) != standard
             ):
                 continue
@@ -298,6 +304,7 @@ def benchmark_sections(
     for name in params.datasets:
         lines += _ablations(root, params, name, decimals, baselines.get(name) or {}, all_runs)
     lines += _sample_efficiency(root, params, decimals)
+    lines += _pretraining_budget(root, params, decimals, all_runs)
     for key, value in (
         (f"{n}.baseline.test_error", b.get("test_error")) for n, b in baselines.items()
     ):
@@ -311,8 +318,13 @@ def benchmark_sections(
 
 
 def _control_rows(root: Path, params: Params, dataset: str, with_labels: bool):
+    """The dataset's controls (pretraining-budget points aside) with or without label subsets."""
     for key, control in params.controls.items():
-        if control.dataset == dataset and (control.labels is not None) == with_labels:
+        if (
+            control.dataset == dataset
+            and (control.labels is not None) == with_labels
+            and control.pretrain_step is None
+        ):
             spec = Layout.stage("control", key, dataset)
             yield key, control, spec, _read(root / spec.metrics), _run(root, spec)
 
@@ -449,4 +461,94 @@ def _sample_efficiency(root: Path, params: Params, decimals: int) -> list[str]:
                 value = next((e for n, e in points if n == size), None)
                 cells.append(_percent(value, decimals))
             lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
+# ------------------------------------------------------------------- pretraining budget
+
+
+def pretraining_budget_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
+    """{panel: {"ULMFiT": [(pretraining tokens, test error)], "TF-IDF + LR": flat line}}, one
+    panel per dataset and label count that has ``pretrain_step`` controls. The largest budget
+    is the pipeline's own classifier (or its control with the same labels), trained on the
+    LM of the whole pretraining run; the others are the snapshot controls."""
+    panels: dict[str, dict[str, list]] = {}
+    for key, control in params.controls.items():
+        if control.pretrain_step is None:
+            continue
+        panel = _budget_panel(control)
+        if panel not in panels:
+            full = _full_budget_point(root, params, control)
+            panels[panel] = {"ULMFiT": [full] if full else [], "TF-IDF + LR": []}
+        metrics = _read(root / Layout.stage("control", key, control.dataset).metrics)
+        if isinstance(metrics.get("test_error"), int | float):
+            panels[panel]["ULMFiT"].append((metrics["pretrain_tokens"], metrics["test_error"]))
+    for panel, series in panels.items():
+        control = next(c for c in params.controls.values() if _budget_panel(c) == panel)
+        baseline = _read(root / Layout.stage("baseline", control.dataset).metrics)
+        if control.labels is not None:
+            baseline = baseline.get("subsets", {}).get(str(control.labels), {})
+        if series["ULMFiT"] and isinstance(baseline.get("test_error"), int | float):
+            xs = [x for x, _ in series["ULMFiT"]]
+            series["TF-IDF + LR"] = [
+                (min(xs), baseline["test_error"]),
+                (max(xs), baseline["test_error"]),
+            ]
+    return panels
+
+
+def _budget_panel(control) -> str:
+    labels = "all labels" if control.labels is None else f"{control.labels:,} labels"
+    return f"{control.dataset}, {labels}, {control.direction}"
+
+
+def _full_budget_point(root: Path, params: Params, snapshot) -> tuple[int, float] | None:
+    """(tokens of the whole pretraining run, test error) of the classifier that the snapshot
+    control ``snapshot`` repeats on less pretraining, if that classifier ran."""
+    tokens = _read(root / Layout.stage("pretrain", direction=snapshot.direction).metrics).get(
+        "tokens_trained"
+    )
+    error = None
+    if snapshot.labels is None:
+        evaluation = _read(root / Layout.stage("evaluate", snapshot.dataset).metrics)
+        error = evaluation.get(f"test_error_{snapshot.direction}")
+    else:
+        for key, control in params.controls.items():
+            same = dataclasses.replace(snapshot, name=key, pretrain_step=None)
+            if control == dataclasses.replace(same, description=control.description):
+                metrics = _read(root / Layout.stage("control", key, control.dataset).metrics)
+                error = metrics.get("test_error")
+    if isinstance(tokens, int | float) and isinstance(error, int | float):
+        return int(tokens), float(error)
+    return None
+
+
+def _pretraining_budget(root: Path, params: Params, decimals: int, all_runs: list) -> list[str]:
+    panels = pretraining_budget_points(root, params)
+    if not panels:
+        return []
+    lines = [
+        "",
+        "## Pretraining budget (`pretraining_budget.png`)",
+        "",
+        "Test error in % against the tokens the forward LM was pretrained on. Each smaller "
+        "budget is a snapshot of the one pretraining run, taken before its learning rate "
+        "had decayed (a run scheduled for that budget would end somewhat better), then "
+        "fine-tuned on the dataset and classified with the same recipe as the full budget. "
+        "TF-IDF + LR on the same labels is the flat line.",
+        "",
+        "| setting | pretraining tokens | ULMFiT test error | TF-IDF + LR |",
+        "|---|---|---|---|",
+    ]
+    for panel, series in panels.items():
+        baseline = series["TF-IDF + LR"][0][1] if series["TF-IDF + LR"] else None
+        for tokens, error in sorted(series["ULMFiT"]):
+            lines.append(
+                f"| {panel} | {tokens:,} | {_percent(error, decimals)} "
+                f"| {_percent(baseline, decimals)} |"
+            )
+    for key, control in params.controls.items():
+        if control.pretrain_step is not None:
+            run = _run(root, Layout.stage("control", key, control.dataset))
+            all_runs.append((f"control {key}", run.get("mlflow_run_id", "")))
     return lines

@@ -21,7 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.tracking import TrainLogger
-from ulmfit.checkpoint import load_model, save_model
+from ulmfit.checkpoint import checkpoint_path, load_checkpoint, load_model, save_model
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
@@ -95,9 +95,24 @@ def _steps_estimate(
     return min(total, max_steps) if max_steps else total
 
 
+def snapshot_file(step: int) -> str:
+    """Where an LM stage's out holds its snapshot of ``step`` (``LMTrainConfig.snapshot_steps``)."""
+    return f"snapshots/step-{step}.pt"
+
+
 def _write_model_dir(
-    out_dir: Path, model, *, kind: str, config, identity: str, extra: dict, summary: dict
+    out_dir: Path,
+    model,
+    *,
+    kind: str,
+    config,
+    identity: str,
+    extra: dict,
+    summary: dict,
+    snapshots: tuple[tuple[int, dict], ...] = (),
 ) -> None:
+    """The stage's out: the model file, its training summary and the snapshots ``(step,
+    checkpoint)`` of an LM run as model files of their own, all replacing ``out_dir`` at once."""
     with staged_directory(out_dir) as staging:
         save_model(
             staging / MODEL_FILE,
@@ -108,6 +123,19 @@ def _write_model_dir(
             extra=extra,
         )
         (staging / TRAINING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        for step, payload in snapshots:
+            snapshot = type(model)(config)
+            snapshot.load_state_dict(payload["model"])
+            path = staging / snapshot_file(step)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(
+                path,
+                snapshot,
+                kind=kind,
+                config=to_dict(config),
+                tokenizer_identity=identity,
+                extra={**extra, "step": step, "tokens": payload["tokens_trained"]},
+            )
 
 
 def _result_summary(result) -> dict:
@@ -211,6 +239,13 @@ def train_lm_task(
         train_documents=len(train_docs),
         valid_documents=len(valid_docs or []),
         train_tokens=int(train_docs.offsets[-1]),
+        tokens_trained=result.tokens,
+    )
+    # Snapshots past the end of a shorter run do not exist: the report says which ran.
+    snapshots = tuple(
+        (step, load_checkpoint(checkpoint_path(checkpoint_dir, step)))
+        for step in sorted(train_cfg.snapshot_steps)
+        if step <= result.steps
     )
     _write_model_dir(
         out_dir,
@@ -218,14 +253,16 @@ def train_lm_task(
         kind="lm",
         config=config,
         identity=tokenizer.identity,
-        extra={"backward": train_cfg.backward},
+        extra={"backward": train_cfg.backward, "tokens": result.tokens},
         summary=summary,
+        snapshots=snapshots,
     )
     metrics = {f"valid_{k}": float(v) for k, v in final.items()}
     metrics.update(
         last_epoch_train_loss=float(result.train_loss),
         steps=result.steps,
         epochs=result.epochs,
+        tokens_trained=result.tokens,
         train_tokens=int(train_docs.offsets[-1]),
         train_documents=len(train_docs),
     )
@@ -249,23 +286,23 @@ def train_classifier_task(
     label_names: list[str],
     lm_file: Path | None,
     model_cfg: ClassifierConfig,
-    dropout_multiplier: float,
     train_cfg: ClassifierTrainConfig,
     out_dir: Path,
     checkpoint_dir: Path,
     device: str,
     log_every: int,
     description: str,
-    lrs: tuple[float, ...] = (),
+    lrs: tuple[float, ...],
+    dropout_multipliers: tuple[float, ...],
     train_indices: np.ndarray | None = None,
 ) -> dict:
     """Classifier on the encoder of ``lm_file`` (random weights when None): gradual unfreezing,
     discriminative LRs, STLR and BPT3C inside ``ulmfit.train.train_classifier``.
 
-    ``lrs``: a learning-rate search. One classifier is trained per value (each resumable in
-    its own checkpoint folder, and each kept once finished, so a killed search redoes nothing
-    that was done); the lowest validation error wins (ties: the earlier value). Empty:
-    ``train_cfg.lr`` alone. ``train_indices``: train on these documents of the train split.
+    A search over ``lrs`` x ``dropout_multipliers`` (the encoder's dropouts scaled): one
+    classifier per pair, each resumable in its own checkpoint folder and kept once finished,
+    so a killed search redoes nothing that was done; the lowest validation error wins (ties:
+    the earlier pair). ``train_indices``: train on these documents of the train split.
     """
     tokenizer = Tokenizer.load(tokenizer_path)
     train_docs = read_tokens(train_file, tokenizer)
@@ -276,14 +313,16 @@ def train_classifier_task(
     if lm_file is not None:
         encoder_state = load_for(lm_file, tokenizer, "the language model").encoder.state_dict()
     encoder = dataclasses.replace(model_cfg.encoder, vocab_size=tokenizer.vocab_size)
-    config = dataclasses.replace(
-        model_cfg, encoder=encoder.scaled(dropout_multiplier), num_classes=len(label_names)
-    )
-    grid = tuple(lrs) or (train_cfg.lr,)
+    grid = [(lr, mult) for lr in lrs for mult in dropout_multipliers]
+    several = len(grid) > 1
     search = []
-    for lr in grid:
+    for lr, mult in grid:
         cfg = dataclasses.replace(train_cfg, lr=lr)
-        folder = checkpoint_dir / f"lr-{lr:g}"
+        config = dataclasses.replace(
+            model_cfg, encoder=encoder.scaled(mult), num_classes=len(label_names)
+        )
+        name = f"lr-{lr:g}" if len(dropout_multipliers) == 1 else f"lr-{lr:g}_dropout-{mult:g}"
+        folder = checkpoint_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         done = folder / "done.json"
         if not done.is_file():
@@ -291,7 +330,6 @@ def train_classifier_task(
             model = SequenceClassifier(config)
             if encoder_state is not None:
                 model.encoder.load_state_dict(encoder_state)
-            several = len(grid) > 1
             outcome = _train_one_classifier(
                 model,
                 train_docs,
@@ -302,9 +340,9 @@ def train_classifier_task(
                     root,
                     run_id,
                     every=log_every,
-                    description=f"{description} lr={lr:g}" if several else description,
+                    description=f"{description} {name}" if several else description,
                     total_steps=_classifier_steps(model, len(train_docs), cfg),
-                    metric_prefix=f"lr_{lr:g}/" if several else "",
+                    metric_prefix=f"{name}/" if several else "",
                 ),
                 device=device,
                 identity=tokenizer.identity,
@@ -319,16 +357,22 @@ def train_classifier_task(
             )
             with atomic_write(done, "w") as handle:
                 json.dump(outcome, handle, default=float)
-        search.append({"lr": lr, **json.loads(done.read_text(encoding="utf-8"))})
-    chosen = min(search, key=lambda c: (c["valid_error"], grid.index(c["lr"])))
-    model, _ = load_model(checkpoint_dir / f"lr-{chosen['lr']:g}" / MODEL_FILE)
+        outcome = json.loads(done.read_text(encoding="utf-8"))
+        search.append({"lr": lr, "dropout_multiplier": mult, "folder": name, **outcome})
+    chosen = min(enumerate(search), key=lambda c: (c[1]["valid_error"], c[0]))[1]
+    model, _ = load_model(checkpoint_dir / chosen["folder"] / MODEL_FILE)
     summary = dict(chosen["summary"])
-    summary.update(label_names=label_names, train_documents=len(train_docs), lr=chosen["lr"])
+    summary.update(
+        label_names=label_names,
+        train_documents=len(train_docs),
+        lr=chosen["lr"],
+        dropout_multiplier=chosen["dropout_multiplier"],
+    )
     _write_model_dir(
         out_dir,
         model,
         kind="classifier",
-        config=config,
+        config=model.cfg,
         identity=tokenizer.identity,
         extra={"backward": train_cfg.backward, "label_names": label_names},
         summary=summary,
@@ -340,9 +384,11 @@ def train_classifier_task(
         epochs=chosen["summary"]["epochs"],
         best_epoch=chosen["best_epoch"],
         lr=chosen["lr"],
+        dropout_multiplier=chosen["dropout_multiplier"],
         train_documents=len(train_docs),
-        lr_search=[
-            {k: c[k] for k in ("lr", "valid_error", "best_epoch", "epochs")} for c in search
+        grid_search=[
+            {k: c[k] for k in ("lr", "dropout_multiplier", "valid_error", "best_epoch", "epochs")}
+            for c in search
         ],
     )
     return {

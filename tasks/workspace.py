@@ -121,6 +121,7 @@ class Layout:
     wikipedia_tokens = "data/wikipedia_tokens"
     results = "reports/results.md"
     sample_efficiency = "reports/sample_efficiency.png"  # the paper's Figure 3, from the runs
+    pretraining_budget = "reports/pretraining_budget.png"  # test error against pretraining tokens
     checkpoints = "runs/checkpoints"
     lock_file = "runs/ulmfit.lock"
     cache_dir = "runs/cache"
@@ -307,7 +308,7 @@ class Layout:
                 "",
                 "report",
                 (*CODE_COMMON, *REPORT_CODE, "metrics"),
-                (L.results, L.sample_efficiency),
+                (L.results, L.sample_efficiency, L.pretraining_budget),
                 ("report", "controls"),
             )
         raise KeyError(f"unknown stage '{group}'")

@@ -154,6 +154,40 @@ def test_classifier_each_doc_once_per_epoch_and_index_restores_order() -> None:
     assert torch.equal(scores, expected)
 
 
+@pytest.mark.parametrize("num_docs, batch_size, megabatch", [(17, 8, 100), (25, 8, 1), (65, 4, 4)])
+def test_classifier_training_never_yields_a_batch_of_one(num_docs, batch_size, megabatch) -> None:
+    # 17 documents at batch 8 used to end with a batch of one, which batch norm cannot
+    # normalise in training mode; 25 at megabatch 1 left a last megabatch of one document.
+    docs = make_docs(num_docs, seed=5)
+    batches = ClassifierBatches(docs, batch_size, seed=0, megabatch_batches=megabatch)
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        sizes = [len(b.index) for b in batches]
+        assert min(sizes) >= 2 and sum(sizes) == num_docs
+
+
+def test_classifier_batch_membership_changes_between_epochs_on_a_small_corpus() -> None:
+    # 1,000 IMDb-like reviews fit in one megabatch: sorted by exact length, the batches
+    # were cut the same way every epoch (a third of them identical even with ties broken at
+    # random). The jittered sort changes them while keeping each batch's lengths close.
+    rng = np.random.default_rng(1)
+    lengths = np.maximum(10, rng.lognormal(np.log(250), 0.63, 1000).astype(int))
+    docs = TokenDocs(np.zeros(lengths.sum(), np.int32), np.concatenate([[0], np.cumsum(lengths)]))
+
+    def shared_batches(batches: ClassifierBatches) -> int:
+        memberships = []
+        for epoch in range(2):
+            batches.set_epoch(epoch)
+            memberships.append({frozenset(b.index.tolist()) for b in batches})
+        return len(memberships[0] & memberships[1])
+
+    exact = ClassifierBatches(docs, batch_size=32, seed=0, length_jitter=0.0)
+    jittered = ClassifierBatches(docs, batch_size=32, seed=0)
+    assert shared_batches(exact) >= 32 // 3
+    assert shared_batches(jittered) <= 32 // 10
+    assert jittered.padding_fraction() < exact.padding_fraction() + 0.02
+
+
 def test_classifier_backward_reverses_each_document() -> None:
     docs = make_docs(20, labels=False)
     batch = next(iter(ClassifierBatches(docs, batch_size=8, backward=True, shuffle=False)))

@@ -149,8 +149,15 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
     assert scratch.classifier.lr_grid == (0.01, 0.02)
     assert scratch.classifier.train.stlr and not no_stlr.classifier.train.stlr
+    # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
+    assert not scratch.classifier.train.gradual_unfreezing
+    assert not scratch.classifier.train.discriminative
+    assert no_stlr.classifier.train.gradual_unfreezing and no_stlr.classifier.train.discriminative
     assert params.label_subsets("bbc_news") == [(50, 42)]
     assert parse_params(_default()).controls == {}
+    # ...unless the control asks for them explicitly.
+    data["controls"]["bbc-scratch"]["classifier"] = {"train": {"gradual_unfreezing": True}}
+    assert parse_params(data).control("bbc-scratch").classifier.train.gradual_unfreezing
 
 
 @pytest.mark.parametrize(
@@ -162,6 +169,8 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
         ({"dataset": "bbc_news", "labels": 1}, "controls.c.labels"),
         ({"dataset": "bbc_news", "epochs": 3}, "section 'controls.c'"),
         ({"dataset": "bbc_news", "classifier": {"train": {"patiense": 2}}}, "patiense"),
+        ({"dataset": "bbc_news", "pretrain_step": 100}, "pretrain.train.snapshot_steps"),
+        ({"dataset": "bbc_news", "encoder": "scratch", "pretrain_step": 1}, "encoder: finetuned"),
     ],
 )
 def test_bad_controls_are_rejected_with_their_key(entry, message):

@@ -203,7 +203,7 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
     read = lambda path: json.loads((workspace / path).read_text())  # noqa: E731
     scratch = read("metrics/controls/bbc_news-scratch-20.json")
     assert scratch["encoder"] == "scratch" and scratch["train_documents"] == 20
-    assert [c["lr"] for c in scratch["lr_search"]] == [0.01, 0.03]  # the dataset's lr grid
+    assert [c["lr"] for c in scratch["grid_search"]] == [0.01, 0.03]  # the dataset's lr grid
     assert scratch["lr"] in (0.01, 0.03) and 0 <= scratch["test_error"] <= 1
     assert 1 <= scratch["best_epoch"] <= scratch["epochs"]
     no_pretraining = read("metrics/controls/bbc_news-no_pretraining.json")

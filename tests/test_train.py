@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from ulmfit.batches import ClassifierBatches
-from ulmfit.checkpoint import latest_checkpoint, load_checkpoint
+from ulmfit.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from ulmfit.errors import InputError
 from ulmfit.model import (
     AWDLSTMConfig,
@@ -33,6 +34,8 @@ from ulmfit.train import (
     TrainEvent,
     evaluate_classifier,
     evaluate_lm,
+    native_cpu_bf16,
+    recalibrate_batchnorm,
     train_classifier,
     train_language_model,
 )
@@ -166,6 +169,24 @@ def test_lm_step_lr_is_stlr_times_the_bptt_rescaling(tmp_path: Path) -> None:
     ]
     assert len(lrs) == 3
     assert lrs[1] / lrs[0] == pytest.approx(2.6) and lrs[2] / lrs[1] == pytest.approx(2.6)
+
+
+def test_lm_snapshots_survive_pruning_and_tokens_are_counted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = LMTrainConfig(
+        epochs=2, batch_size=2, bptt=6, seed=3, keep_checkpoints=1, snapshot_steps=(2, 5)
+    )
+    events: list[TrainEvent] = []
+    result = train_language_model(
+        LanguageModel(TINY), lm_docs(), None, cfg, checkpoint_dir=tmp_path, callback=record(events)
+    )
+    steps = [e for e in events if e.kind == "step"]
+    kept = sorted(int(p.stem.split("-")[1]) for p in tmp_path.glob("step-*.pt"))
+    assert kept == [2, 5, result.steps]  # the newest, and every snapshot
+    # tokens: every step's batch x seq_len, summed; the snapshot holds the count at its step
+    assert result.tokens == sum(2 * int(e.metrics["seq_len"]) for e in steps)
+    expected_at_5 = sum(2 * int(e.metrics["seq_len"]) for e in steps[:5])
+    assert load_checkpoint(checkpoint_path(tmp_path, 5))["tokens_trained"] == expected_at_5
 
 
 def test_lm_ar_tar_off_gives_zero_penalty() -> None:
@@ -468,6 +489,20 @@ def test_bf16_autocast_runs_on_cpu_and_fp16_is_refused() -> None:
         )
 
 
+def test_bf16_native_trains_in_bf16_only_on_native_hardware_and_evaluates_in_fp32() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
+    seen: list[torch.dtype] = []
+    hook = model.head.layers[2].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    cfg = ClassifierTrainConfig(epochs=1, batch_size=8, amp="bf16_native", gradual_unfreezing=False)
+    train_classifier(model, classifier_docs(), classifier_docs(seed=1), cfg)
+    hook.remove()
+    steps = len(ClassifierBatches(classifier_docs(), 8))
+    trained, evaluated = set(seen[:steps]), set(seen[steps:])
+    assert trained == {torch.bfloat16 if native_cpu_bf16() else torch.float32}
+    assert evaluated == {torch.float32}  # validation computes what prediction computes
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("amp", ["auto", "fp16"])
@@ -526,3 +561,83 @@ def test_classifier_without_patience_runs_every_epoch() -> None:
     _, _, result = _noisy_classifier_run(None)
     assert result.epochs == 12 and not result.stopped_early
     assert 1 <= result.best_epoch <= 12
+
+
+# ------------------------------------------------------------------- long documents (issue 9)
+
+LONG_VOCAB = 50
+LONG_ENCODER = AWDLSTMConfig(vocab_size=LONG_VOCAB, embed_size=16, hidden_size=32, num_layers=2)
+
+
+def keyword_docs(n_docs: int, seed: int) -> TokenDocs:
+    """IMDb-length documents (250-350 tokens) whose label is one keyword at a random position:
+    mean and max pooling over ~300 steps leave the features' spread across documents tiny next
+    to their mean, the regime where batch-norm running averages go wrong."""
+    rng = np.random.default_rng(seed)
+    lists, labels = [], []
+    for i in range(n_docs):
+        label, length = i % 2, int(rng.integers(250, 350))
+        tokens = rng.integers(7, LONG_VOCAB, size=length)
+        tokens[int(rng.integers(0, length))] = 5 if label else 6
+        lists.append([2, *tokens.tolist()])
+        labels.append(label)
+    return TokenDocs.from_lists(lists, labels=labels)
+
+
+def batch_statistics_error(model: SequenceClassifier, docs: TokenDocs) -> float:
+    """Error with the head's batch norm using the statistics of the whole set (training-mode
+    normalisation) and the encoder in eval mode: what the head was trained to read. Measured
+    on a copy, so the model's own statistics and mode are left as they are."""
+    model = copy.deepcopy(model).eval()
+    batch = next(iter(ClassifierBatches(docs, len(docs), shuffle=False)))
+    with torch.no_grad():
+        features = model.pooled_features(batch.tokens, batch.lengths)
+        for module in model.head.modules():
+            if isinstance(module, torch.nn.BatchNorm1d):
+                module.train()
+        predicted = model.head(features).argmax(dim=1)
+    return float((predicted != batch.labels).float().mean())
+
+
+def _train_from_scratch_on_keywords(**overrides):
+    """(eval-mode error, batch-statistics error) at each validation, and the model."""
+    torch.manual_seed(0)
+    model = SequenceClassifier(
+        ClassifierConfig(encoder=LONG_ENCODER.scaled(0.0), num_classes=2, head_hidden=16)
+    )
+    cfg = ClassifierTrainConfig(
+        epochs=4,
+        batch_size=16,
+        lr=0.01,
+        gradual_unfreezing=False,
+        discriminative=False,
+        **overrides,
+    )
+    valid = keyword_docs(200, seed=1)
+    pairs = []
+
+    def on_event(event: TrainEvent) -> None:
+        if event.kind == "eval":
+            pairs.append((event.metrics["error_rate"], batch_statistics_error(model, valid)))
+
+    train_classifier(model, keyword_docs(400, seed=0), valid, cfg, callback=on_event)
+    return model, valid, pairs
+
+
+def test_classifier_from_scratch_learns_long_documents() -> None:
+    model, valid, pairs = _train_from_scratch_on_keywords()
+    assert pairs[-1][0] <= 0.05, pairs
+    # What eval mode measures is what the model learned: the error with the batch statistics
+    # it was trained under, at every validation (the ones early stopping reads).
+    assert all(abs(measured - learned) <= 0.02 for measured, learned in pairs), pairs
+
+
+def test_running_batchnorm_averages_misread_long_documents_and_recalibration_fixes_them() -> None:
+    # PyTorch's running averages alone (bn_recalibration_docs=0): at some validation the
+    # weights had learned more than eval mode could read.
+    model, valid, pairs = _train_from_scratch_on_keywords(bn_recalibration_docs=0)
+    assert max(measured - learned for measured, learned in pairs) >= 0.2, pairs
+    used = recalibrate_batchnorm(model, keyword_docs(400, seed=0), batch_size=64)
+    assert used == 400
+    measured, _ = evaluate_classifier(model, valid, batch_size=64)
+    assert abs(measured["error_rate"] - batch_statistics_error(model, valid)) <= 0.02

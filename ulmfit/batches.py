@@ -10,9 +10,10 @@ reversed. The seq_len schedule and the document order are pure functions of ``(s
 so a run resumed from :meth:`LMStream.state_dict` sees exactly the batches it would have seen.
 
 Classifier (:class:`ClassifierBatches`): documents of similar length are batched together (shuffle,
-cut into megabatches of ~100 batches, sort each by length, split, shuffle the batches), so little
-compute is spent on padding; ``index`` gives each row's position in the input so predictions
-can be put back in order.
+cut into megabatches of ~100 batches, sort each by a jittered length, split, shuffle the
+batches), so little compute is spent on padding while batch membership still changes from epoch
+to epoch; ``index`` gives each row's position in the input so predictions can be put back in
+order.
 
 With ``world_size > 1`` (DDP) every rank builds the same *global* batch and keeps its slice of
 rows, so the ranks together see exactly what a single process with the same ``batch_size`` sees.
@@ -28,7 +29,7 @@ import torch
 
 from ulmfit.storage import TokenDocs
 
-_DOC_ORDER, _SEQ_LENS, _BATCH_ORDER = 0, 1, 2  # independent random streams per (seed, epoch)
+_DOC_ORDER, _SEQ_LENS, _BATCH_ORDER, _LENGTH_JITTER = 0, 1, 2, 3  # random streams per (seed, epoch)
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
@@ -243,10 +244,15 @@ class ClassifierBatches(_ResumableBatches):
     ``megabatch_batches`` batches, sort each by length (longest first), split into batches and
     shuffle the batches. fastai uses 50; 100 cuts the padding on 5,000 IMDb reviews from 7% to
     4% of tokens at batch 64, while each batch still comes from a random set of 6,400
-    documents. Evaluation (``shuffle=False``): all documents sorted by length, longest
-    first, no randomness. ``backward`` reverses each document. Epoch handling is as in
-    :class:`LMStream`. With ``world_size > 1`` each rank keeps an even share of every batch's
-    rows; batches with fewer documents than ranks are left out so every rank has work.
+    documents. The sort key is the log length plus uniform noise of +-``length_jitter``, so
+    documents within about that fraction of each other's length trade places: without it a
+    corpus smaller than one megabatch (6,400 documents at batch 64) would be cut into the same
+    batches every epoch, only in another order. A last batch of a single document is merged
+    into the batch before it (batch norm cannot normalise one row). Evaluation
+    (``shuffle=False``): all documents sorted by length, longest first, no randomness.
+    ``backward`` reverses each document. Epoch handling is as in :class:`LMStream`. With
+    ``world_size > 1`` each rank keeps an even share of every batch's rows; batches with fewer
+    documents than ranks are left out so every rank has work.
     """
 
     def __init__(
@@ -261,6 +267,7 @@ class ClassifierBatches(_ResumableBatches):
         rank: int = 0,
         world_size: int = 1,
         megabatch_batches: int = 100,
+        length_jitter: float = 0.03,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -273,6 +280,7 @@ class ClassifierBatches(_ResumableBatches):
         self.rank = rank
         self.world_size = world_size
         self.megabatch_batches = megabatch_batches
+        self.length_jitter = length_jitter
         self._lengths = docs.lengths
         self.epoch = -1
         self.position = 0
@@ -284,14 +292,23 @@ class ClassifierBatches(_ResumableBatches):
         if not self.shuffle:
             order = np.argsort(-self._lengths, kind="stable")
             return [order[i : i + size] for i in range(0, n, size)]
-        rng = _rng(self.seed, epoch, _DOC_ORDER)
-        order = rng.permutation(n)
+        order = _rng(self.seed, epoch, _DOC_ORDER).permutation(n)
+        jitter = _rng(self.seed, epoch, _LENGTH_JITTER).uniform(
+            -self.length_jitter, self.length_jitter, n
+        )
+        keys = np.log(np.maximum(self._lengths, 1)) + jitter  # (n,) in input order
         mega = size * self.megabatch_batches
+        starts = list(range(0, n, mega))
+        if len(starts) > 1 and n - starts[-1] < size:
+            starts.pop()  # a last megabatch smaller than one batch joins the one before it
         batches = []
-        for start in range(0, n, mega):
-            chunk = order[start : start + mega]
-            chunk = chunk[np.argsort(-self._lengths[chunk], kind="stable")]
-            batches.extend(chunk[i : i + size] for i in range(0, len(chunk), size))
+        for start, stop in zip(starts, [*starts[1:], n], strict=True):
+            chunk = order[start:stop]
+            chunk = chunk[np.argsort(-keys[chunk], kind="stable")]
+            cut = [chunk[i : i + size] for i in range(0, len(chunk), size)]
+            if len(cut) > 1 and len(cut[-1]) == 1:  # no batch of one: batch norm needs two rows
+                cut[-2:] = [np.concatenate(cut[-2:])]
+            batches.extend(cut)
         shuffled = _rng(self.seed, epoch, _BATCH_ORDER).permutation(len(batches))
         return [batches[i] for i in shuffled]
 

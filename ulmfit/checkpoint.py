@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -193,12 +194,15 @@ def latest_checkpoint(directory: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def prune_checkpoints(directory: str | Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints (``keep <= 0`` keeps everything)."""
+def prune_checkpoints(directory: str | Path, keep: int, protected: Iterable[int] = ()) -> None:
+    """Delete all but the newest ``keep`` checkpoints (``keep <= 0`` keeps everything), and
+    never those of the ``protected`` steps."""
     if keep <= 0:
         return
+    spared = {checkpoint_path(directory, step) for step in protected}
     for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+        if old not in spared:
+            old.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

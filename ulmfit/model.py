@@ -398,6 +398,18 @@ def masked_concat_pool(outputs: Tensor, lengths: Tensor) -> Tensor:
     return torch.cat([last, max_pool, mean_pool], dim=1)
 
 
+class PooledOutput(NamedTuple):
+    features: Tensor  # (B, 3E) [h_last, max, mean]
+    activation: Tensor  # scalar: mean squared last-layer output in the gradient window (AR)
+    temporal: Tensor  # scalar: mean squared step-to-step change of it (TAR)
+
+
+class ClassifierOutput(NamedTuple):
+    logits: Tensor  # (B, C)
+    activation: Tensor  # scalar, as in PooledOutput
+    temporal: Tensor  # scalar
+
+
 class PoolingClassifierHead(nn.Module):
     """BatchNorm -> Dropout -> Linear -> ReLU -> BatchNorm -> Dropout -> Linear (section 3.2)."""
 
@@ -433,6 +445,15 @@ class SequenceClassifier(nn.Module):
     def pooled_features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> (B, 3E).
 
+        See :meth:`pooled_with_activations`, of which this is the features alone.
+        """
+        return self.pooled_with_activations(tokens, lengths, activations=False).features
+
+    def pooled_with_activations(
+        self, tokens: Tensor, lengths: Tensor, *, activations: bool = True
+    ) -> PooledOutput:
+        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> features (B, 3E).
+
         The batch runs in chunks of ``bptt`` with the state carried from chunk to chunk. Max,
         sum and the last real output are accumulated across chunks, masked per document, so
         padding never enters the pooled features. Chunks that lie entirely before every
@@ -441,6 +462,10 @@ class SequenceClassifier(nn.Module):
         carried state. The window starts at the shortest document's window, so each document,
         short or long, gets gradients through at least its last ``max_len`` tokens; length-bucketed
         batches keep the extra span small.
+
+        With ``activations``, the AR and TAR terms of the last layer's output are averaged over
+        the real steps of the chunks inside the gradient window (the steps gradients reach):
+        ``mean(h_t ** 2)`` and ``mean((h_t - h_{t-1}) ** 2)`` (see ``ulmfit.regularization``).
         """
         batch_size = tokens.size(0)
         lengths = lengths.to(tokens.device)
@@ -452,6 +477,8 @@ class SequenceClassifier(nn.Module):
         batch_index = torch.arange(batch_size, device=tokens.device)
         running_max = running_sum = last = None
         entered_window = False
+        squares = changes = counted = changed = tokens.new_zeros((), dtype=torch.float32)
+        previous = None  # (B, 1, E) the last output of the previous chunk in the window
         for start in range(0, longest, self.cfg.bptt):
             chunk = tokens[:, start : start + self.cfg.bptt]  # (B, t)
             in_window = start + chunk.size(1) > window_start
@@ -459,6 +486,9 @@ class SequenceClassifier(nn.Module):
                 state, entered_window = detach_state(state), True
             with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
                 output, state = self.encoder(chunk, state)  # (B, t, E)
+                # Pool in fp32: under bf16 autocast the pooled features' spread across
+                # documents can be smaller than bf16's resolution of their mean.
+                output = output.float()
                 steps = start + torch.arange(chunk.size(1), device=tokens.device)
                 real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, t, 1)
                 chunk_max = output.masked_fill(~real, float("-inf")).amax(dim=1)  # (B, E)
@@ -472,11 +502,29 @@ class SequenceClassifier(nn.Module):
                     running_max = torch.maximum(running_max, chunk_max)
                     running_sum = running_sum + chunk_sum
                     last = torch.where(ends_here[:, None], chunk_last, last)
+                if activations and in_window:
+                    squares = squares + output.pow(2).masked_fill(~real, 0.0).sum()
+                    counted = counted + real.sum() * output.size(-1)
+                    # h_t - h_{t-1}, across the chunk boundary too: (B, t or t-1, E)
+                    seq = output if previous is None else torch.cat([previous, output], dim=1)
+                    change = seq[:, 1:] - seq[:, :-1]
+                    has_previous = real[:, real.size(1) - change.size(1) :]  # right padding
+                    changes = changes + change.pow(2).masked_fill(~has_previous, 0.0).sum()
+                    changed = changed + has_previous.sum() * output.size(-1)
+                    previous = output[:, -1:]
         mean = running_sum / lengths[:, None].to(running_sum.dtype)
-        return torch.cat([last, running_max, mean], dim=1)
+        features = torch.cat([last, running_max, mean], dim=1)
+        return PooledOutput(
+            features, squares / counted.clamp(min=1), changes / changed.clamp(min=1)
+        )
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # (B, T), (B,) -> (B, C)
         return self.head(self.pooled_features(tokens, lengths))
+
+    def forward_with_activations(self, tokens: Tensor, lengths: Tensor) -> ClassifierOutput:
+        """Logits (B, C) and the AR / TAR terms of :meth:`pooled_with_activations`."""
+        pooled = self.pooled_with_activations(tokens, lengths)
+        return ClassifierOutput(self.head(pooled.features), pooled.activation, pooled.temporal)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -60,6 +60,9 @@ from ulmfit.storage import TokenDocs
 # Configs, events, results
 
 
+AMP_SETTINGS = ("auto", "bf16_native", "none", "bf16", "fp16")
+
+
 @dataclasses.dataclass(frozen=True)
 class LMTrainConfig:
     """Language-model training (pretraining or fine-tuning). Defaults: ULMFiT LM fine-tuning.
@@ -80,7 +83,11 @@ class LMTrainConfig:
     eval_batch_size: batch size of validation (0: ``batch_size``).
     checkpoint_every: checkpoint every that many steps as well as at epoch ends (0: epoch ends).
     keep_checkpoints: how many newest checkpoints to keep (0: all).
-    amp: ``"auto"`` (bf16 on CUDA if supported, else fp16; off on CPU), ``"none"``, ``"bf16"``,
+    snapshot_steps: also checkpoint at these steps and never prune those checkpoints:
+        snapshots of the model along the way (the pretraining-budget curve reads them).
+    amp: ``"auto"`` (bf16 on CUDA if supported, else fp16; off on CPU), ``"bf16_native"``
+        (bf16 wherever the hardware has it natively, CPUs included, see
+        :func:`native_cpu_bf16`; evaluation on a CPU stays fp32), ``"none"``, ``"bf16"``,
         ``"fp16"`` (CUDA only, with a gradient scaler).
     seed: seeds Python, NumPy and torch (plus the rank) and the batch streams.
     deterministic: use deterministic kernels (bit-identical reruns on CPU).
@@ -113,6 +120,7 @@ class LMTrainConfig:
     eval_batch_size: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    snapshot_steps: tuple[int, ...] = ()
     amp: str = "auto"
     seed: int = 42
     deterministic: bool = True
@@ -120,6 +128,8 @@ class LMTrainConfig:
 
     def __post_init__(self) -> None:
         _validate_common(self)
+        if any(step < 1 for step in self.snapshot_steps):
+            raise ValueError("snapshot_steps must be positive step numbers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +149,12 @@ class ClassifierTrainConfig:
     keep_best: end with the weights of the epoch with the lowest validation error (ties: the
         earlier epoch) instead of the last epoch's.
     clip: gradient-norm clipping (25 in the paper's scripts).
+    ar_alpha, tar_beta: AR / TAR on the encoder's last-layer output over the steps BPT3C
+        backpropagates through (2 and 1, as in fastai's ULMFiT classifier scripts).
+    bn_recalibration_docs: before each validation and at the end of training, the head's
+        batch-norm statistics are recomputed exactly from the eval-mode features of (a seeded
+        sample of at most) this many training documents; 0 keeps PyTorch's running averages.
+        See :func:`recalibrate_batchnorm` for why the running averages are wrong here.
     The other fields mean what they mean in :class:`LMTrainConfig`; STLR restarts each stage.
     """
 
@@ -161,6 +177,9 @@ class ClassifierTrainConfig:
     momentum: float = 0.0
     nonmono: int = 5
     clip: float = 25.0
+    ar_alpha: float = 2.0
+    tar_beta: float = 1.0
+    bn_recalibration_docs: int = 4096
     backward: bool = False
     eval_every: int = 0
     eval_batch_size: int = 0
@@ -173,13 +192,15 @@ class ClassifierTrainConfig:
 
     def __post_init__(self) -> None:
         _validate_common(self)
+        if self.bn_recalibration_docs < 0:
+            raise ValueError("bn_recalibration_docs must be >= 0")
 
 
 def _validate_common(cfg: LMTrainConfig | ClassifierTrainConfig) -> None:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
-    if cfg.amp not in ("auto", "none", "bf16", "fp16"):
-        raise ValueError(f"amp must be 'auto', 'none', 'bf16' or 'fp16', got {cfg.amp!r}")
+    if cfg.amp not in AMP_SETTINGS:
+        raise ValueError(f"amp must be one of {list(AMP_SETTINGS)}, got {cfg.amp!r}")
     if cfg.optimizer not in ("adam", "ntasgd"):
         raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {cfg.optimizer!r}")
     if min(cfg.eval_every, cfg.checkpoint_every, cfg.max_steps, cfg.keep_checkpoints) < 0:
@@ -187,7 +208,7 @@ def _validate_common(cfg: LMTrainConfig | ClassifierTrainConfig) -> None:
 
 
 # Fields that may change between a run and its resumption without changing the result.
-_RESUME_MAY_DIFFER = {"checkpoint_every", "keep_checkpoints"}
+_RESUME_MAY_DIFFER = {"checkpoint_every", "keep_checkpoints", "snapshot_steps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +241,7 @@ class TrainResult:
     resumed_from: the checkpoint this call continued from, if any.
     best_epoch: the epoch with the lowest validation error (classifier only; 0: not tracked).
     stopped_early: the classifier stopped before ``epochs`` because of ``patience``.
+    tokens: tokens trained on over the whole run, every rank together (LM only; 0 otherwise).
     """
 
     steps: int
@@ -230,6 +252,7 @@ class TrainResult:
     resumed_from: str | None = None
     best_epoch: int = 0
     stopped_early: bool = False
+    tokens: int = 0
 
 
 # ============================================================================================
@@ -273,8 +296,29 @@ class _Precision:
     use_scaler: bool
 
 
-def _precision(amp: str, device: torch.device) -> _Precision:
-    """Resolve the ``amp`` setting for ``device``."""
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX): there, bf16
+    autocast trains the LM 1.6-2.6x faster (BENCHMARKS.md); elsewhere it is emulated, slower
+    than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def _precision(amp: str, device: torch.device, training: bool = True) -> _Precision:
+    """Resolve the ``amp`` setting for ``device``.
+
+    ``auto``: on CUDA, bf16 where supported, else fp16 with a gradient scaler; fp32 on a CPU.
+    ``bf16_native``: bf16 where the hardware multiplies it natively (CUDA with bf16, or
+    :func:`native_cpu_bf16`), else fp32; on a CPU only for training steps
+    (``training=True``), so that validation and test figures are computed in fp32, as
+    ``ulmfit.predict`` computes predictions.
+    """
+    if amp == "bf16_native":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = training and native_cpu_bf16()
+        amp = "bf16" if native else "none"
     if amp == "none" or (amp == "auto" and device.type != "cuda"):
         return _Precision(False, torch.float32, False)
     if device.type == "cuda":
@@ -442,6 +486,17 @@ def _adopt_averaged(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
                 param.copy_(average)
 
 
+class _ClassifierActivations(nn.Module):
+    """``model.forward_with_activations`` as a forward, so DDP can wrap it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: Tensor, lengths: Tensor):
+        return self.model.forward_with_activations(tokens, lengths)
+
+
 class _LMLossModule(nn.Module):
     """``model.forward_loss`` as a forward, so ``DistributedDataParallel`` can wrap it."""
 
@@ -479,11 +534,13 @@ def _finish(
     )
 
 
-def _write_checkpoint(checkpoint_dir: Any, step: int, state: dict[str, Any], keep: int) -> None:
+def _write_checkpoint(
+    checkpoint_dir: Any, step: int, state: dict[str, Any], keep: int, protected: tuple = ()
+) -> None:
     """Rank 0 writes; every rank waits so that no rank runs ahead of a half-written file."""
     if distributed.is_main_process():
         save_checkpoint(checkpoint_path(checkpoint_dir, step), state)
-        prune_checkpoints(checkpoint_dir, keep)
+        prune_checkpoints(checkpoint_dir, keep, protected=protected)
     distributed.barrier()
 
 
@@ -580,7 +637,7 @@ def evaluate_lm(
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )
-    sums = _evaluate_lm_stream(model, stream, device, _precision(amp, device))
+    sums = _evaluate_lm_stream(model, stream, device, _precision(amp, device, training=False))
     return _lm_metrics(sums)
 
 
@@ -604,6 +661,81 @@ def _classifier_pass(
     if not indices:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(indices), np.concatenate(probabilities)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    docs: TokenDocs,
+    *,
+    max_docs: int = 4096,
+    batch_size: int = 64,
+    backward: bool = False,
+    device: str | torch.device = "cpu",
+    amp: str = "auto",
+    seed: int = 0,
+) -> int:
+    """Set the head's batch-norm statistics to the exact mean and variance of eval-mode features.
+
+    Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", section 3). In training
+    mode a ``BatchNorm1d`` normalises with the statistics of the batch and only tracks an
+    exponential average (momentum 0.1, variance starting at 1) for evaluation. Concat-pooled
+    features of long documents defeat that average three ways: their spread across documents
+    is tiny next to their mean (mean and max pooling over hundreds of steps), so a lag of a
+    small fraction of the mean is several standard deviations; a small label set gives only a
+    few steps per epoch, so the start value dominates for many epochs; and training-mode
+    features carry the encoder's dropout noise, which eval-mode features do not. The
+    evaluated model then reads its features through statistics they do not have.
+
+    Here the pooled features of up to ``max_docs`` documents (a seeded sample) are computed in
+    eval mode, and the head is run once over all of them in one batch with its batch-norm
+    layers in training mode and momentum 1, so each layer's running statistics become the
+    exact population statistics of its input, layer after layer. Returns the number of
+    documents used (0 when the model has no batch norm or there are fewer than 2 documents).
+    Under ``torch.distributed`` each rank encodes its share and the features are gathered, so
+    every rank ends with the same statistics.
+    """
+    bare = unwrap_model(model)
+    norms = [m for m in bare.head.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or len(docs) < 2:
+        return 0
+    if len(docs) > max_docs:
+        picked = np.random.default_rng(seed).choice(len(docs), max_docs, replace=False)
+        docs = docs.subset(np.sort(picked))
+    device = torch.device(device)
+    precision = _precision(amp, device, training=False)  # the features evaluation will see
+    batches = ClassifierBatches(
+        docs,
+        batch_size,
+        shuffle=False,
+        backward=backward,
+        pad_id=_pad_id(bare),
+        rank=distributed.rank(),
+        world_size=distributed.world_size(),
+    )
+    was_training = bare.training
+    momenta = [norm.momentum for norm in norms]
+    bare.eval()
+    try:
+        features = []
+        for batch in batches:
+            with _autocast(precision, device):
+                pooled = bare.pooled_features(batch.tokens.to(device), batch.lengths.to(device))
+            features.append(pooled.float())  # (b, 3E)
+        pooled = torch.cat(features)  # (n, 3E)
+        if distributed.is_initialized():
+            gathered: list[Any] = [None] * distributed.world_size()
+            dist.all_gather_object(gathered, pooled.cpu())
+            pooled = torch.cat(gathered).to(device)
+        for norm in norms:
+            norm.momentum = 1.0  # running statistics := this one batch's, i.e. the population's
+            norm.train()
+        bare.head(pooled)
+    finally:
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
+        bare.train(was_training)
+    return len(pooled)
 
 
 def evaluate_classifier(
@@ -635,7 +767,7 @@ def evaluate_classifier(
     if len(docs) == 0:
         nan = float("nan")
         return {"loss": nan, "accuracy": nan, "error_rate": nan}, np.zeros((0, 0), np.float32)
-    precision = _precision(amp, device)
+    precision = _precision(amp, device, training=False)
     index, probs = _classifier_pass(model, batches, device, precision)
     if distributed.is_initialized():
         gathered: list[Any] = [None] * distributed.world_size()
@@ -734,6 +866,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
     recurrent: State | None = None
     history: list[dict[str, float]] = []
     loss_sum = tokens_seen = 0.0  # this epoch's training loss, weighted by tokens
+    tokens_trained = 0  # every epoch and rank
     epoch_steps = 0  # steps done in the current epoch
     last_epoch_loss = float("nan")
     resumed_from = None
@@ -751,6 +884,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
         recurrent = _scatter_rows(payload["recurrent_state"], device)
         history = list(payload["history"])
         loss_sum, tokens_seen = payload["loss_sum"], payload["tokens_seen"]
+        tokens_trained = payload["tokens_trained"]
         epoch_steps = payload["epoch_steps"]
         last_epoch_loss = payload["last_epoch_loss"]
         _restore_rng(payload)
@@ -770,7 +904,11 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
             world_size=world,
         )
         with swap_in_averaged(optimizer):
-            metrics = _lm_metrics(_evaluate_lm_stream(model, valid_stream, device, precision))
+            metrics = _lm_metrics(
+                _evaluate_lm_stream(
+                    model, valid_stream, device, _precision(cfg.amp, device, training=False)
+                )
+            )
         if isinstance(optimizer, NTASGD):
             metrics["averaging"] = float(optimizer.check(metrics["perplexity"]))
         metrics.update(step=float(step), epoch=float(epoch))
@@ -800,11 +938,14 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
             "loss_sum": loss_sum,
             "epoch_steps": epoch_steps,
             "tokens_seen": tokens_seen,
+            "tokens_trained": tokens_trained,
             "last_epoch_loss": last_epoch_loss,
             "world_size": world,
             "rng": _gather_rng_states(),
         }
-        _write_checkpoint(checkpoint_dir, step, state, cfg.keep_checkpoints)
+        _write_checkpoint(
+            checkpoint_dir, step, state, cfg.keep_checkpoints, protected=cfg.snapshot_steps
+        )
 
     loss_module = _wrap_ddp(_LMLossModule(model), device)
     model.train()
@@ -842,6 +983,7 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
             loss_value = float(out.loss.detach())
             loss_sum += loss_value * y.numel()
             tokens_seen += y.numel()
+            tokens_trained += y.numel() * world
             _emit(
                 callback,
                 TrainEvent(
@@ -859,7 +1001,9 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
             )
             if valid is not None and cfg.eval_every and step % cfg.eval_every == 0:
                 evaluate()
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or (
+                step in cfg.snapshot_steps
+            ):
                 checkpoint()
             if cfg.max_steps and step >= cfg.max_steps:
                 finished_epoch = False
@@ -881,9 +1025,11 @@ def _train_lm(model, train, valid, cfg, checkpoint_dir, callback, device, tokeni
 
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
-    return _finish(
+    result = _finish(
         model, optimizer, step, epoch, history, last_epoch_loss, loss_sum, tokens_seen, resumed_from
     )
+    result.tokens = tokens_trained
+    return result
 
 
 # ============================================================================================
@@ -984,6 +1130,7 @@ def _train_classifier(
     # Early stopping / keep_best: the lowest validation error so far, its epoch and weights.
     best: dict[str, Any] = {"error": math.inf, "epoch": 0, "state": None}
     stopped_early = False
+    last_recalibration_step = None
     batches.set_epoch(0)
     if checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)) is not None:
         payload = load_checkpoint(path)
@@ -1005,8 +1152,25 @@ def _train_classifier(
         resumed_from = str(path)
         last_checkpoint_step = step
 
+    def recalibrate() -> None:
+        nonlocal last_recalibration_step
+        if cfg.bn_recalibration_docs:
+            with swap_in_averaged(optimizer):
+                recalibrate_batchnorm(
+                    model,
+                    train,
+                    max_docs=cfg.bn_recalibration_docs,
+                    batch_size=eval_batch_size,
+                    backward=cfg.backward,
+                    device=device,
+                    amp=cfg.amp,
+                    seed=cfg.seed,
+                )
+        last_recalibration_step = step
+
     def evaluate() -> dict[str, float]:
         _sync_buffers(model)
+        recalibrate()
         with swap_in_averaged(optimizer):
             metrics, _ = evaluate_classifier(
                 model,
@@ -1078,7 +1242,7 @@ def _train_classifier(
         if stage != current_stage:
             _set_trainable(groups, trainable)
             # DDP records which parameters need gradients when it is built: rebuild per stage.
-            train_model = _wrap_ddp(model, device)
+            train_model = _wrap_ddp(_ClassifierActivations(model), device)
             current_stage = stage
             _emit(
                 callback,
@@ -1101,13 +1265,14 @@ def _train_classifier(
             scheduled = _schedule_lr(cfg, step - stage_start_step, stage_total)
             _set_lrs(optimizer, base_lrs, scheduled / cfg.lr)
             with _autocast(precision, device):
-                logits = train_model(tokens, lengths)  # (B, C)
-            loss = F.cross_entropy(logits.float(), labels)
+                out = train_model(tokens, lengths)  # logits (B, C), AR and TAR terms
+            loss = F.cross_entropy(out.logits.float(), labels)
+            penalty = cfg.ar_alpha * out.activation + cfg.tar_beta * out.temporal
             if scaler is not None:
-                scaler.scale(loss).backward()
+                scaler.scale(loss + penalty).backward()
                 scaler.unscale_(optimizer)
             else:
-                loss.backward()
+                (loss + penalty).backward()
             grad_norm = clip_gradients((p for p in model.parameters() if p.requires_grad), cfg.clip)
             if scaler is not None:
                 scaler.step(optimizer)
@@ -1128,6 +1293,7 @@ def _train_classifier(
                     epoch,
                     {
                         "loss": loss_value,
+                        "penalty": float(penalty.detach()),
                         "lr": scheduled,
                         "grad_norm": grad_norm,
                         "stage": float(stage),
@@ -1160,6 +1326,8 @@ def _train_classifier(
         if stopped_early:
             break
 
+    if last_recalibration_step != step:
+        recalibrate()  # a run without validation, or one that ended mid-epoch
     if last_checkpoint_step != step:
         checkpoint()  # the end of a max_steps run, mid-epoch
     result = _finish(
