@@ -179,7 +179,7 @@ class ClassifierTrainConfig:
     clip: float = 25.0
     ar_alpha: float = 2.0
     tar_beta: float = 1.0
-    bn_recalibration_docs: int = 4096
+    bn_recalibration_docs: int = 1024
     backward: bool = False
     eval_every: int = 0
     eval_batch_size: int = 0
@@ -668,7 +668,7 @@ def recalibrate_batchnorm(
     model: nn.Module,
     docs: TokenDocs,
     *,
-    max_docs: int = 4096,
+    max_docs: int = 1024,
     batch_size: int = 64,
     backward: bool = False,
     device: str | torch.device = "cpu",
