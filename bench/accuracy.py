@@ -2,10 +2,11 @@
 
 Nothing here measures or types a figure: it copies the report the pipeline's ``report`` stage
 generated from the runs (``reports/results.md``, every figure with its MLflow run id, wall time
-and command) and its sample-efficiency figure into ``bench/results/``, under a header that says
-where and how the run was made. Produce the workspace with the pipeline's own commands:
+and command) and its sample-efficiency and pretraining-budget figures into ``bench/results/``,
+under a header that says where and how the run was made. Produce the workspace with the
+pipeline's own commands:
 
-    ulmfit profile benchmark && ulmfit repro      # about 80 minutes on 2 CPU cores
+    ulmfit profile benchmark && ulmfit repro      # about 2 hours on 2 CPU cores
     python bench/accuracy.py --workspace .        # then: python bench/collect.py
 
 ``--workspace`` may be another clone of the project (the run needs no change to this one).
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workspace = args.workspace.resolve()
     report = workspace / "reports" / "results.md"
-    figure = workspace / "reports" / "sample_efficiency.png"
+    figures = [
+        workspace / "reports" / name for name in ("sample_efficiency.png", "pretraining_budget.png")
+    ]
     if not report.is_file():
         print(
             f"{report}: not found. Run the benchmark first: ulmfit profile benchmark && "
@@ -74,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "![sample efficiency](bench/results/sample_efficiency.png)",
         "",
+        "![pretraining budget](bench/results/pretraining_budget.png)",
+        "",
     ]
     body = report.read_text(encoding="utf-8").splitlines()
     body = body[1:] if body and body[0].startswith("# ") else body  # our header replaces it
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "accuracy.md").write_text("\n".join(header + body) + "\n", encoding="utf-8")
-    if figure.is_file():
-        shutil.copyfile(figure, RESULTS / "sample_efficiency.png")
+    for figure in figures:
+        if figure.is_file():
+            shutil.copyfile(figure, RESULTS / figure.name)
     print(f"wrote {RESULTS / 'accuracy.md'}")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["accuracy", "lm_throughput", "tokenize", "predict", "ingest"]
+ORDER = ["accuracy", "probe", "lm_throughput", "amp_quality", "tokenize", "predict", "ingest"]
 
 HEADER = """# Benchmarks
 

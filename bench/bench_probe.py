@@ -1,0 +1,141 @@
+"""How much does each language model know about the labels? A linear probe on frozen features.
+
+For every LM a workspace holds (the random encoder, each pretraining snapshot, the pretrained
+LM, the dataset's fine-tuned LM), the encoder's concat-pooled features ``[h_last, max, mean]``
+of each document are computed in eval mode, standardised, and a logistic regression (C tuned on
+the validation split) is fitted on a class-balanced label subset and scored on the test split.
+No weight of the encoder changes: the error measures what the LM's features carry, apart from
+what classifier fine-tuning adds. It separates "the LM is too weak" from "the classifier
+training fails" when ULMFiT loses to TF-IDF.
+
+    python bench/bench_probe.py --workspace ../bench --dataset imdb --labels 1000
+
+Writes the table to stdout and to ``bench/results/probe.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tasks.baseline import label_subset  # noqa: E402
+from tasks.tokens import TOKENIZER_FILE  # noqa: E402
+from tasks.training import MODEL_FILE  # noqa: E402
+from tasks.workspace import Layout  # noqa: E402
+from ulmfit.batches import ClassifierBatches  # noqa: E402
+from ulmfit.checkpoint import load_model  # noqa: E402
+from ulmfit.io import atomic_write  # noqa: E402
+from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier  # noqa: E402
+from ulmfit.storage import TokenDocs, read_tokens  # noqa: E402
+from ulmfit.tokenizer import Tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "probe.md"
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+
+
+@torch.no_grad()
+def features(lm: LanguageModel, docs: TokenDocs) -> np.ndarray:
+    """(N, 3E) eval-mode concat-pooled features of the LM's encoder, in input order."""
+    model = SequenceClassifier(ClassifierConfig(encoder=lm.cfg, num_classes=2)).eval()
+    model.encoder.load_state_dict(lm.encoder.state_dict())
+    out = np.zeros((len(docs), 3 * lm.cfg.embed_size), np.float32)
+    for batch in ClassifierBatches(docs, 128, shuffle=False, pad_id=lm.cfg.pad_id):
+        out[batch.index.numpy()] = model.pooled_features(batch.tokens, batch.lengths).numpy()
+    return out
+
+
+def probe(lm: LanguageModel, train: TokenDocs, valid: TokenDocs, test: TokenDocs) -> dict:
+    x_train, x_valid, x_test = (features(lm, d) for d in (train, valid, test))
+    scaler = StandardScaler().fit(x_train)
+    best = None
+    for c in C_GRID:
+        fitted = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), train.labels)
+        valid_error = 1 - fitted.score(scaler.transform(x_valid), valid.labels)
+        if best is None or valid_error < best[0]:
+            test_error = 1 - fitted.score(scaler.transform(x_test), test.labels)
+            best = (valid_error, c, test_error)
+    return {"valid_error": best[0], "C": best[1], "test_error": best[2]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--dataset", default="imdb")
+    parser.add_argument("--labels", type=int, default=1000)
+    parser.add_argument("--test-docs", type=int, default=2000, help="seeded test sample")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    root = args.workspace.resolve()
+    tokenizer = Tokenizer.load(root / Layout.tokenizer_dir / TOKENIZER_FILE)
+    tokens = root / Layout.tokens(args.dataset)
+    train, valid, test = (
+        read_tokens(tokens / f"{split}.parquet", tokenizer) for split in ("train", "valid", "test")
+    )
+    train = train.subset(label_subset(train.labels, args.labels, 42))
+    if len(test) > args.test_docs:
+        picked = np.random.default_rng(0).permutation(len(test))[: args.test_docs]
+        test = test.subset(np.sort(picked))
+    pretrained = root / Layout.pretrained("fwd")
+    models: list[tuple[str, Path | None]] = [("random encoder (no LM)", None)]
+    snapshots = sorted(
+        (pretrained / "snapshots").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])
+    )
+    models += [(f"pretraining snapshot {path.stem}", path) for path in snapshots]
+    models += [("pretrained LM", pretrained / MODEL_FILE)]
+    models += [
+        (f"{args.dataset} fine-tuned LM", root / Layout.finetuned(args.dataset, "fwd") / MODEL_FILE)
+    ]
+    rows = []
+    reference, reference_meta = load_model(pretrained / MODEL_FILE)
+    for name, path in models:
+        if path is None:
+            torch.manual_seed(0)
+            lm, tokens_seen = LanguageModel(dataclasses.replace(reference.cfg)), "0"
+        else:
+            lm, meta = load_model(path)
+            tokens_seen = f"{meta['extra'].get('tokens', 0):,}"
+            if path.parent.name.startswith("lm_"):  # fine-tuned: pretraining + its own tokens
+                tokens_seen = f"{reference_meta['extra'].get('tokens', 0):,} + {tokens_seen}"
+        result = probe(lm.eval(), train, valid, test)
+        rows.append((name, tokens_seen, result))
+        print(name, result, flush=True)
+    lines = [
+        f"# Linear probe: what the forward LM's features carry about {args.dataset}",
+        "",
+        f"Reproduce: `python bench/bench_probe.py --workspace <workspace> --dataset "
+        f"{args.dataset} --labels {args.labels}` (a workspace that ran the benchmark profile).",
+        "",
+        f"Logistic regression (C tuned on the {len(valid):,} validation documents) on the "
+        f"standardised, frozen, eval-mode concat-pooled features of each LM's encoder, fitted on "
+        f"{len(train):,} class-balanced labelled documents, scored on {len(test):,} test "
+        f"documents (a seeded sample). Machine: {os.cpu_count()} CPUs. Test error in %.",
+        "",
+        "| LM | tokens trained on (pretraining + fine-tuning) | probe test error | valid error "
+        "| C |",
+        "|---|---|---|---|---|",
+    ]
+    for name, tokens_seen, result in rows:
+        lines.append(
+            f"| {name} | {tokens_seen} | {100 * result['test_error']:.2f} "
+            f"| {100 * result['valid_error']:.2f} | {result['C']:g} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(RESULTS, "w") as handle:
+        handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
