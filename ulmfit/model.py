@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ulmfit.config import from_dict
+from ulmfit.errors import InputError
 
 State = tuple[tuple[Tensor, Tensor], ...]  # per layer (h, c), each (1, B, H_layer)
 
@@ -555,6 +556,29 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
     raise TypeError(
         f"layer_groups: expected LanguageModel or SequenceClassifier, got {type(model).__name__}"
     )
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare module under ``DistributedDataParallel``/``torch.compile`` wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def pad_id(model: nn.Module) -> int:
+    """The padding token id of a classifier (``SequenceClassifier`` or an eval-only copy)."""
+    encoder_cfg = getattr(getattr(unwrap_model(model), "cfg", None), "encoder", None)
+    if encoder_cfg is None:
+        raise InputError(
+            type(model).__name__,
+            "this model has no classifier config, so its padding token id is unknown",
+            fix="pass a SequenceClassifier, or give pad_id= explicitly",
+        )
+    return int(encoder_cfg.pad_id)
 
 
 def build_model(kind: str, config_dict: dict[str, Any]) -> nn.Module:
