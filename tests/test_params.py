@@ -11,6 +11,7 @@ import yaml
 
 from tasks.params import load_params, parse_params
 from ulmfit.errors import InputError
+from ulmfit.model import ClassifierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
@@ -147,7 +148,7 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     assert (scratch.encoder, scratch.labels, scratch.direction) == ("scratch", 50, "fwd")
     # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
-    assert scratch.classifier.lr_grid == (0.01, 0.02)
+    assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02]
     assert scratch.classifier.train.stlr and not no_stlr.classifier.train.stlr
     # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
     assert not scratch.classifier.train.gradual_unfreezing
@@ -209,3 +210,21 @@ def test_every_profile_defines_what_dvc_yaml_reads(path):
     assert iterated == {"datasets", "controls"}
     missing = sorted(name for name in iterated | sections if name not in data)
     assert not missing, f"{path.name} lacks {missing}"
+
+
+def test_classifier_config_is_built_once_the_sizes_are_known():
+    data = _default()
+    data["classifier"]["model"] = {"head_hidden": 7, "encoder": {"input_dropout": 0.4}}
+    data["classifier"]["dropout_multipliers"] = [0.5, 1.0]
+    classifier = parse_params(data).dataset("bbc_news").classifier
+    assert [m for _, m in classifier.grid()] == [0.5, 1.0]
+    config = classifier.build(vocab_size=123, num_classes=5, dropout_multiplier=0.5)
+    assert (config.encoder.vocab_size, config.num_classes, config.head_hidden) == (123, 5, 7)
+    assert config.encoder.input_dropout == pytest.approx(0.2)
+    # Unset head fields take the library's defaults, written once in ClassifierConfig.
+    library = ClassifierConfig(encoder=config.encoder, num_classes=5)
+    assert (config.bptt, config.max_len, config.head_dropouts) == (
+        library.bptt,
+        library.max_len,
+        library.head_dropouts,
+    )
