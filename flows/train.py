@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.params import DIRECTIONS, ClassifierParams, FinetuneParams, load_params, section_dict
-from tasks.stage import StageContext, record_outputs, require, runtime, skip_stage, stage_run
+from tasks.stage import StageContext, record_outputs, require, skip_stage, stage_run
 from tasks.tokens import TOKENIZER_FILE
 from tasks.training import MODEL_FILE, TrainingRun, train_classifier_task, train_lm_task
 from tasks.workspace import Layout
@@ -70,16 +70,14 @@ def finetune_language_model(
     """Target-task LM fine-tuning (paper section 3.2) on ``files``, from ``init_model`` (None:
     random weights, the "no pretraining" ablation), with a seeded held-out part for perplexity."""
     return train_lm_task(
-        TrainingRun(
-            root=ctx.root,
-            run_id=ctx.run_id,
+        TrainingRun.in_stage(
+            ctx,
+            finetune,
+            description,
+            metric_prefix=metric_prefix,
             tokenizer=tokenizer,
             out_dir=out,
             checkpoint_dir=checkpoint_dir,
-            device=runtime(finetune.device, finetune.threads),
-            log_every=ctx.params.mlflow.log_every_steps,
-            description=description,
-            metric_prefix=metric_prefix,
         ),
         ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
         dataclasses.replace(finetune.train, backward=_check_direction(direction)),
@@ -107,15 +105,13 @@ def fit_classifier(
     it), tuned on the valid split with ``classifier.lrs``, ``classifier.dropout_multipliers``
     and early stopping."""
     return train_classifier_task(
-        TrainingRun(
-            root=ctx.root,
-            run_id=ctx.run_id,
+        TrainingRun.in_stage(
+            ctx,
+            classifier,
+            description,
             tokenizer=tokenizer,
             out_dir=out,
             checkpoint_dir=checkpoint_dir,
-            device=runtime(classifier.device, classifier.threads),
-            log_every=ctx.params.mlflow.log_every_steps,
-            description=description,
         ),
         classifier,
         backward=_check_direction(direction),
@@ -142,15 +138,13 @@ def pretrain_flow(direction: str, root: str = ".") -> str:
         pretrain = params.pretrain
         out = ctx.path(Layout.pretrained(direction))
         result = train_lm_task(
-            TrainingRun(
-                root=root_path,
-                run_id=ctx.run_id,
+            TrainingRun.in_stage(
+                ctx,
+                pretrain,
+                f"pretrain {direction}",
                 tokenizer=tokenizer,
                 out_dir=out,
                 checkpoint_dir=ctx.checkpoint_dir(),
-                device=runtime(pretrain.device, pretrain.threads),
-                log_every=params.mlflow.log_every_steps,
-                description=f"pretrain {direction}",
             ),
             pretrain.model.scaled(pretrain.dropout_multiplier),
             dataclasses.replace(pretrain.train, backward=backward),

@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.params import ClassifierParams
+from tasks.stage import StageContext, runtime
 from tasks.tracking import TrainLogger
 from ulmfit.checkpoint import checkpoint_path, load_checkpoint, load_model, save_model
 from ulmfit.config import to_dict
@@ -54,6 +55,32 @@ class TrainingRun:
     log_every: int
     description: str
     metric_prefix: str = ""
+
+    @classmethod
+    def in_stage(
+        cls,
+        ctx: StageContext,
+        section,
+        description: str,
+        *,
+        tokenizer: Path,
+        out_dir: Path,
+        checkpoint_dir: Path,
+        metric_prefix: str = "",
+    ) -> TrainingRun:
+        """The run of a training in stage ``ctx``; ``section`` (the pretrain, finetune or
+        classifier params) sets the device and threads."""
+        return cls(
+            root=ctx.root,
+            run_id=ctx.run_id,
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            checkpoint_dir=checkpoint_dir,
+            device=runtime(section.device, section.threads),
+            log_every=ctx.params.mlflow.log_every_steps,
+            description=description,
+            metric_prefix=metric_prefix,
+        )
 
     def logger(self, total_steps: int, *, name: str = "") -> TrainLogger:
         """The training callback; ``name``: one of several trainings in this run."""

@@ -109,6 +109,21 @@ def evaluate_lm(
     return _lm_metrics(sums)
 
 
+def _in_order(
+    docs: TokenDocs, batch_size: int, backward: bool, model: nn.Module, shard: bool = True
+) -> ClassifierBatches:
+    """Unshuffled classifier batches; ``shard``: this rank's share under torch.distributed."""
+    return ClassifierBatches(
+        docs,
+        batch_size,
+        shuffle=False,
+        backward=backward,
+        pad_id=pad_id(model),
+        rank=distributed.rank() if shard else 0,
+        world_size=distributed.world_size() if shard else 1,
+    )
+
+
 @torch.no_grad()
 def _classifier_pass(
     model: nn.Module, batches: ClassifierBatches, device: torch.device, resolved: Precision
@@ -172,15 +187,7 @@ def recalibrate_batchnorm(
         docs = docs.subset(np.sort(picked))
     device = torch.device(device)
     resolved = precision(amp, device, training=False)  # the features evaluation will see
-    batches = ClassifierBatches(
-        docs,
-        batch_size,
-        shuffle=False,
-        backward=backward,
-        pad_id=pad_id(bare),
-        rank=distributed.rank(),
-        world_size=distributed.world_size(),
-    )
+    batches = _in_order(docs, batch_size, backward, bare)
     was_training = bare.training
     momenta = [norm.momentum for norm in norms]
     bare.eval()
@@ -223,15 +230,7 @@ def evaluate_classifier(
     if docs.labels is None:
         raise ValueError("evaluate_classifier needs labelled documents (docs.labels is None)")
     device = torch.device(device)
-    batches = ClassifierBatches(
-        docs,
-        batch_size,
-        shuffle=False,
-        backward=backward,
-        pad_id=pad_id(model),
-        rank=distributed.rank(),
-        world_size=distributed.world_size(),
-    )
+    batches = _in_order(docs, batch_size, backward, model)
     if len(docs) == 0:
         nan = float("nan")
         return {"loss": nan, "accuracy": nan, "error_rate": nan}, np.zeros((0, 0), np.float32)
@@ -246,13 +245,7 @@ def evaluate_classifier(
         # every rank scores those few documents itself.
         missing = np.setdiff1d(np.arange(len(docs)), index)
         if len(missing):
-            leftover = ClassifierBatches(
-                docs.subset(missing),
-                batch_size,
-                shuffle=False,
-                backward=backward,
-                pad_id=pad_id(model),
-            )
+            leftover = _in_order(docs.subset(missing), batch_size, backward, model, shard=False)
             sub_index, sub_probs = _classifier_pass(model, leftover, device, resolved)
             index = np.concatenate([index, missing[sub_index]])
             probs = np.concatenate([probs, sub_probs]) if len(probs) else sub_probs

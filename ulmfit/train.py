@@ -216,6 +216,16 @@ class _ClassifierActivations(nn.Module):
         return self.model.forward_with_activations(tokens, lengths)
 
 
+def _eval_options(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """How validation runs: its batch size, direction, device and precision."""
+    return {
+        "batch_size": cfg.eval_batch_size or cfg.batch_size,
+        "backward": cfg.backward,
+        "device": device,
+        "amp": cfg.amp,
+    }
+
+
 class LMPart:
     """Language model: contiguous streams, next-token loss with AR/TAR, the recurrent state
     carried across batches, the ``seq_len / bptt`` LR rescaling, perplexity."""
@@ -272,13 +282,7 @@ class LMPart:
         cfg = self.cfg
         with swap_in_averaged(optimizer):
             return evaluate_lm(
-                self.model,
-                self.valid,
-                batch_size=cfg.eval_batch_size or cfg.batch_size,
-                bptt=cfg.bptt,
-                backward=cfg.backward,
-                device=self.device,
-                amp=cfg.amp,
+                self.model, self.valid, bptt=cfg.bptt, **_eval_options(cfg, self.device)
             )
 
     def end_epoch(self) -> None:
@@ -366,25 +370,16 @@ class ClassifierPart:
                     self.model,
                     self.train,
                     max_docs=cfg.bn_recalibration_docs,
-                    batch_size=cfg.eval_batch_size or cfg.batch_size,
-                    backward=cfg.backward,
-                    device=self.device,
-                    amp=cfg.amp,
                     seed=cfg.seed,
+                    **_eval_options(cfg, self.device),
                 )
         self.last_recalibration_step = step
 
     def evaluate(self, optimizer, step: int) -> dict[str, float]:
-        cfg = self.cfg
         self.recalibrate(optimizer, step)
         with swap_in_averaged(optimizer):
             metrics, _ = evaluate_classifier(
-                self.model,
-                self.valid,
-                batch_size=cfg.eval_batch_size or cfg.batch_size,
-                backward=cfg.backward,
-                device=self.device,
-                amp=cfg.amp,
+                self.model, self.valid, **_eval_options(self.cfg, self.device)
             )
         return metrics
 
