@@ -5,8 +5,8 @@ unfreezing, paper section 3.3; a language model has one stage): slanted triangul
 rates restarted for each stage (section 3.2, eq. 3), discriminative learning rates over the
 layer groups (eq. 2), mixed precision, gradient clipping, validation, early stopping and
 checkpoints. What differs between the LM and the classifier (batches, loss, evaluation,
-unfreezing, AR/TAR, batch-norm recalibration) comes in as a *part*: one of the two small classes
-in :mod:`ulmfit.train`.
+unfreezing, AR/TAR, batch-norm recalibration) comes in as a *phase*: one of the two small
+classes in :mod:`ulmfit.phases`.
 
 Everything a resumed run needs is :class:`TrainState`, saved with ``state_dict`` every
 ``checkpoint_every`` steps and at each epoch end (with the RNG states of every rank) and loaded
@@ -98,7 +98,7 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    """What a part's ``forward`` gives the loop: the loss (fp32) and the AR/TAR penalty to
+    """What a phase's ``forward`` gives the loop: the loss (fp32) and the AR/TAR penalty to
     minimise, the number of targets the loss averages over, the factor on the scheduled
     learning rate, and extra step metrics."""
 
@@ -251,7 +251,7 @@ def _emit(callback: Callback | None, event: TrainEvent) -> None:
 
 
 def fit(
-    part,
+    phase,
     model: nn.Module,
     cfg,
     resolved: Precision,
@@ -261,7 +261,7 @@ def fit(
     device: torch.device,
     tokenizer_identity: str | None,
 ) -> TrainResult:
-    """Train ``model`` in place with ``part`` (see the module docstring)."""
+    """Train ``model`` in place with ``phase`` (see the module docstring)."""
     groups = layer_groups(model)
     factor = cfg.discriminative_factor if cfg.discriminative else 1.0
     base_lrs = discriminative_lrs(cfg.lr, len(groups), factor)
@@ -278,24 +278,24 @@ def fit(
         ),
     )
     scaler = torch.amp.GradScaler(device.type) if resolved.use_scaler else None
-    state = TrainState(model, optimizer, scaler, part.data)
-    steps_per_epoch = max(1, len(part.data))
-    plan = part.plan(len(groups), steps_per_epoch)
+    state = TrainState(model, optimizer, scaler, phase.data)
+    steps_per_epoch = max(1, len(phase.data))
+    plan = phase.plan(len(groups), steps_per_epoch)
     stage_of_epoch = [index for index, stage in enumerate(plan) for _ in range(stage.epochs)]
     resumed_from = last_checkpoint_step = None
-    part.data.set_epoch(0)
+    phase.data.set_epoch(0)
     if checkpoint_dir is not None and (path := latest_checkpoint(checkpoint_dir)) is not None:
         payload = load_checkpoint(path)
-        _check_resumable(payload, part.kind, cfg, str(path))
+        _check_resumable(payload, phase.kind, cfg, str(path))
         state.load_state_dict(payload)
-        part.load_state_dict(payload)
+        phase.load_state_dict(payload)
         resumed_from, last_checkpoint_step = str(path), state.step
 
     def validate() -> dict[str, float]:
         distributed.sync_buffers(model)
-        metrics = part.evaluate(optimizer, state.step)
+        metrics = phase.evaluate(optimizer, state.step)
         if isinstance(optimizer, NTASGD):
-            metrics["averaging"] = float(optimizer.check(metrics[part.monitor]))
+            metrics["averaging"] = float(optimizer.check(metrics[phase.monitor]))
         metrics.update(step=float(state.step), epoch=float(state.epoch))
         state.history.append(metrics)
         _emit(callback, TrainEvent("eval", state.step, state.epoch, metrics))
@@ -307,16 +307,16 @@ def fit(
             return
         last_checkpoint_step = state.step
         payload = {
-            "kind": part.kind,
+            "kind": phase.kind,
             "train_config": to_dict(cfg),
             "model_config": to_dict(unwrap_model(model).cfg),
             "tokenizer_identity": tokenizer_identity,
             **state.state_dict(),
-            **part.state_dict(),
+            **phase.state_dict(),
         }
         if distributed.is_main_process():  # rank 0 writes; the others wait for the file
             save_checkpoint(checkpoint_path(checkpoint_dir, state.step), payload)
-            prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, protected=part.keep_steps)
+            prune_checkpoints(checkpoint_dir, cfg.keep_checkpoints, protected=phase.keep_steps)
         distributed.barrier()
 
     current_stage = None
@@ -335,15 +335,15 @@ def fit(
                 for param in group:
                     param.requires_grad_(number in stage.groups)
             # DDP records which parameters need gradients when it is built: rebuild per stage.
-            train_module = distributed.wrap_ddp(part.module(), device)
+            train_module = distributed.wrap_ddp(phase.module(), device)
             current_stage = index
-            announced = part.begin_stage(index, stage)
+            announced = phase.begin_stage(index, stage)
             if announced is not None:
                 _emit(callback, TrainEvent("stage", state.step, state.epoch, announced))
         finished_epoch = True
         # A checkpoint taken after an epoch's last batch resumes with nothing left to read.
-        for batch in part.data if state.epoch_steps < len(part.data) else ():
-            out = part.forward(train_module, batch)
+        for batch in phase.data if state.epoch_steps < len(phase.data) else ():
+            out = phase.forward(train_module, batch)
             lr = _scheduled_lr(cfg, state.step - state.stage_start_step, stage.schedule_steps)
             lr *= out.lr_scale
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
@@ -357,10 +357,10 @@ def fit(
             metrics = {"loss": loss_value, "penalty": float(out.penalty.detach()), "lr": lr}
             metrics.update(grad_norm=grad_norm, **out.metrics)
             _emit(callback, TrainEvent("step", state.step, state.epoch, metrics))
-            if part.valid is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
+            if phase.valid is not None and cfg.eval_every and state.step % cfg.eval_every == 0:
                 validate()
             if (cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0) or (
-                state.step in part.keep_steps
+                state.step in phase.keep_steps
             ):
                 checkpoint()
             if cfg.max_steps and state.step >= cfg.max_steps:
@@ -369,21 +369,21 @@ def fit(
         if not finished_epoch:
             break
         state.epoch += 1
-        part.data.set_epoch(state.epoch)
-        part.end_epoch()
+        phase.data.set_epoch(state.epoch)
+        phase.end_epoch()
         if state.epoch < len(stage_of_epoch) and stage_of_epoch[state.epoch] != index:
             state.stage_start_step = state.step  # the next stage's STLR starts from here
         reduced = distributed.all_reduce_sum({"loss": state.loss_sum, "seen": state.seen})
         state.last_epoch_loss = reduced["loss"] / max(reduced["seen"], 1.0)
         state.loss_sum = state.seen = 0.0
         state.epoch_steps = 0
-        metrics = validate() if part.valid is not None else {}
-        state.stopped_early = bool(metrics) and part.should_stop(state, metrics, stage_of_epoch)
+        metrics = validate() if phase.valid is not None else {}
+        state.stopped_early = bool(metrics) and phase.should_stop(state, metrics, stage_of_epoch)
         epoch_metrics = {"train_loss": state.last_epoch_loss, **metrics}
         _emit(callback, TrainEvent("epoch", state.step, state.epoch, epoch_metrics))
         checkpoint()
 
-    part.wrap_up(optimizer, state.step)
+    phase.wrap_up(optimizer, state.step)
     if last_checkpoint_step != state.step:
         checkpoint()  # the end of a max_steps run, mid-epoch
     distributed.sync_buffers(model)
@@ -398,5 +398,5 @@ def fit(
         train_loss=state.last_epoch_loss,
         resumed_from=resumed_from,
     )
-    part.finish(state, result)
+    phase.finish(state, result)
     return result

@@ -10,8 +10,8 @@
   inside the model, AR/TAR, precise batch-norm statistics, and early stopping on the
   validation error rate.
 
-Both run the one loop of :mod:`ulmfit.loop`, each with its small part (:class:`LMPart`,
-:class:`ClassifierPart`): batches, loss, evaluation and what else differs. Progress goes to an
+Both run the one loop of :mod:`ulmfit.loop`, each with its phase (:mod:`ulmfit.phases`):
+batches, loss, evaluation and what else differs. Progress goes to an
 injected ``callback`` as :class:`TrainEvent` values, never to stdout. Under ``torchrun`` the
 model is wrapped in ``DistributedDataParallel``, each rank reads its rows of the batch streams,
 and metrics are combined across ranks; only rank 0 writes checkpoints and calls the callback.
@@ -20,29 +20,23 @@ and metrics are combined across ranks; only rank 0 writes checkpoints and calls 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from ulmfit import distributed
-from ulmfit.batches import ClassifierBatches, LMStream, bptt_lr_scale
 from ulmfit.evaluate import evaluate_classifier, evaluate_lm, recalibrate_batchnorm
-from ulmfit.loop import Callback, Stage, StepOutput, TrainEvent, TrainResult, fit
-from ulmfit.model import State, detach_state, layer_groups, pad_id, unwrap_model
-from ulmfit.optim import swap_in_averaged
-from ulmfit.regularization import ar_tar_penalty
+from ulmfit.loop import Callback, TrainEvent, TrainResult, fit
+from ulmfit.model import layer_groups
+from ulmfit.phases import ClassifierPhase, LMPhase
 from ulmfit.runtime import (
     AMP_SETTINGS,
-    autocast,
     deterministic,
     native_cpu_bf16,
     precision,
     seed_everything,
 )
-from ulmfit.schedule import gradual_unfreezing_stages
 from ulmfit.storage import TokenDocs
 
 __all__ = [
@@ -191,245 +185,10 @@ class ClassifierTrainConfig(TrainConfig):
 
 
 # ============================================================================================
-# The parts: what the LM and the classifier add to the loop
-
-
-class _LMLossModule(nn.Module):
-    """``model.forward_loss`` as a forward, so ``DistributedDataParallel`` can wrap it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: Tensor, targets: Tensor, state: State | None):
-        return self.model.forward_loss(tokens, targets, state)
-
-
-class _ClassifierActivations(nn.Module):
-    """``model.forward_with_activations`` as a forward, so DDP can wrap it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: Tensor, lengths: Tensor):
-        return self.model.forward_with_activations(tokens, lengths)
-
-
-def _eval_options(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
-    """How validation runs: its batch size, direction, device and precision."""
-    return {
-        "batch_size": cfg.eval_batch_size or cfg.batch_size,
-        "backward": cfg.backward,
-        "device": device,
-        "amp": cfg.amp,
-    }
-
-
-class LMPart:
-    """Language model: contiguous streams, next-token loss with AR/TAR, the recurrent state
-    carried across batches, the ``seq_len / bptt`` LR rescaling, perplexity."""
-
-    kind, monitor = "lm", "perplexity"
-
-    def __init__(self, model, train, valid, cfg: LMTrainConfig, device, resolved) -> None:
-        self.model, self.valid, self.cfg, self.device, self.precision = (
-            model,
-            valid,
-            cfg,
-            device,
-            resolved,
-        )
-        self.data = LMStream(
-            train,
-            cfg.batch_size,
-            cfg.bptt,
-            backward=cfg.backward,
-            variable_bptt=cfg.variable_bptt,
-            seed=cfg.seed,
-            rank=distributed.rank(),
-            world_size=distributed.world_size(),
-        )
-        self.keep_steps = cfg.snapshot_steps
-        self.recurrent: State | None = None
-        self.tokens_trained = 0  # every epoch and rank
-
-    def plan(self, n_groups: int, steps_per_epoch: int) -> list[Stage]:
-        total = self.cfg.epochs * steps_per_epoch
-        if self.cfg.max_steps:
-            total = min(total, self.cfg.max_steps)
-        return [Stage(list(range(n_groups)), self.cfg.epochs, total)]
-
-    def module(self) -> nn.Module:
-        return _LMLossModule(self.model)
-
-    def begin_stage(self, index: int, stage: Stage) -> None:
-        return None  # one stage, nothing to announce
-
-    def forward(self, module: nn.Module, batch) -> StepOutput:
-        cfg = self.cfg
-        x, y = batch.x.to(self.device), batch.y.to(self.device)  # (B/W, T) each
-        with autocast(self.precision, self.device):
-            out = module(x, y, self.recurrent)
-            penalty = ar_tar_penalty(out.raw, out.dropped, alpha=cfg.ar_alpha, beta=cfg.tar_beta)
-            loss = out.loss.float()
-        self.recurrent = detach_state(out.state)
-        self.tokens_trained += y.numel() * distributed.world_size()
-        scale = bptt_lr_scale(batch.seq_len, cfg.bptt) if cfg.variable_bptt else 1.0
-        return StepOutput(loss, penalty, y.numel(), scale, {"seq_len": float(batch.seq_len)})
-
-    def evaluate(self, optimizer, step: int) -> dict[str, float]:
-        cfg = self.cfg
-        with swap_in_averaged(optimizer):
-            return evaluate_lm(
-                self.model, self.valid, bptt=cfg.bptt, **_eval_options(cfg, self.device)
-            )
-
-    def end_epoch(self) -> None:
-        self.recurrent = None  # each epoch's streams start afresh
-
-    def should_stop(self, state, metrics, stage_of_epoch) -> bool:
-        return False
-
-    def wrap_up(self, optimizer, step: int) -> None:
-        pass
-
-    def finish(self, state, result: TrainResult) -> None:
-        result.tokens = self.tokens_trained
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "recurrent_state": distributed.gather_rows(self.recurrent, self.device),
-            "tokens_trained": self.tokens_trained,
-        }
-
-    def load_state_dict(self, payload: dict[str, Any]) -> None:
-        self.recurrent = distributed.scatter_rows(payload["recurrent_state"], self.device)
-        self.tokens_trained = payload["tokens_trained"]
-
-
-class ClassifierPart:
-    """Classifier: length-bucketed batches, cross entropy plus AR/TAR, gradual unfreezing,
-    precise batch-norm statistics, error rate, and early stopping on it."""
-
-    kind, monitor = "classifier", "error_rate"
-    keep_steps: tuple[int, ...] = ()
-
-    def __init__(self, model, train, valid, cfg: ClassifierTrainConfig, device, resolved) -> None:
-        self.model, self.train, self.valid, self.cfg = model, train, valid, cfg
-        self.device, self.precision = device, resolved
-        self.data = ClassifierBatches(
-            train,
-            cfg.batch_size,
-            shuffle=True,
-            seed=cfg.seed,
-            backward=cfg.backward,
-            pad_id=pad_id(model),
-            rank=distributed.rank(),
-            world_size=distributed.world_size(),
-        )
-        self.stage = 0
-        self.last_recalibration_step: int | None = None
-
-    def plan(self, n_groups: int, steps_per_epoch: int) -> list[Stage]:
-        """(trainable groups, epochs) per stage, each with its own STLR cycle."""
-        if not self.cfg.gradual_unfreezing:
-            plan = [(list(range(n_groups)), self.cfg.epochs)]
-        else:
-            stages = gradual_unfreezing_stages(n_groups)
-            last = max(1, self.cfg.epochs - (n_groups - 1))
-            plan = [(stage, 1) for stage in stages[:-1]] + [(stages[-1], last)]
-        return [Stage(groups, epochs, epochs * steps_per_epoch) for groups, epochs in plan]
-
-    def module(self) -> nn.Module:
-        return _ClassifierActivations(self.model)
-
-    def begin_stage(self, index: int, stage: Stage) -> dict[str, float]:
-        self.stage = index
-        return {
-            "stage": float(index),
-            "trainable_groups": float(len(stage.groups)),
-            "epochs": float(stage.epochs),
-        }
-
-    def forward(self, module: nn.Module, batch) -> StepOutput:
-        cfg, device = self.cfg, self.device
-        tokens, lengths = batch.tokens.to(device), batch.lengths.to(device)  # (B,T), (B,)
-        labels = batch.labels.to(device)  # (B,)
-        with autocast(self.precision, device):
-            out = module(tokens, lengths)  # logits (B, C), AR and TAR terms
-        loss = F.cross_entropy(out.logits.float(), labels)
-        penalty = cfg.ar_alpha * out.activation + cfg.tar_beta * out.temporal
-        return StepOutput(loss, penalty, labels.numel(), 1.0, {"stage": float(self.stage)})
-
-    def recalibrate(self, optimizer, step: int) -> None:
-        cfg = self.cfg
-        if cfg.bn_recalibration_docs:
-            with swap_in_averaged(optimizer):
-                recalibrate_batchnorm(
-                    self.model,
-                    self.train,
-                    max_docs=cfg.bn_recalibration_docs,
-                    seed=cfg.seed,
-                    **_eval_options(cfg, self.device),
-                )
-        self.last_recalibration_step = step
-
-    def evaluate(self, optimizer, step: int) -> dict[str, float]:
-        self.recalibrate(optimizer, step)
-        with swap_in_averaged(optimizer):
-            metrics, _ = evaluate_classifier(
-                self.model, self.valid, **_eval_options(self.cfg, self.device)
-            )
-        return metrics
-
-    def end_epoch(self) -> None:
-        pass
-
-    def should_stop(self, state, metrics: dict[str, float], stage_of_epoch: list[int]) -> bool:
-        """Record a new best epoch; True when early stopping says stop."""
-        best, epoch = state.best, state.epoch
-        error = metrics.get("error_rate", math.nan)
-        if error < best["error"]:
-            best.update(error=float(error), epoch=epoch)
-            if self.cfg.keep_best:
-                best["state"] = {
-                    k: v.detach().to("cpu", copy=True)
-                    for k, v in unwrap_model(self.model).state_dict().items()
-                }
-        # Count patience from the later of the best epoch and the start of the last stage, so
-        # the fully unfrozen model always gets `patience` epochs to beat a best found earlier.
-        last = stage_of_epoch[-1]
-        if not self.cfg.patience or stage_of_epoch[epoch - 1] != last:
-            return False
-        return epoch - max(best["epoch"], stage_of_epoch.index(last)) >= self.cfg.patience
-
-    def wrap_up(self, optimizer, step: int) -> None:
-        if self.last_recalibration_step != step:
-            self.recalibrate(optimizer, step)  # no validation, or ended mid-epoch
-
-    def finish(self, state, result: TrainResult) -> None:
-        best = state.best
-        result.best_epoch = best["epoch"] or state.epoch
-        result.stopped_early = state.stopped_early
-        if self.cfg.keep_best and best["state"] is not None and best["epoch"] != state.epoch:
-            unwrap_model(self.model).load_state_dict(best["state"])
-            result.metrics = next(
-                (m for m in state.history if m.get("epoch") == best["epoch"]), result.metrics
-            )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, payload: dict[str, Any]) -> None:
-        pass
-
-
-# ============================================================================================
 # Entry points
 
 
-def _train(part_type, model, train, valid, cfg, checkpoint_dir, callback, device, identity):
+def _train(phase_type, model, train, valid, cfg, checkpoint_dir, callback, device, identity):
     device = torch.device(device)
     world = distributed.world_size()
     if cfg.batch_size % world:
@@ -442,9 +201,9 @@ def _train(part_type, model, train, valid, cfg, checkpoint_dir, callback, device
             model.to(device)
             seed_everything(cfg.seed + distributed.rank())
             resolved = precision(cfg.amp, device)
-            part = part_type(model, train, valid, cfg, device, resolved)
+            phase = phase_type(model, train, valid, cfg, device, resolved)
             return fit(
-                part,
+                phase,
                 model,
                 cfg,
                 resolved,
@@ -476,7 +235,7 @@ def train_language_model(
     model holds the averaged weights when this returns.
     """
     args = (checkpoint_dir, callback, device, tokenizer_identity)
-    return _train(LMPart, model, train, valid, cfg, *args)
+    return _train(LMPhase, model, train, valid, cfg, *args)
 
 
 def train_classifier(
@@ -498,4 +257,4 @@ def train_classifier(
     if train.labels is None:
         raise ValueError("train_classifier needs labelled training documents")
     args = (checkpoint_dir, callback, device, tokenizer_identity)
-    return _train(ClassifierPart, model, train, valid, cfg, *args)
+    return _train(ClassifierPhase, model, train, valid, cfg, *args)
