@@ -159,7 +159,7 @@ class BaselineParams:
 
 ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
 # How a classifier with a random encoder trains unless its control says otherwise.
-SCRATCH_TRAINING = {"gradual_unfreezing": False, "discriminative": False}
+SCRATCH_TRAINING = {"gradual_unfreezing": False, "schedule": {"discriminative": False}}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,7 +141,10 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     data["datasets"]["bbc_news"]["classifier"] = {"train": {"epochs": 9}, "lrs": [0.01, 0.02]}
     data["controls"] = {
         "bbc-scratch": {"dataset": "bbc_news", "encoder": "scratch", "labels": 50},
-        "bbc-no_stlr": {"dataset": "bbc_news", "classifier": {"train": {"stlr": False}}},
+        "bbc-no_stlr": {
+            "dataset": "bbc_news",
+            "classifier": {"train": {"schedule": {"stlr": False}}},
+        },
     }
     params = parse_params(data)
     scratch, no_stlr = params.control("bbc-scratch"), params.control("bbc-no_stlr")
@@ -149,11 +152,14 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
     assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02]
-    assert scratch.classifier.train.stlr and not no_stlr.classifier.train.stlr
+    assert scratch.classifier.train.schedule.stlr and not no_stlr.classifier.train.schedule.stlr
     # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
     assert not scratch.classifier.train.gradual_unfreezing
-    assert not scratch.classifier.train.discriminative
-    assert no_stlr.classifier.train.gradual_unfreezing and no_stlr.classifier.train.discriminative
+    assert not scratch.classifier.train.schedule.discriminative
+    assert (
+        no_stlr.classifier.train.gradual_unfreezing
+        and no_stlr.classifier.train.schedule.discriminative
+    )
     assert params.label_subsets("bbc_news") == [(50, 42)]
     assert parse_params(_default()).controls == {}
     # ...unless the control asks for them explicitly.
@@ -228,3 +234,14 @@ def test_classifier_config_is_built_once_the_sizes_are_known():
         library.max_len,
         library.head_dropouts,
     )
+
+
+def test_a_nested_section_overrides_only_the_keys_it_names():
+    data = _default()
+    data["classifier"]["train"]["optim"] = {"weight_decay": 0.1}
+    optim = parse_params(data).classifier.train.optim
+    # The classifier's own default betas survive an override of another optimiser key.
+    assert (optim.weight_decay, optim.betas, optim.name) == (0.1, (0.7, 0.99), "adam")
+    data["classifier"]["train"]["optim"] = {"nmae": "adam"}
+    with pytest.raises(ValueError, match="nmae"):
+        parse_params(data)

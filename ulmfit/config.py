@@ -14,8 +14,8 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> 
     """Build dataclass ``cls`` from ``data``.
 
     Unknown keys raise ``ValueError`` naming the key, the section (``where``) and the valid
-    keys. Nested dataclass fields are built recursively; lists become tuples so the result
-    stays hashable and frozen.
+    keys. Nested dataclass fields are built recursively, a dict overriding only the fields it
+    names of the field's default; lists become tuples so the result stays hashable and frozen.
     """
     data = dict(data or {})
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -28,6 +28,9 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = "") -> 
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
+        default = fields[name].default
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} | value
         kwargs[name] = _coerce(hints.get(name), value, f"{where}.{name}" if where else name)
     return cls(**kwargs)
 

@@ -36,9 +36,8 @@ from ulmfit.checkpoint import (
 from ulmfit.config import to_dict
 from ulmfit.errors import InputError
 from ulmfit.model import layer_groups, unwrap_model
-from ulmfit.optim import NTASGD, OptimizerConfig, clip_gradients, make_optimizer
+from ulmfit.optim import NTASGD, clip_gradients, make_optimizer
 from ulmfit.runtime import Precision
-from ulmfit.schedule import constant, discriminative_lrs, stlr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +193,6 @@ def optimizer_step(
     return grad_norm
 
 
-def _scheduled_lr(cfg, t: int, total: int) -> float:
-    """The top group's learning rate at step ``t`` of a schedule of ``total`` steps."""
-    if cfg.stlr:
-        return stlr(t, total, lr_max=cfg.lr, cut_frac=cfg.cut_frac, ratio=cfg.stlr_ratio)
-    return constant(t, total, lr_max=cfg.lr)
-
-
 def _check_resumable(payload: dict, kind: str, cfg: Any, path: str) -> None:
     if payload.get("kind") != kind:
         raise InputError(
@@ -263,20 +255,8 @@ def fit(
 ) -> TrainResult:
     """Train ``model`` in place with ``phase`` (see the module docstring)."""
     groups = layer_groups(model)
-    factor = cfg.discriminative_factor if cfg.discriminative else 1.0
-    base_lrs = discriminative_lrs(cfg.lr, len(groups), factor)
-    optimizer = make_optimizer(
-        list(zip(groups, base_lrs, strict=True)),
-        OptimizerConfig(
-            name=cfg.optimizer,
-            betas=tuple(cfg.betas),
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            decoupled_weight_decay=cfg.decoupled_weight_decay,
-            momentum=cfg.momentum,
-            nonmono=cfg.nonmono,
-        ),
-    )
+    base_lrs = cfg.schedule.group_lrs(cfg.lr, len(groups))
+    optimizer = make_optimizer(list(zip(groups, base_lrs, strict=True)), cfg.optim)
     scaler = torch.amp.GradScaler(device.type) if resolved.use_scaler else None
     state = TrainState(model, optimizer, scaler, phase.data)
     steps_per_epoch = max(1, len(phase.data))
@@ -344,8 +324,8 @@ def fit(
         # A checkpoint taken after an epoch's last batch resumes with nothing left to read.
         for batch in phase.data if state.epoch_steps < len(phase.data) else ():
             out = phase.forward(train_module, batch)
-            lr = _scheduled_lr(cfg, state.step - state.stage_start_step, stage.schedule_steps)
-            lr *= out.lr_scale
+            t = state.step - state.stage_start_step
+            lr = cfg.schedule.lr_at(cfg.lr, t, stage.schedule_steps) * out.lr_scale
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * (lr / cfg.lr)  # each group's discriminative share
             grad_norm = optimizer_step(model, optimizer, scaler, out.loss + out.penalty, cfg.clip)

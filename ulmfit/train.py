@@ -29,6 +29,7 @@ from ulmfit import distributed
 from ulmfit.evaluate import evaluate_classifier, evaluate_lm, recalibrate_batchnorm
 from ulmfit.loop import Callback, TrainEvent, TrainResult, fit
 from ulmfit.model import layer_groups
+from ulmfit.optim import OptimizerConfig
 from ulmfit.phases import ClassifierPhase, LMPhase
 from ulmfit.runtime import (
     AMP_SETTINGS,
@@ -37,6 +38,7 @@ from ulmfit.runtime import (
     precision,
     seed_everything,
 )
+from ulmfit.schedule import ScheduleConfig
 from ulmfit.storage import TokenDocs
 
 __all__ = [
@@ -61,11 +63,9 @@ class TrainConfig:
 
     epochs, batch_size: passes over the data; the global batch under data parallelism.
     lr: peak learning rate of the top layer group (0.004 for LM fine-tuning in the paper).
-    discriminative, discriminative_factor: per-group LRs ``eta_{l-1} = eta_l / factor``.
-    stlr, cut_frac, stlr_ratio: slanted triangular schedule; ``stlr=False`` keeps ``lr`` constant.
-    optimizer: ``"adam"`` or ``"ntasgd"`` (AWD-LSTM pretraining: SGD, then averaged SGD).
-    betas, eps, weight_decay, decoupled_weight_decay: Adam settings (decoupled = AdamW).
-    momentum, nonmono: NT-ASGD's SGD momentum and patience (in validation checks).
+    schedule: discriminative learning rates and STLR (:class:`~ulmfit.schedule.ScheduleConfig`).
+    optim: Adam (AdamW by default) or NT-ASGD and their settings
+        (:class:`~ulmfit.optim.OptimizerConfig`).
     clip: gradient-norm clipping (0.3 in the paper's LM scripts); 0 disables it.
     ar_alpha, tar_beta: activation / temporal activation regularisation (2 and 1).
     backward: train on reversed text (the backward model of the bidirectional ensemble).
@@ -85,18 +85,8 @@ class TrainConfig:
     epochs: int = 1
     batch_size: int = 64
     lr: float = 4e-3
-    discriminative: bool = True
-    discriminative_factor: float = 2.6
-    stlr: bool = True
-    cut_frac: float = 0.1
-    stlr_ratio: float = 32.0
-    optimizer: str = "adam"
-    betas: tuple[float, float] = (0.8, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
-    decoupled_weight_decay: bool = True
-    momentum: float = 0.0
-    nonmono: int = 5
+    schedule: ScheduleConfig = ScheduleConfig()
+    optim: OptimizerConfig = OptimizerConfig()
     clip: float = 0.3
     ar_alpha: float = 2.0
     tar_beta: float = 1.0
@@ -115,8 +105,6 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.amp not in AMP_SETTINGS:
             raise ValueError(f"amp must be one of {list(AMP_SETTINGS)}, got {self.amp!r}")
-        if self.optimizer not in ("adam", "ntasgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.optimizer!r}")
         if min(self.eval_every, self.checkpoint_every, self.max_steps, self.keep_checkpoints) < 0:
             raise ValueError(
                 "eval_every, checkpoint_every, max_steps and keep_checkpoints are >= 0"
@@ -171,7 +159,7 @@ class ClassifierTrainConfig(TrainConfig):
 
     epochs: int = 6
     lr: float = 0.01
-    betas: tuple[float, float] = (0.7, 0.99)
+    optim: OptimizerConfig = OptimizerConfig(betas=(0.7, 0.99))
     clip: float = 25.0
     gradual_unfreezing: bool = True
     patience: int = 0
@@ -193,7 +181,7 @@ def _train(phase_type, model, train, valid, cfg, checkpoint_dir, callback, devic
     world = distributed.world_size()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    if cfg.optimizer == "ntasgd" and valid is None:
+    if cfg.optim.name == "ntasgd" and valid is None:
         raise ValueError("NT-ASGD switches on a validation metric: pass validation documents")
     groups = layer_groups(model)
     try:
