@@ -37,7 +37,8 @@ from ulmfit.config import to_dict
 from ulmfit.errors import InputError
 from ulmfit.model import layer_groups, unwrap_model
 from ulmfit.optim import NTASGD, clip_gradients, make_optimizer
-from ulmfit.runtime import Precision
+from ulmfit.runtime import deterministic, precision, seed_everything
+from ulmfit.storage import TokenDocs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,22 +244,55 @@ def _emit(callback: Callback | None, event: TrainEvent) -> None:
 
 
 def fit(
-    phase,
+    phase_type,
     model: nn.Module,
+    train: TokenDocs,
+    valid: TokenDocs | None,
     cfg,
-    resolved: Precision,
-    *,
-    checkpoint_dir: Any,
-    callback: Callback | None,
-    device: torch.device,
-    tokenizer_identity: str | None,
+    checkpoint_dir: Any = None,
+    callback: Callback | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer_identity: str | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with ``phase`` (see the module docstring)."""
+    """Train ``model`` in place on ``train`` with a phase of ``phase_type`` (see the module
+    docstring), validating on ``valid``. Every parameter is trainable again when this returns."""
+    device = torch.device(device)
+    world = distributed.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
+    if cfg.optim.name == "ntasgd" and valid is None:
+        raise ValueError("NT-ASGD switches on a validation metric: pass validation documents")
     groups = layer_groups(model)
-    base_lrs = cfg.schedule.group_lrs(cfg.lr, len(groups))
-    optimizer = make_optimizer(list(zip(groups, base_lrs, strict=True)), cfg.optim)
-    scaler = torch.amp.GradScaler(device.type) if resolved.use_scaler else None
-    state = TrainState(model, optimizer, scaler, phase.data)
+    try:
+        with deterministic(cfg.deterministic and device.type == "cpu"):
+            model.to(device)
+            seed_everything(cfg.seed + distributed.rank())
+            resolved = precision(cfg.amp, device)
+            phase = phase_type(model, train, valid, cfg, device, resolved)
+            base_lrs = cfg.schedule.group_lrs(cfg.lr, len(groups))
+            optimizer = make_optimizer(list(zip(groups, base_lrs, strict=True)), cfg.optim)
+            scaler = torch.amp.GradScaler(device.type) if resolved.use_scaler else None
+            state = TrainState(model, optimizer, scaler, phase.data)
+            return _run(
+                phase,
+                state,
+                groups,
+                base_lrs,
+                cfg,
+                checkpoint_dir,
+                callback,
+                device,
+                tokenizer_identity,
+            )
+    finally:
+        for group in groups:  # gradual unfreezing leaves every parameter trainable
+            for param in group:
+                param.requires_grad_(True)
+
+
+def _run(phase, state, groups, base_lrs, cfg, checkpoint_dir, callback, device, identity):
+    """The epochs of :func:`fit`, from a fresh or resumed :class:`TrainState`."""
+    model, optimizer, scaler = state.model, state.optimizer, state.scaler
     steps_per_epoch = max(1, len(phase.data))
     plan = phase.plan(len(groups), steps_per_epoch)
     stage_of_epoch = [index for index, stage in enumerate(plan) for _ in range(stage.epochs)]
@@ -290,7 +324,7 @@ def fit(
             "kind": phase.kind,
             "train_config": to_dict(cfg),
             "model_config": to_dict(unwrap_model(model).cfg),
-            "tokenizer_identity": tokenizer_identity,
+            "tokenizer_identity": identity,
             **state.state_dict(),
             **phase.state_dict(),
         }

@@ -25,17 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ulmfit import distributed
 from ulmfit.evaluate import evaluate_classifier, evaluate_lm, recalibrate_batchnorm
 from ulmfit.loop import Callback, TrainEvent, TrainResult, fit
-from ulmfit.model import layer_groups
 from ulmfit.optim import OptimizerConfig
 from ulmfit.phases import ClassifierPhase, LMPhase
 from ulmfit.runtime import (
     AMP_SETTINGS,
-    deterministic,
     native_cpu_bf16,
-    precision,
     seed_everything,
 )
 from ulmfit.schedule import ScheduleConfig
@@ -176,36 +172,6 @@ class ClassifierTrainConfig(TrainConfig):
 # Entry points
 
 
-def _train(phase_type, model, train, valid, cfg, checkpoint_dir, callback, device, identity):
-    device = torch.device(device)
-    world = distributed.world_size()
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by {world} processes")
-    if cfg.optim.name == "ntasgd" and valid is None:
-        raise ValueError("NT-ASGD switches on a validation metric: pass validation documents")
-    groups = layer_groups(model)
-    try:
-        with deterministic(cfg.deterministic and device.type == "cpu"):
-            model.to(device)
-            seed_everything(cfg.seed + distributed.rank())
-            resolved = precision(cfg.amp, device)
-            phase = phase_type(model, train, valid, cfg, device, resolved)
-            return fit(
-                phase,
-                model,
-                cfg,
-                resolved,
-                checkpoint_dir=checkpoint_dir,
-                callback=callback,
-                device=device,
-                tokenizer_identity=identity,
-            )
-    finally:
-        for group in groups:  # gradual unfreezing leaves every parameter trainable
-            for param in group:
-                param.requires_grad_(True)
-
-
 def train_language_model(
     model: nn.Module,
     train: TokenDocs,
@@ -222,8 +188,9 @@ def train_language_model(
     Resumes from the newest checkpoint in ``checkpoint_dir`` if there is one. With NT-ASGD the
     model holds the averaged weights when this returns.
     """
-    args = (checkpoint_dir, callback, device, tokenizer_identity)
-    return _train(LMPhase, model, train, valid, cfg, *args)
+    return fit(
+        LMPhase, model, train, valid, cfg, checkpoint_dir, callback, device, tokenizer_identity
+    )
 
 
 def train_classifier(
@@ -244,5 +211,14 @@ def train_classifier(
     """
     if train.labels is None:
         raise ValueError("train_classifier needs labelled training documents")
-    args = (checkpoint_dir, callback, device, tokenizer_identity)
-    return _train(ClassifierPhase, model, train, valid, cfg, *args)
+    return fit(
+        ClassifierPhase,
+        model,
+        train,
+        valid,
+        cfg,
+        checkpoint_dir,
+        callback,
+        device,
+        tokenizer_identity,
+    )
