@@ -133,12 +133,11 @@ def load_for(
     return model
 
 
-def _steps_estimate(
-    docs: TokenDocs, batch_size: int, bptt: int, epochs: int, max_steps: int
-) -> int:
-    per_epoch = max(1, int(docs.offsets[-1]) // max(1, batch_size * bptt))
-    total = per_epoch * epochs
-    return min(total, max_steps) if max_steps else total
+def _lm_steps(docs: TokenDocs, cfg: LMTrainConfig) -> int:
+    """Optimiser steps of an LM training, for its progress bar."""
+    per_epoch = max(1, int(docs.offsets[-1]) // max(1, cfg.batch_size * cfg.bptt))
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def snapshot_file(step: int) -> str:
@@ -235,11 +234,7 @@ def train_lm_task(
             fix="re-run pretrain with the current tokenizer (dvc repro pretrain)",
         )
         model.load_state_dict(pretrained.state_dict())
-    logger = run.logger(
-        _steps_estimate(
-            train_docs, train_cfg.batch_size, train_cfg.bptt, train_cfg.epochs, train_cfg.max_steps
-        )
-    )
+    logger = run.logger(_lm_steps(train_docs, train_cfg))
     try:
         result = train_language_model(
             model,
