@@ -6,7 +6,8 @@ rates restarted for each stage (section 3.2, eq. 3), discriminative learning rat
 layer groups (eq. 2), mixed precision, gradient clipping, validation, early stopping and
 checkpoints. What differs between the LM and the classifier (batches, loss, evaluation,
 unfreezing, AR/TAR, batch-norm recalibration) comes in as a *phase*: one of the two small
-classes in :mod:`ulmfit.phases`.
+classes in :mod:`ulmfit.phases` (the base class :class:`~ulmfit.phases.Phase` says what the loop asks
+of them).
 
 Everything a resumed run needs is :class:`TrainState`, saved with ``state_dict`` every
 ``checkpoint_every`` steps and at each epoch end (with the RNG states of every rank) and loaded
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +40,9 @@ from ulmfit.model import layer_groups, unwrap_model
 from ulmfit.optim import NTASGD, clip_gradients, make_optimizer
 from ulmfit.runtime import deterministic, precision, seed_everything
 from ulmfit.storage import TokenDocs
+
+if TYPE_CHECKING:
+    from ulmfit.phases import Phase
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,29 +88,6 @@ class TrainResult:
     best_epoch: int = 0
     stopped_early: bool = False
     tokens: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class Stage:
-    """A run of epochs with the same trainable layer groups and one STLR cycle of
-    ``schedule_steps`` steps."""
-
-    groups: list[int]
-    epochs: int
-    schedule_steps: int
-
-
-@dataclasses.dataclass(frozen=True)
-class StepOutput:
-    """What a phase's ``forward`` gives the loop: the loss (fp32) and the AR/TAR penalty to
-    minimise, the number of targets the loss averages over, the factor on the scheduled
-    learning rate, and extra step metrics."""
-
-    loss: Tensor
-    penalty: Tensor
-    count: int
-    lr_scale: float
-    metrics: dict[str, float]
 
 
 # Training-config fields that may change between a run and its resumption without changing
@@ -244,7 +225,7 @@ def _emit(callback: Callback | None, event: TrainEvent) -> None:
 
 
 def fit(
-    phase_type,
+    phase_type: type[Phase],
     model: nn.Module,
     train: TokenDocs,
     valid: TokenDocs | None,
@@ -269,32 +250,23 @@ def fit(
             seed_everything(cfg.seed + distributed.rank())
             resolved = precision(cfg.amp, device)
             phase = phase_type(model, train, valid, cfg, device, resolved)
-            base_lrs = cfg.schedule.group_lrs(cfg.lr, len(groups))
-            optimizer = make_optimizer(list(zip(groups, base_lrs, strict=True)), cfg.optim)
+            # each layer group with its peak learning rate (discriminative fine-tuning)
+            lr_groups = list(zip(groups, cfg.schedule.group_lrs(cfg.lr, len(groups)), strict=True))
+            optimizer = make_optimizer(lr_groups, cfg.optim)
             scaler = torch.amp.GradScaler(device.type) if resolved.use_scaler else None
             state = TrainState(model, optimizer, scaler, phase.data)
-            return _run(
-                phase,
-                state,
-                groups,
-                base_lrs,
-                cfg,
-                checkpoint_dir,
-                callback,
-                device,
-                tokenizer_identity,
-            )
+            return _run(phase, state, lr_groups, cfg, checkpoint_dir, callback, tokenizer_identity)
     finally:
         for group in groups:  # gradual unfreezing leaves every parameter trainable
             for param in group:
                 param.requires_grad_(True)
 
 
-def _run(phase, state, groups, base_lrs, cfg, checkpoint_dir, callback, device, identity):
+def _run(phase: Phase, state: TrainState, lr_groups, cfg, checkpoint_dir, callback, identity):
     """The epochs of :func:`fit`, from a fresh or resumed :class:`TrainState`."""
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
     steps_per_epoch = max(1, len(phase.data))
-    plan = phase.plan(len(groups), steps_per_epoch)
+    plan = phase.plan(len(lr_groups), steps_per_epoch)
     stage_of_epoch = [index for index, stage in enumerate(plan) for _ in range(stage.epochs)]
     resumed_from = last_checkpoint_step = None
     phase.data.set_epoch(0)
@@ -345,11 +317,11 @@ def _run(phase, state, groups, base_lrs, cfg, checkpoint_dir, callback, device, 
         stage = plan[index]
         state.schedule_steps = stage.schedule_steps
         if index != current_stage:
-            for number, group in enumerate(groups):
-                for param in group:
+            for number, (params, _) in enumerate(lr_groups):
+                for param in params:
                     param.requires_grad_(number in stage.groups)
             # DDP records which parameters need gradients when it is built: rebuild per stage.
-            train_module = distributed.wrap_ddp(phase.module(), device)
+            train_module = distributed.wrap_ddp(phase.module(), phase.device)
             current_stage = index
             announced = phase.begin_stage(index, stage)
             if announced is not None:
@@ -360,7 +332,7 @@ def _run(phase, state, groups, base_lrs, cfg, checkpoint_dir, callback, device, 
             out = phase.forward(train_module, batch)
             t = state.step - state.stage_start_step
             lr = cfg.schedule.lr_at(cfg.lr, t, stage.schedule_steps) * out.lr_scale
-            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+            for group, (_, base) in zip(optimizer.param_groups, lr_groups, strict=True):
                 group["lr"] = base * (lr / cfg.lr)  # each group's discriminative share
             grad_norm = optimizer_step(model, optimizer, scaler, out.loss + out.penalty, cfg.clip)
             state.step += 1

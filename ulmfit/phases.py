@@ -1,4 +1,4 @@
-"""The two phases of ULMFiT training, as the phases that :func:`ulmfit.loop.fit` runs.
+"""The two phases of ULMFiT training, the parts that :func:`ulmfit.loop.fit` runs.
 
 * :class:`LMPhase`: pretraining (paper section 3.1) and LM fine-tuning (section 3.2).
   Documents joined into contiguous streams, next-token cross entropy plus AR/TAR, the recurrent
@@ -6,16 +6,19 @@
   (AWD-LSTM paper, section 4.1), perplexity for validation and NT-ASGD.
 * :class:`ClassifierPhase`: classifier fine-tuning (section 3.3). Length-bucketed batches, cross
   entropy plus AR/TAR over the steps BPT3C backpropagates through, gradual unfreezing (one
-  :class:`~ulmfit.loop.Stage` per unfrozen layer group), precise batch-norm statistics before
+  :class:`Stage` per unfrozen layer group), precise batch-norm statistics before
   each validation, the error rate, and early stopping on it.
 
-Each phase holds its data (``data``, ``valid``), says how the run is staged (``plan``), computes
-a step's loss (``forward``), validates (``evaluate``), and saves what is its own in the
-checkpoint (``state_dict``); the loop does everything else.
+Each phase (the base class :class:`Phase` lists what the loop asks) holds its data (``data``,
+``valid``), says how the run is staged (``plan``), computes a step's loss (``forward``),
+validates (``evaluate``), and saves what is its own in the checkpoint (``state_dict``); the
+loop does everything else.
 """
 
 from __future__ import annotations
 
+import abc
+import dataclasses
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -26,15 +29,102 @@ from torch import Tensor, nn
 from ulmfit import distributed
 from ulmfit.batches import ClassifierBatches, LMStream, bptt_lr_scale
 from ulmfit.evaluate import evaluate_classifier, evaluate_lm, recalibrate_batchnorm
-from ulmfit.loop import Stage, StepOutput, TrainResult
 from ulmfit.model import State, detach_state, pad_id, unwrap_model
 from ulmfit.optim import swap_in_averaged
 from ulmfit.regularization import ar_tar_penalty
 from ulmfit.runtime import autocast
 from ulmfit.schedule import gradual_unfreezing_stages
+from ulmfit.storage import TokenDocs
 
 if TYPE_CHECKING:
+    from ulmfit.loop import TrainResult, TrainState
     from ulmfit.train import ClassifierTrainConfig, LMTrainConfig, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """A run of epochs with the same trainable layer groups and one STLR cycle of
+    ``schedule_steps`` steps."""
+
+    groups: list[int]
+    epochs: int
+    schedule_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    """What a phase's ``forward`` gives the loop: the loss (fp32) and the AR/TAR penalty to
+    minimise, the number of targets the loss averages over, the factor on the scheduled
+    learning rate, and extra step metrics."""
+
+    loss: Tensor
+    penalty: Tensor
+    count: int
+    lr_scale: float
+    metrics: dict[str, float]
+
+
+class Phase(abc.ABC):
+    """What the loop asks of the language model or the classifier.
+
+    A phase is built with ``(model, train, valid, cfg, device, precision)``. ``kind`` names the
+    run in checkpoints; ``monitor`` is the validation metric NT-ASGD watches (lower is better);
+    ``data`` holds the resumable training batches; ``valid`` the validation documents (or
+    None); ``device`` where the model runs; checkpoints at ``keep_steps`` are never pruned.
+    """
+
+    kind: str
+    monitor: str
+    data: Any
+    valid: TokenDocs | None
+    device: torch.device
+    keep_steps: tuple[int, ...] = ()
+
+    @abc.abstractmethod
+    def plan(self, n_groups: int, steps_per_epoch: int) -> list[Stage]:
+        """The stages of the run, in order."""
+
+    @abc.abstractmethod
+    def module(self) -> nn.Module:
+        """The training forward as a module, for ``DistributedDataParallel`` to wrap."""
+
+    @abc.abstractmethod
+    def forward(self, module: nn.Module, batch: Any) -> StepOutput:
+        """One batch's loss, under this phase's precision."""
+
+    @abc.abstractmethod
+    def evaluate(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
+        """Validation metrics (with NT-ASGD's averaged weights swapped in)."""
+
+    def begin_stage(self, index: int, stage: Stage) -> dict[str, float] | None:
+        """Metrics of the ``"stage"`` event announcing stage ``index``, or None for none."""
+        return None
+
+    def end_epoch(self) -> None:
+        """Called after each epoch's last step."""
+        return None
+
+    def should_stop(
+        self, state: TrainState, metrics: dict[str, float], stage_of_epoch: list[int]
+    ) -> bool:
+        """After an epoch's validation: whether to stop early (and record the best so far)."""
+        return False
+
+    def wrap_up(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Called once after the last step, before the final checkpoint."""
+        return None
+
+    def finish(self, state: TrainState, result: TrainResult) -> None:
+        """Complete ``result`` (and the model) after the run."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the phase adds to a checkpoint."""
+        return {}
+
+    def load_state_dict(self, payload: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        return None
 
 
 class _LMLossModule(nn.Module):
@@ -69,20 +159,15 @@ def _eval_options(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     }
 
 
-class LMPhase:
+class LMPhase(Phase):
     """Language model: contiguous streams, next-token loss with AR/TAR, the recurrent state
     carried across batches, the ``seq_len / bptt`` LR rescaling, perplexity."""
 
     kind, monitor = "lm", "perplexity"
 
     def __init__(self, model, train, valid, cfg: LMTrainConfig, device, resolved) -> None:
-        self.model, self.valid, self.cfg, self.device, self.precision = (
-            model,
-            valid,
-            cfg,
-            device,
-            resolved,
-        )
+        self.model, self.valid, self.cfg = model, valid, cfg
+        self.device, self.precision = device, resolved
         self.data = LMStream(
             train,
             cfg.batch_size,
@@ -106,9 +191,6 @@ class LMPhase:
     def module(self) -> nn.Module:
         return _LMLossModule(self.model)
 
-    def begin_stage(self, index: int, stage: Stage) -> None:
-        return None  # one stage, nothing to announce
-
     def forward(self, module: nn.Module, batch) -> StepOutput:
         cfg = self.cfg
         x, y = batch.x.to(self.device), batch.y.to(self.device)  # (B/W, T) each
@@ -131,12 +213,6 @@ class LMPhase:
     def end_epoch(self) -> None:
         self.recurrent = None  # each epoch's streams start afresh
 
-    def should_stop(self, state, metrics, stage_of_epoch) -> bool:
-        return False
-
-    def wrap_up(self, optimizer, step: int) -> None:
-        pass
-
     def finish(self, state, result: TrainResult) -> None:
         result.tokens = self.tokens_trained
 
@@ -151,12 +227,11 @@ class LMPhase:
         self.tokens_trained = payload["tokens_trained"]
 
 
-class ClassifierPhase:
+class ClassifierPhase(Phase):
     """Classifier: length-bucketed batches, cross entropy plus AR/TAR, gradual unfreezing,
     precise batch-norm statistics, error rate, and early stopping on it."""
 
     kind, monitor = "classifier", "error_rate"
-    keep_steps: tuple[int, ...] = ()
 
     def __init__(self, model, train, valid, cfg: ClassifierTrainConfig, device, resolved) -> None:
         self.model, self.train, self.valid, self.cfg = model, train, valid, cfg
@@ -226,9 +301,6 @@ class ClassifierPhase:
             )
         return metrics
 
-    def end_epoch(self) -> None:
-        pass
-
     def should_stop(self, state, metrics: dict[str, float], stage_of_epoch: list[int]) -> bool:
         """Record a new best epoch; True when early stopping says stop."""
         best, epoch = state.best, state.epoch
@@ -260,9 +332,3 @@ class ClassifierPhase:
             result.metrics = next(
                 (m for m in state.history if m.get("epoch") == best["epoch"]), result.metrics
             )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, payload: dict[str, Any]) -> None:
-        pass
