@@ -119,7 +119,9 @@ class ClassifierParams:
         multipliers = self.dropout_multipliers or (self.dropout_multiplier,)
         return [(lr, multiplier) for lr in lrs for multiplier in multipliers]
 
-    def build(self, vocab_size: int, num_classes: int, dropout_multiplier: float):
+    def build(
+        self, vocab_size: int, num_classes: int, dropout_multiplier: float
+    ) -> ClassifierConfig:
         """The library's :class:`ClassifierConfig` once the sizes are known: the tokenizer's
         vocabulary, the dataset's classes, the encoder's dropouts times ``dropout_multiplier``."""
         model = self.model

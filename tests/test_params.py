@@ -245,3 +245,15 @@ def test_a_nested_section_overrides_only_the_keys_it_names():
     data["classifier"]["train"]["optim"] = {"nmae": "adam"}
     with pytest.raises(ValueError, match="nmae"):
         parse_params(data)
+
+
+def test_numbers_written_as_text_or_integers_become_floats():
+    data = _default()
+    data["classifier"]["lrs"] = ["1e-3", 2]  # YAML 1.1 reads 1e-3 (no dot) as a string
+    data["classifier"]["train"]["lr"] = "3e-2"
+    classifier = parse_params(data).classifier
+    assert [lr for lr, _ in classifier.grid()] == [0.001, 2.0]
+    assert classifier.train.lr == 0.03
+    data["classifier"]["train"]["lr"] = "fast"
+    with pytest.raises(ValueError, match="classifier.train.lr"):
+        parse_params(data)

@@ -43,8 +43,20 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if dataclasses.is_dataclass(c) and isinstance(value, dict):
             return from_dict(c, value, where=where)
     if isinstance(value, list):
-        return tuple(value)
-    return value
+        element = typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else None
+        return tuple(_number(element, v, where) for v in value)
+    return _number(hint, value, where)
+
+
+def _number(hint: Any, value: Any, where: str) -> Any:
+    """A float field's int, or its string such as ``1e-3`` (YAML 1.1 reads that as text), as a
+    float; anything else unchanged."""
+    if hint is not float or isinstance(value, bool) or not isinstance(value, int | str):
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
