@@ -29,14 +29,9 @@ from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
 
 DIRECTIONS = ("fwd", "bwd")
 LM_SPLITS = ("train", "valid", "test", "unsup")
-_ENCODER_SIZE_KEYS = (
-    "vocab_size",
-    "embed_size",
-    "hidden_size",
-    "num_layers",
-    "pad_id",
-    "tie_weights",
-    "out_bias",
+# What a classifier's encoder takes from the pretrained LM: every field but the dropouts.
+_ENCODER_SIZE_KEYS = tuple(
+    f.name for f in dataclasses.fields(AWDLSTMConfig) if not f.name.endswith("_dropout")
 )
 
 
