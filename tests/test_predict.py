@@ -143,7 +143,7 @@ def test_ensemble_is_the_mean():
         ensemble(forward, backward[:1])
 
 
-def test_inference_model_matches_the_bpt3c_classifier():
+def test_inference_classifier_matches_the_bpt3c_classifier():
     model = tiny_classifier(seed=5)
     docs = random_docs(25, seed=6)
     fast = InferenceClassifier(model)
