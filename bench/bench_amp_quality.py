@@ -27,6 +27,7 @@ from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.workspace import Layout  # noqa: E402
 from ulmfit.io import atomic_write  # noqa: E402
 from ulmfit.model import AWDLSTMConfig, LanguageModel  # noqa: E402
+from ulmfit.schedule import ScheduleConfig  # noqa: E402
 from ulmfit.storage import read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
 from ulmfit.train import (  # noqa: E402
@@ -55,7 +56,13 @@ def run(amp: str, train, valid, vocab: int, steps: int, threads: int) -> dict:
         ).scaled(0.1)
     )
     cfg = LMTrainConfig(
-        max_steps=steps, batch_size=32, bptt=70, lr=0.01, discriminative=False, amp=amp, seed=42
+        max_steps=steps,
+        batch_size=32,
+        bptt=70,
+        lr=0.01,
+        schedule=ScheduleConfig(discriminative=False),
+        amp=amp,
+        seed=42,
     )
     start = time.perf_counter()
     result = train_language_model(model, train, None, cfg)

@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     model = SequenceClassifier(cfg)
 
     log("training the classifier briefly (for the int8 accuracy change)")
+    from ulmfit.schedule import ScheduleConfig
     from ulmfit.train import ClassifierTrainConfig, train_classifier
 
     order = rng.permutation(len(train_docs))[: args.train_docs]
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=32,
             lr=args.train_lr,
             gradual_unfreezing=False,
-            discriminative=False,
+            schedule=ScheduleConfig(discriminative=False),
             seed=args.seed,
         ),
     )

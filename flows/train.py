@@ -10,9 +10,9 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.params import DIRECTIONS, ClassifierParams, FinetuneParams, load_params, section_dict
-from tasks.stage import StageContext, record_outputs, require, runtime, skip_stage, stage_run
+from tasks.stage import StageContext, record_outputs, require, skip_stage, stage_run
 from tasks.tokens import TOKENIZER_FILE
-from tasks.training import MODEL_FILE, train_classifier_task, train_lm_task
+from tasks.training import MODEL_FILE, TrainingRun, train_classifier_task, train_lm_task
 from tasks.workspace import Layout
 from ulmfit.errors import InputError
 
@@ -70,21 +70,20 @@ def finetune_language_model(
     """Target-task LM fine-tuning (paper section 3.2) on ``files``, from ``init_model`` (None:
     random weights, the "no pretraining" ablation), with a seeded held-out part for perplexity."""
     return train_lm_task(
-        root=ctx.root,
-        run_id=ctx.run_id,
-        tokenizer_path=tokenizer,
+        TrainingRun.in_stage(
+            ctx,
+            finetune,
+            description,
+            metric_prefix=metric_prefix,
+            tokenizer=tokenizer,
+            out_dir=out,
+            checkpoint_dir=checkpoint_dir,
+        ),
+        ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
+        dataclasses.replace(finetune.train, backward=_check_direction(direction)),
         token_files=files,
-        valid_file=None,
         holdout=(finetune.valid_fraction, finetune.train.seed, finetune.max_docs),
-        model_cfg=ctx.params.pretrain.model.scaled(finetune.dropout_multiplier),
-        train_cfg=dataclasses.replace(finetune.train, backward=_check_direction(direction)),
         init_model=init_model,
-        out_dir=out,
-        checkpoint_dir=checkpoint_dir,
-        device=runtime(finetune.device, finetune.threads),
-        log_every=ctx.params.mlflow.log_every_steps,
-        description=description,
-        metric_prefix=metric_prefix,
     )
 
 
@@ -106,22 +105,20 @@ def fit_classifier(
     it), tuned on the valid split with ``classifier.lrs``, ``classifier.dropout_multipliers``
     and early stopping."""
     return train_classifier_task(
-        root=ctx.root,
-        run_id=ctx.run_id,
-        tokenizer_path=tokenizer,
+        TrainingRun.in_stage(
+            ctx,
+            classifier,
+            description,
+            tokenizer=tokenizer,
+            out_dir=out,
+            checkpoint_dir=checkpoint_dir,
+        ),
+        classifier,
+        backward=_check_direction(direction),
         train_file=tokens / "train.parquet",
         valid_file=tokens / "valid.parquet",
         label_names=label_names,
         lm_file=lm_file,
-        model_cfg=classifier.model,
-        train_cfg=dataclasses.replace(classifier.train, backward=_check_direction(direction)),
-        out_dir=out,
-        checkpoint_dir=checkpoint_dir,
-        device=runtime(classifier.device, classifier.threads),
-        log_every=ctx.params.mlflow.log_every_steps,
-        description=description,
-        lrs=classifier.lr_grid,
-        dropout_multipliers=classifier.dropout_grid,
         train_indices=train_indices,
     )
 
@@ -141,19 +138,18 @@ def pretrain_flow(direction: str, root: str = ".") -> str:
         pretrain = params.pretrain
         out = ctx.path(Layout.pretrained(direction))
         result = train_lm_task(
-            root=root_path,
-            run_id=ctx.run_id,
-            tokenizer_path=tokenizer,
+            TrainingRun.in_stage(
+                ctx,
+                pretrain,
+                f"pretrain {direction}",
+                tokenizer=tokenizer,
+                out_dir=out,
+                checkpoint_dir=ctx.checkpoint_dir(),
+            ),
+            pretrain.model.scaled(pretrain.dropout_multiplier),
+            dataclasses.replace(pretrain.train, backward=backward),
             token_files=[tokens / "train.parquet"],
             valid_file=tokens / "valid.parquet",
-            model_cfg=pretrain.model.scaled(pretrain.dropout_multiplier),
-            train_cfg=dataclasses.replace(pretrain.train, backward=backward),
-            init_model=None,
-            out_dir=out,
-            checkpoint_dir=ctx.checkpoint_dir(),
-            device=runtime(pretrain.device, pretrain.threads),
-            log_every=params.mlflow.log_every_steps,
-            description=f"pretrain {direction}",
         )
         record_outputs(
             root_path,

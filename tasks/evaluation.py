@@ -14,10 +14,10 @@ from prefect.cache_policies import NONE
 from tasks.training import load_for
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
+from ulmfit.evaluate import evaluate_classifier
 from ulmfit.predict import TextClassifier, ensemble
 from ulmfit.storage import read_tokens
 from ulmfit.tokenizer import Tokenizer
-from ulmfit.train import evaluate_classifier
 
 
 @task(name="evaluate-classifiers", cache_policy=NONE, persist_result=False)

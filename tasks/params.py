@@ -29,18 +29,9 @@ from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
 
 DIRECTIONS = ("fwd", "bwd")
 LM_SPLITS = ("train", "valid", "test", "unsup")
-# Placeholders for sizes that are only known at run time (vocabulary, number of classes): the
-# sections are validated with them and the real values are put in by the stage.
-_VOCAB_PLACEHOLDER = 2
-_CLASSES_PLACEHOLDER = 2
-_ENCODER_SIZE_KEYS = (
-    "vocab_size",
-    "embed_size",
-    "hidden_size",
-    "num_layers",
-    "pad_id",
-    "tie_weights",
-    "out_bias",
+# What a classifier's encoder takes from the pretrained LM: every field but the dropouts.
+_ENCODER_SIZE_KEYS = tuple(
+    f.name for f in dataclasses.fields(AWDLSTMConfig) if not f.name.endswith("_dropout")
 )
 
 
@@ -80,6 +71,24 @@ class FinetuneParams:
     threads: int = 0
 
 
+def _default(cls: type, name: str) -> Any:
+    """The default of dataclass ``cls``'s field ``name``: each default is written once."""
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierModelParams:
+    """``classifier.model``: :class:`ClassifierConfig` without the sizes that are known only at
+    run time (the vocabulary and the number of classes); :meth:`ClassifierParams.build` adds
+    them. ``encoder``: the pretrained LM's sizes with the classifier's base dropouts."""
+
+    encoder: AWDLSTMConfig
+    head_hidden: int = _default(ClassifierConfig, "head_hidden")
+    head_dropouts: tuple[float, float] = _default(ClassifierConfig, "head_dropouts")
+    bptt: int = _default(ClassifierConfig, "bptt")
+    max_len: int = _default(ClassifierConfig, "max_len")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassifierParams:
     """Stage ``train_classifier``: classifier fine-tuning (paper section 3.3).
@@ -88,7 +97,7 @@ class ClassifierParams:
     dropouts; the encoder's sizes always come from the pretrained LM.
     """
 
-    model: ClassifierConfig
+    model: ClassifierModelParams
     train: ClassifierTrainConfig
     dropout_multiplier: float = 0.5
     device: str = "auto"
@@ -99,13 +108,27 @@ class ClassifierParams:
     lrs: tuple[float, ...] = ()
     dropout_multipliers: tuple[float, ...] = ()
 
-    @property
-    def lr_grid(self) -> tuple[float, ...]:
-        return tuple(self.lrs) or (self.train.lr,)
+    def grid(self) -> list[tuple[float, float]]:
+        """The (learning rate, dropout multiplier) pairs of the search, in order."""
+        lrs = self.lrs or (self.train.lr,)
+        multipliers = self.dropout_multipliers or (self.dropout_multiplier,)
+        return [(lr, multiplier) for lr in lrs for multiplier in multipliers]
 
-    @property
-    def dropout_grid(self) -> tuple[float, ...]:
-        return tuple(self.dropout_multipliers) or (self.dropout_multiplier,)
+    def build(
+        self, vocab_size: int, num_classes: int, dropout_multiplier: float
+    ) -> ClassifierConfig:
+        """The library's :class:`ClassifierConfig` once the sizes are known: the tokenizer's
+        vocabulary, the dataset's classes, the encoder's dropouts times ``dropout_multiplier``."""
+        model = self.model
+        encoder = dataclasses.replace(model.encoder, vocab_size=vocab_size)
+        return ClassifierConfig(
+            encoder=encoder.scaled(dropout_multiplier),
+            num_classes=num_classes,
+            head_hidden=model.head_hidden,
+            head_dropouts=model.head_dropouts,
+            bptt=model.bptt,
+            max_len=model.max_len,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +156,7 @@ class BaselineParams:
 
 ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
 # How a classifier with a random encoder trains unless its control says otherwise.
-SCRATCH_TRAINING = {"gradual_unfreezing": False, "discriminative": False}
+SCRATCH_TRAINING = {"gradual_unfreezing": False, "schedule": {"discriminative": False}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +238,6 @@ class Params:
     evaluate: EvaluateParams
     report: ReportParams
     mlflow: MlflowParams
-    raw: Mapping[str, Any]  # the parsed YAML, for logging each stage's own section
     controls: Mapping[str, ControlParams] = dataclasses.field(default_factory=dict)
     baseline: BaselineParams = BaselineParams()
 
@@ -334,7 +356,6 @@ def parse_params(data: Mapping[str, Any]) -> Params:
         evaluate=from_dict(EvaluateParams, _section(data, "evaluate"), where="evaluate"),
         report=from_dict(ReportParams, _section(data, "report"), where="report"),
         mlflow=from_dict(MlflowParams, _section(data, "mlflow"), where="mlflow"),
-        raw=data,
         controls=controls,
         baseline=from_dict(BaselineParams, _section(data, "baseline"), where="baseline"),
     )
@@ -378,19 +399,15 @@ def _split(data: dict[str, Any], where: str, allowed: tuple[str, ...]) -> None:
 
 
 def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
-    _split(data, "pretrain", ("model", "train", "dropout_multiplier", "device", "threads"))
     model = dict(data.get("model") or {})
     if "vocab_size" in model:
         raise ValueError(
             "key 'vocab_size' in section 'pretrain.model': the vocabulary size is "
             "set once, in tokenizer.vocab_size"
         )
-    return PretrainParams(
-        model=from_dict(AWDLSTMConfig, {**model, "vocab_size": vocab_size}, where="pretrain.model"),
-        train=from_dict(LMTrainConfig, data.get("train"), where="pretrain.train"),
-        dropout_multiplier=float(data.get("dropout_multiplier", 1.0)),
-        device=str(data.get("device", "auto")),
-        threads=int(data.get("threads", 0)),
+    model["vocab_size"] = vocab_size
+    return from_dict(
+        PretrainParams, {**data, "model": model, "train": data.get("train") or {}}, where="pretrain"
     )
 
 
@@ -405,11 +422,6 @@ def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
 
 
 def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
-    _split(
-        data,
-        where,
-        ("model", "train", "dropout_multiplier", "dropout_multipliers", "device", "threads", "lrs"),
-    )
     model = dict(data.get("model") or {})
     encoder_overrides = dict(model.pop("encoder", None) or {})
     fixed = sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
@@ -421,20 +433,9 @@ def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> Cla
     for key in ("num_classes",):
         if key in model:
             raise ValueError(f"key '{key}' in section '{where}.model' is set from the dataset")
-    encoder_dict = {**to_dict(encoder), **encoder_overrides}
-    config = from_dict(
-        ClassifierConfig,
-        {**model, "encoder": encoder_dict, "num_classes": _CLASSES_PLACEHOLDER},
-        where=f"{where}.model",
-    )
-    return ClassifierParams(
-        model=config,
-        train=from_dict(ClassifierTrainConfig, data.get("train"), where=f"{where}.train"),
-        dropout_multiplier=float(data.get("dropout_multiplier", 0.5)),
-        device=str(data.get("device", "auto")),
-        threads=int(data.get("threads", 0)),
-        lrs=tuple(float(lr) for lr in data.get("lrs") or ()),
-        dropout_multipliers=tuple(float(m) for m in data.get("dropout_multipliers") or ()),
+    model["encoder"] = {**to_dict(encoder), **encoder_overrides}
+    return from_dict(
+        ClassifierParams, {**data, "model": model, "train": data.get("train") or {}}, where=where
     )
 
 

@@ -20,32 +20,78 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks.params import ClassifierParams
+from tasks.stage import StageContext, runtime
 from tasks.tracking import TrainLogger
 from ulmfit.checkpoint import checkpoint_path, load_checkpoint, load_model, save_model
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
+from ulmfit.evaluate import evaluate_lm
 from ulmfit.io import atomic_write
-from ulmfit.model import (
-    AWDLSTMConfig,
-    ClassifierConfig,
-    LanguageModel,
-    SequenceClassifier,
-    layer_groups,
-)
+from ulmfit.model import AWDLSTMConfig, LanguageModel, SequenceClassifier, layer_groups
+from ulmfit.runtime import seed_everything
 from ulmfit.storage import TokenDocs, read_tokens
 from ulmfit.tokenizer import Tokenizer
-from ulmfit.train import (
-    ClassifierTrainConfig,
-    LMTrainConfig,
-    evaluate_lm,
-    seed_everything,
-    train_classifier,
-    train_language_model,
-)
+from ulmfit.train import LMTrainConfig, train_classifier, train_language_model
 
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """Where a training task runs and reports: the project ``root``, its MLflow ``run_id``, the
+    tokenizer file, the stage's out folder and checkpoint folder, the torch device, one curve
+    point per ``log_every`` steps, the progress bar's ``description`` and the metric names'
+    ``metric_prefix``."""
+
+    root: Path
+    run_id: str
+    tokenizer: Path
+    out_dir: Path
+    checkpoint_dir: Path
+    device: str
+    log_every: int
+    description: str
+    metric_prefix: str = ""
+
+    @classmethod
+    def in_stage(
+        cls,
+        ctx: StageContext,
+        section,
+        description: str,
+        *,
+        tokenizer: Path,
+        out_dir: Path,
+        checkpoint_dir: Path,
+        metric_prefix: str = "",
+    ) -> TrainingRun:
+        """The run of a training in stage ``ctx``; ``section`` (the pretrain, finetune or
+        classifier params) sets the device and threads."""
+        return cls(
+            root=ctx.root,
+            run_id=ctx.run_id,
+            tokenizer=tokenizer,
+            out_dir=out_dir,
+            checkpoint_dir=checkpoint_dir,
+            device=runtime(section.device, section.threads),
+            log_every=ctx.params.mlflow.log_every_steps,
+            description=description,
+            metric_prefix=metric_prefix,
+        )
+
+    def logger(self, total_steps: int, *, name: str = "") -> TrainLogger:
+        """The training callback; ``name``: one of several trainings in this run."""
+        return TrainLogger(
+            self.root,
+            self.run_id,
+            every=self.log_every,
+            description=f"{self.description} {name}" if name else self.description,
+            total_steps=total_steps,
+            metric_prefix=f"{self.metric_prefix}{name}/" if name else self.metric_prefix,
+        )
 
 
 def concat_docs(parts: list[TokenDocs]) -> TokenDocs:
@@ -87,12 +133,11 @@ def load_for(
     return model
 
 
-def _steps_estimate(
-    docs: TokenDocs, batch_size: int, bptt: int, epochs: int, max_steps: int
-) -> int:
-    per_epoch = max(1, int(docs.offsets[-1]) // max(1, batch_size * bptt))
-    total = per_epoch * epochs
-    return min(total, max_steps) if max_steps else total
+def _lm_steps(docs: TokenDocs, cfg: LMTrainConfig) -> int:
+    """Optimiser steps of an LM training, for its progress bar."""
+    per_epoch = max(1, int(docs.offsets[-1]) // max(1, cfg.batch_size * cfg.bptt))
+    total = per_epoch * cfg.epochs
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
 def snapshot_file(step: int) -> str:
@@ -150,22 +195,14 @@ def _result_summary(result) -> dict:
 
 @task(name="train-language-model", cache_policy=NONE, persist_result=False)
 def train_lm_task(
-    *,
-    root: Path,
-    run_id: str,
-    tokenizer_path: Path,
-    token_files: list[Path],
-    valid_file: Path | None,
+    run: TrainingRun,
     model_cfg: AWDLSTMConfig,
     train_cfg: LMTrainConfig,
-    init_model: Path | None,
-    out_dir: Path,
-    checkpoint_dir: Path,
-    device: str,
-    log_every: int,
+    *,
+    token_files: list[Path],
+    valid_file: Path | None = None,
     holdout: tuple[float, int, int | None] | None = None,
-    description: str,
-    metric_prefix: str = "",
+    init_model: Path | None = None,
 ) -> dict:
     """Pretrain (``init_model=None``) or fine-tune (from ``init_model``) a language model.
 
@@ -173,7 +210,7 @@ def train_lm_task(
     ``holdout=(fraction, seed, max_docs)``, a seeded part of the documents. Returns the final
     validation metrics, the curves, and the model file's path.
     """
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = Tokenizer.load(run.tokenizer)
     docs = concat_docs([read_tokens(path, tokenizer) for path in token_files])
     if holdout is not None:
         train_docs, valid_docs = split_holdout(docs, *holdout)
@@ -197,25 +234,16 @@ def train_lm_task(
             fix="re-run pretrain with the current tokenizer (dvc repro pretrain)",
         )
         model.load_state_dict(pretrained.state_dict())
-    logger = TrainLogger(
-        root,
-        run_id,
-        every=log_every,
-        description=description,
-        total_steps=_steps_estimate(
-            train_docs, train_cfg.batch_size, train_cfg.bptt, train_cfg.epochs, train_cfg.max_steps
-        ),
-        metric_prefix=metric_prefix,
-    )
+    logger = run.logger(_lm_steps(train_docs, train_cfg))
     try:
         result = train_language_model(
             model,
             train_docs,
             valid_docs,
             train_cfg,
-            checkpoint_dir=checkpoint_dir,
+            checkpoint_dir=run.checkpoint_dir,
             callback=logger,
-            device=device,
+            device=run.device,
             tokenizer_identity=tokenizer.identity,
         )
     finally:
@@ -229,7 +257,7 @@ def train_lm_task(
             batch_size=train_cfg.eval_batch_size or train_cfg.batch_size,
             bptt=train_cfg.bptt,
             backward=train_cfg.backward,
-            device=device,
+            device=run.device,
             amp=train_cfg.amp,
         )
         logger.evals.append({"step": result.steps, "epoch": result.epochs, **final})
@@ -243,12 +271,12 @@ def train_lm_task(
     )
     # Snapshots past the end of a shorter run do not exist: the report says which ran.
     snapshots = tuple(
-        (step, load_checkpoint(checkpoint_path(checkpoint_dir, step)))
+        (step, load_checkpoint(checkpoint_path(run.checkpoint_dir, step)))
         for step in sorted(train_cfg.snapshot_steps)
         if step <= result.steps
     )
     _write_model_dir(
-        out_dir,
+        run.out_dir,
         model,
         kind="lm",
         config=config,
@@ -270,41 +298,32 @@ def train_lm_task(
         "metrics": metrics,
         "steps": logger.steps,
         "evals": logger.evals,
-        "model": str(out_dir / MODEL_FILE),
+        "model": str(run.out_dir / MODEL_FILE),
         "resumed_from": result.resumed_from,
     }
 
 
 @task(name="train-classifier", cache_policy=NONE, persist_result=False)
 def train_classifier_task(
+    run: TrainingRun,
+    classifier: ClassifierParams,
     *,
-    root: Path,
-    run_id: str,
-    tokenizer_path: Path,
+    backward: bool,
     train_file: Path,
     valid_file: Path,
     label_names: list[str],
     lm_file: Path | None,
-    model_cfg: ClassifierConfig,
-    train_cfg: ClassifierTrainConfig,
-    out_dir: Path,
-    checkpoint_dir: Path,
-    device: str,
-    log_every: int,
-    description: str,
-    lrs: tuple[float, ...],
-    dropout_multipliers: tuple[float, ...],
     train_indices: np.ndarray | None = None,
 ) -> dict:
     """Classifier on the encoder of ``lm_file`` (random weights when None): gradual unfreezing,
     discriminative LRs, STLR and BPT3C inside ``ulmfit.train.train_classifier``.
 
-    A search over ``lrs`` x ``dropout_multipliers`` (the encoder's dropouts scaled): one
+    A search over ``classifier.grid()`` (learning rate x the encoder's dropouts scaled): one
     classifier per pair, each resumable in its own checkpoint folder and kept once finished,
     so a killed search redoes nothing that was done; the lowest validation error wins (ties:
     the earlier pair). ``train_indices``: train on these documents of the train split.
     """
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = Tokenizer.load(run.tokenizer)
     train_docs = read_tokens(train_file, tokenizer)
     if train_indices is not None:
         train_docs = train_docs.subset(np.asarray(train_indices))
@@ -312,17 +331,15 @@ def train_classifier_task(
     encoder_state = None
     if lm_file is not None:
         encoder_state = load_for(lm_file, tokenizer, "the language model").encoder.state_dict()
-    encoder = dataclasses.replace(model_cfg.encoder, vocab_size=tokenizer.vocab_size)
-    grid = [(lr, mult) for lr in lrs for mult in dropout_multipliers]
-    several = len(grid) > 1
+    grid = classifier.grid()
     search = []
     for lr, mult in grid:
-        cfg = dataclasses.replace(train_cfg, lr=lr)
-        config = dataclasses.replace(
-            model_cfg, encoder=encoder.scaled(mult), num_classes=len(label_names)
-        )
-        name = f"lr-{lr:g}" if len(dropout_multipliers) == 1 else f"lr-{lr:g}_dropout-{mult:g}"
-        folder = checkpoint_dir / name
+        cfg = dataclasses.replace(classifier.train, lr=lr, backward=backward)
+        config = classifier.build(tokenizer.vocab_size, len(label_names), mult)
+        name = f"lr-{lr:g}"
+        if len(classifier.dropout_multipliers) > 1:
+            name += f"_dropout-{mult:g}"
+        folder = run.checkpoint_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         done = folder / "done.json"
         if not done.is_file():
@@ -330,37 +347,36 @@ def train_classifier_task(
             model = SequenceClassifier(config)
             if encoder_state is not None:
                 model.encoder.load_state_dict(encoder_state)
-            outcome = _train_one_classifier(
-                model,
-                train_docs,
-                valid_docs,
-                cfg,
-                folder,
-                TrainLogger(
-                    root,
-                    run_id,
-                    every=log_every,
-                    description=f"{description} {name}" if several else description,
-                    total_steps=_classifier_steps(model, len(train_docs), cfg),
-                    metric_prefix=f"{name}/" if several else "",
-                ),
-                device=device,
-                identity=tokenizer.identity,
+            logger = run.logger(
+                _classifier_steps(model, len(train_docs), cfg), name=name if len(grid) > 1 else ""
             )
+            try:
+                result = train_classifier(
+                    model,
+                    train_docs,
+                    valid_docs,
+                    cfg,
+                    checkpoint_dir=folder,
+                    callback=logger,
+                    device=run.device,
+                    tokenizer_identity=tokenizer.identity,
+                )
+            finally:
+                logger.close()
             save_model(
                 folder / MODEL_FILE,
                 model,
                 kind="classifier",
                 config=to_dict(config),
                 tokenizer_identity=tokenizer.identity,
-                extra={"backward": cfg.backward, "label_names": label_names},
+                extra={"backward": backward, "label_names": label_names},
             )
             with atomic_write(done, "w") as handle:
-                json.dump(outcome, handle, default=float)
+                json.dump(_outcome(result, logger), handle, default=float)
         outcome = json.loads(done.read_text(encoding="utf-8"))
         search.append({"lr": lr, "dropout_multiplier": mult, "folder": name, **outcome})
     chosen = min(enumerate(search), key=lambda c: (c[1]["valid_error"], c[0]))[1]
-    model, _ = load_model(checkpoint_dir / chosen["folder"] / MODEL_FILE)
+    model, _ = load_model(run.checkpoint_dir / chosen["folder"] / MODEL_FILE)
     summary = dict(chosen["summary"])
     summary.update(
         label_names=label_names,
@@ -369,12 +385,12 @@ def train_classifier_task(
         dropout_multiplier=chosen["dropout_multiplier"],
     )
     _write_model_dir(
-        out_dir,
+        run.out_dir,
         model,
         kind="classifier",
         config=model.cfg,
         identity=tokenizer.identity,
-        extra={"backward": train_cfg.backward, "label_names": label_names},
+        extra={"backward": backward, "label_names": label_names},
         summary=summary,
     )
     metrics = {f"valid_{k}": float(v) for k, v in chosen["metrics"].items()}
@@ -395,7 +411,7 @@ def train_classifier_task(
         "metrics": metrics,
         "steps": chosen["steps"],
         "evals": chosen["evals"],
-        "model": str(out_dir / MODEL_FILE),
+        "model": str(run.out_dir / MODEL_FILE),
         "resumed_from": chosen["summary"].get("resumed_from"),
     }
 
@@ -409,23 +425,8 @@ def _classifier_steps(model: SequenceClassifier, documents: int, cfg) -> int:
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def _train_one_classifier(
-    model, train_docs, valid_docs, cfg, folder: Path, logger: TrainLogger, *, device, identity
-) -> dict:
-    """One training of the learning-rate search; its outcome as plain values."""
-    try:
-        result = train_classifier(
-            model,
-            train_docs,
-            valid_docs,
-            cfg,
-            checkpoint_dir=folder,
-            callback=logger,
-            device=device,
-            tokenizer_identity=identity,
-        )
-    finally:
-        logger.close()
+def _outcome(result, logger: TrainLogger) -> dict:
+    """One training of the search, as plain values (what ``done.json`` keeps)."""
     metrics = {k: float(v) for k, v in result.metrics.items() if k not in ("step", "epoch")}
     return {
         "valid_error": metrics.get("error_rate", math.inf),

@@ -39,7 +39,12 @@ CODE_COMMON = (
 )
 CODE_MODEL = (
     "ulmfit/model.py",
+    "ulmfit/cross_entropy.py",
     "ulmfit/train.py",
+    "ulmfit/loop.py",
+    "ulmfit/phases.py",
+    "ulmfit/evaluate.py",
+    "ulmfit/runtime.py",
     "ulmfit/batches.py",
     "ulmfit/schedule.py",
     "ulmfit/optim.py",
@@ -104,6 +109,7 @@ EVALUATE_CODE = (
     "tasks/registry.py",
     "tasks/pyfunc_model.py",
     "ulmfit/predict.py",
+    "ulmfit/quantize.py",
     *(path for path in CODE_MODEL if path != "flows/train.py"),
 )
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ulmfit.config import to_dict
+from ulmfit.cross_entropy import decoder_cross_entropy
 from ulmfit.model import (
     AWDLSTM,
     AWDLSTMConfig,
@@ -20,7 +21,6 @@ from ulmfit.model import (
     SequenceClassifier,
     WeightDropout,
     build_model,
-    decoder_cross_entropy,
     layer_groups,
     masked_concat_pool,
 )

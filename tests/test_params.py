@@ -11,6 +11,7 @@ import yaml
 
 from tasks.params import load_params, parse_params
 from ulmfit.errors import InputError
+from ulmfit.model import ClassifierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
@@ -140,19 +141,25 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     data["datasets"]["bbc_news"]["classifier"] = {"train": {"epochs": 9}, "lrs": [0.01, 0.02]}
     data["controls"] = {
         "bbc-scratch": {"dataset": "bbc_news", "encoder": "scratch", "labels": 50},
-        "bbc-no_stlr": {"dataset": "bbc_news", "classifier": {"train": {"stlr": False}}},
+        "bbc-no_stlr": {
+            "dataset": "bbc_news",
+            "classifier": {"train": {"schedule": {"stlr": False}}},
+        },
     }
     params = parse_params(data)
     scratch, no_stlr = params.control("bbc-scratch"), params.control("bbc-no_stlr")
     assert (scratch.encoder, scratch.labels, scratch.direction) == ("scratch", 50, "fwd")
     # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
-    assert scratch.classifier.lr_grid == (0.01, 0.02)
-    assert scratch.classifier.train.stlr and not no_stlr.classifier.train.stlr
+    assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02]
+    assert scratch.classifier.train.schedule.stlr and not no_stlr.classifier.train.schedule.stlr
     # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
     assert not scratch.classifier.train.gradual_unfreezing
-    assert not scratch.classifier.train.discriminative
-    assert no_stlr.classifier.train.gradual_unfreezing and no_stlr.classifier.train.discriminative
+    assert not scratch.classifier.train.schedule.discriminative
+    assert (
+        no_stlr.classifier.train.gradual_unfreezing
+        and no_stlr.classifier.train.schedule.discriminative
+    )
     assert params.label_subsets("bbc_news") == [(50, 42)]
     assert parse_params(_default()).controls == {}
     # ...unless the control asks for them explicitly.
@@ -209,3 +216,44 @@ def test_every_profile_defines_what_dvc_yaml_reads(path):
     assert iterated == {"datasets", "controls"}
     missing = sorted(name for name in iterated | sections if name not in data)
     assert not missing, f"{path.name} lacks {missing}"
+
+
+def test_classifier_config_is_built_once_the_sizes_are_known():
+    data = _default()
+    data["classifier"]["model"] = {"head_hidden": 7, "encoder": {"input_dropout": 0.4}}
+    data["classifier"]["dropout_multipliers"] = [0.5, 1.0]
+    classifier = parse_params(data).dataset("bbc_news").classifier
+    assert [m for _, m in classifier.grid()] == [0.5, 1.0]
+    config = classifier.build(vocab_size=123, num_classes=5, dropout_multiplier=0.5)
+    assert (config.encoder.vocab_size, config.num_classes, config.head_hidden) == (123, 5, 7)
+    assert config.encoder.input_dropout == pytest.approx(0.2)
+    # Unset head fields take the library's defaults, written once in ClassifierConfig.
+    library = ClassifierConfig(encoder=config.encoder, num_classes=5)
+    assert (config.bptt, config.max_len, config.head_dropouts) == (
+        library.bptt,
+        library.max_len,
+        library.head_dropouts,
+    )
+
+
+def test_a_nested_section_overrides_only_the_keys_it_names():
+    data = _default()
+    data["classifier"]["train"]["optim"] = {"weight_decay": 0.1}
+    optim = parse_params(data).classifier.train.optim
+    # The classifier's own default betas survive an override of another optimiser key.
+    assert (optim.weight_decay, optim.betas, optim.name) == (0.1, (0.7, 0.99), "adam")
+    data["classifier"]["train"]["optim"] = {"nmae": "adam"}
+    with pytest.raises(ValueError, match="nmae"):
+        parse_params(data)
+
+
+def test_numbers_written_as_text_or_integers_become_floats():
+    data = _default()
+    data["classifier"]["lrs"] = ["1e-3", 2]  # YAML 1.1 reads 1e-3 (no dot) as a string
+    data["classifier"]["train"]["lr"] = "3e-2"
+    classifier = parse_params(data).classifier
+    assert [lr for lr, _ in classifier.grid()] == [0.001, 2.0]
+    assert classifier.train.lr == 0.03
+    data["classifier"]["train"]["lr"] = "fast"
+    with pytest.raises(ValueError, match="classifier.train.lr"):
+        parse_params(data)

@@ -11,15 +11,13 @@ import torch
 from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig, SequenceClassifier
 from ulmfit.predict import (
-    InferenceClassifier,
-    Int8LSTM,
     TextClassifier,
     ensemble,
     length_sorted_batches,
     pad_batch,
     predict_proba,
-    quantize_dynamic_int8,
 )
+from ulmfit.quantize import InferenceClassifier, Int8LSTM, quantize_dynamic_int8
 from ulmfit.storage import TokenDocs
 
 VOCAB = 60
@@ -145,7 +143,7 @@ def test_ensemble_is_the_mean():
         ensemble(forward, backward[:1])
 
 
-def test_inference_model_matches_the_bpt3c_classifier():
+def test_inference_classifier_matches_the_bpt3c_classifier():
     model = tiny_classifier(seed=5)
     docs = random_docs(25, seed=6)
     fast = InferenceClassifier(model)
@@ -271,3 +269,14 @@ def test_loading_a_model_of_another_tokenizer_raises_input_error(tokenizer, tmp_
 def test_loading_a_missing_directory_raises_input_error(tmp_path):
     with pytest.raises(InputError, match="manifest not found"):
         TextClassifier.load(tmp_path / "nothing")
+
+
+def test_a_model_without_a_classifier_config_needs_an_explicit_pad_id():
+    class Logits(torch.nn.Module):
+        def forward(self, tokens, lengths):  # (B, T), (B,) -> (B, 2)
+            return torch.zeros(tokens.size(0), 2)
+
+    docs = random_docs(3, seed=1)
+    with pytest.raises(InputError, match="padding token id"):
+        predict_proba(Logits(), docs)
+    assert predict_proba(Logits(), docs, pad_id=1).shape == (3, 2)

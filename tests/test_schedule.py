@@ -7,6 +7,7 @@ import math
 import pytest
 
 from ulmfit.schedule import (
+    ScheduleConfig,
     constant,
     discriminative_lrs,
     gradual_unfreezing_stages,
@@ -95,3 +96,11 @@ def test_gradual_unfreezing_stages_unfreeze_one_more_group_from_the_top() -> Non
         [0, 1, 2, 3, 4],
     ]
     assert gradual_unfreezing_stages(1) == [[0]]
+
+
+def test_schedule_config_gives_the_group_rates_and_the_rate_at_a_step():
+    config = ScheduleConfig(cut_frac=0.25)
+    assert config.group_lrs(0.01, 3) == pytest.approx([0.01 / 2.6**2, 0.01 / 2.6, 0.01])
+    assert ScheduleConfig(discriminative=False).group_lrs(0.01, 3) == [0.01] * 3
+    assert config.lr_at(0.01, 2, 8) == stlr(2, 8, lr_max=0.01, cut_frac=0.25)
+    assert ScheduleConfig(stlr=False).lr_at(0.01, 5, 8) == 0.01

@@ -26,7 +26,8 @@ from ulmfit.model import (
     SequenceClassifier,
     layer_groups,
 )
-from ulmfit.schedule import stlr
+from ulmfit.optim import OptimizerConfig
+from ulmfit.schedule import ScheduleConfig, stlr
 from ulmfit.storage import TokenDocs
 from ulmfit.train import (
     ClassifierTrainConfig,
@@ -101,11 +102,10 @@ def test_lm_overfits_one_batch() -> None:
         bptt=16,
         variable_bptt=False,
         lr=0.02,
-        stlr=False,
-        discriminative=False,
+        schedule=ScheduleConfig(stlr=False, discriminative=False),
+        optim=OptimizerConfig(weight_decay=0.0),
         ar_alpha=0.0,
         tar_beta=0.0,
-        weight_decay=0.0,
         clip=1.0,
     )
     events: list[TrainEvent] = []
@@ -207,13 +207,10 @@ def test_ntasgd_through_the_lm_loop_ends_with_the_averaged_weights(tmp_path: Pat
         bptt=4,
         variable_bptt=False,
         lr=50.0,
-        stlr=False,
-        discriminative=False,
-        optimizer="ntasgd",
-        nonmono=1,
+        schedule=ScheduleConfig(stlr=False, discriminative=False),
+        optim=OptimizerConfig(name="ntasgd", nonmono=1, weight_decay=0.0),
         eval_every=1,
         clip=0.0,
-        weight_decay=0.0,
     )
     events: list[TrainEvent] = []
     train_language_model(
@@ -249,9 +246,8 @@ def test_classifier_overfits_one_batch() -> None:
         batch_size=8,
         lr=0.02,
         gradual_unfreezing=False,
-        stlr=False,
-        discriminative=False,
-        weight_decay=0.0,
+        schedule=ScheduleConfig(stlr=False, discriminative=False),
+        optim=OptimizerConfig(betas=(0.7, 0.99), weight_decay=0.0),
     )
     events: list[TrainEvent] = []
     train_classifier(model, docs, docs, cfg, callback=record(events))
@@ -329,7 +325,9 @@ def test_classifier_stlr_restarts_each_stage() -> None:
     torch.manual_seed(0)
     model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
     events: list[TrainEvent] = []
-    cfg = ClassifierTrainConfig(epochs=4, batch_size=4, lr=0.01, cut_frac=0.25)
+    cfg = ClassifierTrainConfig(
+        epochs=4, batch_size=4, lr=0.01, schedule=ScheduleConfig(cut_frac=0.25)
+    )
     train_classifier(model, classifier_docs(), None, cfg, callback=record(events))
     steps = [e for e in events if e.kind == "step"]
     per_stage: dict[float, list[float]] = {}
@@ -560,7 +558,10 @@ def test_classifier_early_stopping_keeps_the_best_epoch(tmp_path) -> None:
 def test_classifier_without_patience_runs_every_epoch() -> None:
     _, _, result = _noisy_classifier_run(None)
     assert result.epochs == 12 and not result.stopped_early
-    assert 1 <= result.best_epoch <= 12
+    # Without patience the best epoch is still tracked: the first with the lowest error.
+    errors = [h["error_rate"] for h in result.history]
+    assert len(errors) == 12
+    assert result.best_epoch == errors.index(min(errors)) + 1
 
 
 # ------------------------------------------------------------------- long documents (issue 9)
@@ -610,7 +611,7 @@ def _train_from_scratch_on_keywords(**overrides):
         batch_size=16,
         lr=0.01,
         gradual_unfreezing=False,
-        discriminative=False,
+        schedule=ScheduleConfig(discriminative=False),
         **overrides,
     )
     valid = keyword_docs(200, seed=1)

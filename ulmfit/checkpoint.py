@@ -32,6 +32,7 @@ from torch import nn
 
 from ulmfit.errors import InputError
 from ulmfit.io import atomic_path
+from ulmfit.model import build_model, unwrap_model
 
 CHECKPOINT_FORMAT = "ulmfit-checkpoint"
 MODEL_FORMAT = "ulmfit-model"
@@ -209,17 +210,6 @@ def prune_checkpoints(directory: str | Path, keep: int, protected: Iterable[int]
 # Model files
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare module under ``DistributedDataParallel``/``torch.compile`` wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def save_model(
     path: str | Path,
     model: nn.Module,
@@ -261,8 +251,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     ``meta`` holds ``kind``, ``config``, ``tokenizer_identity`` and ``extra``.
     """
-    from ulmfit.model import build_model  # model.py imports nothing from here; keep it lazy
-
     path = Path(path)
     payload = _load(
         path,

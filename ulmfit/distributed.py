@@ -14,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
+
+from ulmfit.checkpoint import get_rng_states
+from ulmfit.model import State, unwrap_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,77 @@ def all_reduce_mean(metrics: Mapping[str, float], weight: float = 1.0) -> dict[s
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     total_weight = float(values[-1])
     return {key: float(values[i]) / total_weight for i, key in enumerate(keys)}
+
+
+def all_reduce_sum(values: Mapping[str, float]) -> dict[str, float]:
+    """Sum ``values`` over ranks (unchanged in a single process)."""
+    if not is_initialized():
+        return dict(values)
+    keys = sorted(values)
+    tensor = torch.tensor(
+        [values[k] for k in keys], dtype=torch.float64, device=communication_device()
+    )
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return {k: float(tensor[i]) for i, k in enumerate(keys)}
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (rank 0 saves them all)."""
+    states = get_rng_states()
+    if not is_initialized():
+        return [states]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def gather_rows(state: State | None, device: torch.device) -> list[Tensor] | None:
+    """The recurrent state of the global batch: every rank's rows, concatenated (on CPU)."""
+    if state is None:
+        return None
+    tensors = [tensor for pair in state for tensor in pair]  # h0, c0, h1, c1, ...
+    if is_initialized():
+        gathered_tensors = []
+        for tensor in tensors:
+            parts = [torch.empty_like(tensor) for _ in range(world_size())]
+            dist.all_gather(parts, tensor.contiguous().to(device))
+            gathered_tensors.append(torch.cat(parts, dim=1))
+        tensors = gathered_tensors
+    return [tensor.detach().cpu() for tensor in tensors]
+
+
+def scatter_rows(tensors: list[Tensor] | None, device: torch.device) -> State | None:
+    """This rank's rows of a saved global recurrent state."""
+    if tensors is None:
+        return None
+    rows = tensors[0].size(1) // world_size()
+    local = [t[:, rank() * rows : (rank() + 1) * rows].to(device) for t in tensors]
+    return tuple((local[i], local[i + 1]) for i in range(0, len(local), 2))
+
+
+def sync_buffers(model: nn.Module) -> None:
+    """Make every rank's buffers equal (batch-norm running statistics) before evaluating.
+
+    ``DistributedDataParallel`` copies rank 0's buffers into the others at the start of each
+    forward pass, so after the last training step each rank holds statistics of its own rows.
+    Averaging them gives every rank the same model, with statistics of the whole batch.
+    """
+    if not is_initialized():
+        return
+    for buffer in unwrap_model(model).buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(world_size())
+        else:
+            dist.broadcast(buffer, src=0)
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel`` under a process group, else ``module``."""
+    if not is_initialized():
+        return module
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 
 
 def broadcast_object(value: object, src: int = 0) -> object:

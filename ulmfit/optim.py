@@ -52,28 +52,15 @@ class OptimizerConfig:
             raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.name!r}")
 
 
-ParamGroups = Sequence[dict[str, Any]] | Sequence[tuple[Iterable[nn.Parameter], float]]
-
-
-def _as_param_groups(groups: ParamGroups) -> list[dict[str, Any]]:
-    """Accept ``[{"params": ..., "lr": ...}, ...]`` or ``[(params, lr), ...]``."""
-    result = []
-    for group in groups:
-        if isinstance(group, dict):
-            result.append({**group, "params": list(group["params"])})
-        else:
-            params, lr = group
-            result.append({"params": list(params), "lr": float(lr)})
-    return result
-
-
-def make_optimizer(groups: ParamGroups, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    groups: Sequence[tuple[Iterable[nn.Parameter], float]], cfg: OptimizerConfig
+) -> torch.optim.Optimizer:
     """Build the optimiser with one parameter group per layer group (lowest first).
 
     ``groups`` pairs each layer group's parameters with its learning rate; the training loop
     rewrites each group's ``lr`` every step (STLR times the discriminative factor).
     """
-    param_groups = _as_param_groups(groups)
+    param_groups = [{"params": list(params), "lr": float(lr)} for params, lr in groups]
     if cfg.name == "ntasgd":
         return NTASGD(
             param_groups,

@@ -14,7 +14,35 @@ schedule's position is just the step counter that the checkpoint already stores.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """How the learning rate varies over the layer groups and over the steps.
+
+    discriminative, discriminative_factor: per-group LRs ``eta_{l-1} = eta_l / factor``.
+    stlr, cut_frac, stlr_ratio: slanted triangular schedule; ``stlr=False`` keeps the rate
+        constant (the "no STLR" ablation).
+    """
+
+    discriminative: bool = True
+    discriminative_factor: float = 2.6
+    stlr: bool = True
+    cut_frac: float = 0.1
+    stlr_ratio: float = 32.0
+
+    def group_lrs(self, lr: float, n_groups: int) -> list[float]:
+        """Each layer group's peak rate, lowest group first; the top group gets ``lr``."""
+        factor = self.discriminative_factor if self.discriminative else 1.0
+        return discriminative_lrs(lr, n_groups, factor)
+
+    def lr_at(self, lr: float, t: int, total: int) -> float:
+        """The top group's rate at step ``t`` of a cycle of ``total`` steps peaking at ``lr``."""
+        if self.stlr:
+            return stlr(t, total, lr_max=lr, cut_frac=self.cut_frac, ratio=self.stlr_ratio)
+        return constant(t, total, lr_max=lr)
 
 
 def stlr(t: int, total: int, *, lr_max: float, cut_frac: float = 0.1, ratio: float = 32.0) -> float:
