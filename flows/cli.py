@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.pipeline import ARGUMENTS, STAGES
+
 EXIT_INPUT_ERROR = 2
 EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
 
@@ -30,76 +32,6 @@ ENV_DEFAULTS = {
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
     # The `ulmfit` logger (progress lines) goes through Prefect's handlers: console and UI.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ulmfit",
-}
-
-# DVC stage group -> the Prefect flow that runs it.
-STAGE_FLOWS = {
-    "prepare_wikipedia": "flows.prepare:prepare_wikipedia_flow",
-    "train_tokenizer": "flows.tokenize:train_tokenizer_flow",
-    "tokenize_wikipedia": "flows.tokenize:tokenize_wikipedia_flow",
-    "pretrain": "flows.train:pretrain_flow",
-    "prepare_dataset": "flows.prepare:prepare_dataset_flow",
-    "tokenize_dataset": "flows.tokenize:tokenize_dataset_flow",
-    "finetune_lm": "flows.train:finetune_lm_flow",
-    "train_classifier": "flows.train:train_classifier_flow",
-    "evaluate": "flows.evaluate:evaluate_flow",
-    "baseline": "flows.baseline:baseline_flow",
-    "control": "flows.control:control_flow",
-    "report": "flows.report:report_flow",
-}
-
-STAGE_HELP = {
-    "prepare-wikipedia": (
-        "Stage 1: read the Wikipedia source of params.yaml (section 'wikipedia': a dump, "
-        "WikiText-103 or WikiExtractor output; local, packaged or downloaded) into "
-        "data/wikipedia/{train,valid}.parquet."
-    ),
-    "train-tokenizer": (
-        "Stage 2: train the SentencePiece tokenizer (section 'tokenizer') on the Wikipedia "
-        "training text -> data/tokenizer/tokenizer.model."
-    ),
-    "tokenize-wikipedia": (
-        "Stage 3: encode the Wikipedia splits into token files (section 'tokenize') -> "
-        "data/wikipedia_tokens/."
-    ),
-    "pretrain": (
-        "Stage 4: pretrain the AWD-LSTM language model on Wikipedia (section 'pretrain'), one "
-        "direction per run -> data/pretrained/<direction>/model.pt."
-    ),
-    "prepare-dataset": (
-        "Stage 5a: read one classification dataset (section 'datasets.<name>.source') into "
-        "data/datasets/<name>/prepared/{train,valid,test[,unsup]}.parquet."
-    ),
-    "tokenize-dataset": (
-        "Stage 5b: encode one dataset's splits, labels kept -> data/datasets/<name>/tokens/."
-    ),
-    "finetune-lm": (
-        "Stage 5c: fine-tune the pretrained LM on the dataset's texts, all splits, never the "
-        "labels (section 'finetune') -> data/datasets/<name>/lm_<direction>/."
-    ),
-    "train-classifier": (
-        "Stage 5d: train the classifier on the fine-tuned encoder with gradual unfreezing, "
-        "discriminative learning rates, slanted triangular LRs and BPT3C (section "
-        "'classifier') -> data/datasets/<name>/classifier_<direction>/."
-    ),
-    "evaluate": (
-        "Stage 5e: test error of the forward, backward and ensembled classifiers, confusion "
-        "matrix, and the ensemble saved to data/datasets/<name>/model/ and registered in "
-        "MLflow as '<prefix>-<name>'."
-    ),
-    "baseline": (
-        "Stage 5f: TF-IDF n-grams + logistic regression (section 'baseline') on the dataset's "
-        "full train split and on each label subset its controls use -> "
-        "metrics/<name>/baseline.json."
-    ),
-    "control": (
-        "Stage 5g: one entry of section 'controls' (an ablation or a label subset): its "
-        "classifier trained and tested with the dataset's tuning -> data/controls/<name>/."
-    ),
-    "report": (
-        "Stage 6: write reports/results.md (every dataset, ablation and baseline with the "
-        "MLflow run id of each figure) and reports/sample_efficiency.png."
-    ),
 }
 
 
@@ -159,15 +91,18 @@ def _quiet_input_error_tracebacks() -> None:
 # ----------------------------------------------------------------------------- stage commands
 
 
-def _run_stage(group: str, items: dict[str, str]) -> int:
-    """Run one stage's flow under the workspace lock; ``items`` are its arguments (dataset,
-    direction or control name), which also name the stage item (``finetune_lm@imdb-fwd``)."""
-    root = _project_root()
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage's flow under the workspace lock; its arguments (dataset, direction or
+    control name) also name the stage item (``finetune_lm@imdb-fwd``)."""
+    from tasks.pipeline import BY_GROUP
     from tasks.workspace import workspace_lock
 
+    stage = BY_GROUP[args.command.replace("-", "_")]
+    items = {arg: getattr(args, arg) for arg in stage.args}
+    root = _project_root()
     item = "-".join(items.values())
-    with workspace_lock(root, f"{group}@{item}" if item else group):
-        module, name = STAGE_FLOWS[group].split(":")
+    with workspace_lock(root, f"{stage.group}@{item}" if item else stage.group):
+        module, name = stage.flow.split(":")
         flow_fn = getattr(importlib.import_module(module), name)
         _quiet_input_error_tracebacks()
         flow_fn(root=str(root), **items)
@@ -175,11 +110,6 @@ def _run_stage(group: str, items: dict[str, str]) -> int:
 
 
 # -------------------------------------------------------------------------------- commands
-
-
-def cmd_stage(args: argparse.Namespace) -> int:
-    items = {k: getattr(args, k) for k in ("dataset", "name", "direction") if hasattr(args, k)}
-    return _run_stage(args.command.replace("-", "_"), items)
 
 
 def cmd_repro(args: argparse.Namespace) -> int:
@@ -289,33 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--list", action="store_true", help="list the profiles")
     profile.set_defaults(func=cmd_profile)
 
-    for name, text in STAGE_HELP.items():
+    for row in STAGES:
         stage = sub.add_parser(
-            name,
-            help=text.split(": ", 1)[1].split(" (")[0].split(" ->")[0],
-            description=text + " Normally run by 'ulmfit repro' / 'dvc repro'.",
+            row.command,
+            help=row.help.split(": ", 1)[1].split(" (")[0].split(" ->")[0],
+            description=row.help + " Normally run by 'ulmfit repro' / 'dvc repro'.",
         )
-        if name in (
-            "prepare-dataset",
-            "tokenize-dataset",
-            "finetune-lm",
-            "train-classifier",
-            "evaluate",
-            "baseline",
-        ):
-            stage.add_argument("--dataset", required=True, help="a dataset name from params.yaml")
-        if name == "control":
+        for arg in row.args:
+            argument = ARGUMENTS[arg]
             stage.add_argument(
-                "--name",
-                required=True,
-                help="a control name from params.yaml",
-            )
-        if name in ("pretrain", "finetune-lm", "train-classifier"):
-            stage.add_argument(
-                "--direction",
-                required=True,
-                choices=("fwd", "bwd"),
-                help="fwd: left-to-right text; bwd: right-to-left",
+                f"--{arg}", required=True, choices=argument.choices, help=argument.help
             )
         stage.set_defaults(func=cmd_stage)
     return parser

@@ -16,6 +16,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.params import Params
+from tasks.pipeline import stage_spec
 from tasks.plots import error_curves_figure
 from tasks.workspace import Layout
 from ulmfit.io import atomic_write
@@ -70,7 +71,6 @@ def _number(value, decimals: int) -> str:
 def write_report_task(root: Path, params: Params) -> dict:
     """Write ``reports/results.md``; returns the figures it tabulated (for MLflow)."""
     decimals = params.report.decimals
-    stage = Layout.stage
 
     def run_of(spec) -> str:
         return _read(root / spec.run_record).get("mlflow_run_id", "")
@@ -90,13 +90,19 @@ def write_report_task(root: Path, params: Params) -> dict:
     figures: dict[str, float] = {}
     all_runs: list[tuple[str, str]] = []
     for name, dataset in params.datasets.items():
-        evaluation = _read(root / stage("evaluate", name).metrics)
-        runs = {"evaluate": run_of(stage("evaluate", name))}
+        evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
+        runs = {"evaluate": run_of(stage_spec("evaluate", dataset=name))}
         for direction in ("fwd", "bwd"):
-            runs[f"classifier_{direction}"] = run_of(stage("train_classifier", name, direction))
-            runs[f"finetune_{direction}"] = run_of(stage("finetune_lm", name, direction))
+            runs[f"classifier_{direction}"] = run_of(
+                stage_spec("train_classifier", dataset=name, direction=direction)
+            )
+            runs[f"finetune_{direction}"] = run_of(
+                stage_spec("finetune_lm", dataset=name, direction=direction)
+            )
         perplexity = [
-            _read(root / stage("finetune_lm", name, d).metrics).get("valid_perplexity")
+            _read(root / stage_spec("finetune_lm", dataset=name, direction=d).metrics).get(
+                "valid_perplexity"
+            )
             for d in ("fwd", "bwd")
         ]
         paper = PAPER_TEST_ERROR.get(dataset.source.name)
@@ -132,9 +138,9 @@ def write_report_task(root: Path, params: Params) -> dict:
         "| model | valid perplexity | valid accuracy | MLflow run |",
         "|---|---|---|---|",
     ]
-    models = [(f"pretrained ({d})", stage("pretrain", direction=d)) for d in ("fwd", "bwd")]
+    models = [(f"pretrained ({d})", stage_spec("pretrain", direction=d)) for d in ("fwd", "bwd")]
     models += [
-        (f"{name} fine-tuned ({d})", stage("finetune_lm", name, d))
+        (f"{name} fine-tuned ({d})", stage_spec("finetune_lm", dataset=name, direction=d))
         for name in params.datasets
         for d in ("fwd", "bwd")
     ]
@@ -206,7 +212,7 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
         if not any(c.dataset == name and c.labels is not None for c in params.controls.values()):
             continue
         curves: dict[str, list] = {"ULMFiT": [], "from scratch": [], "TF-IDF + LR": []}
-        evaluation = _read(root / Layout.stage("evaluate", name).metrics)
+        evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
         if isinstance(evaluation.get("test_error_fwd"), int | float):
             curves["ULMFiT"].append((evaluation["train_documents"], evaluation["test_error_fwd"]))
         budget = {"epochs": 1, "patience": 0}  # the fields a curve may vary per label count
@@ -219,11 +225,11 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
                 or dataclasses.replace(control.classifier.train, **budget) != standard
             ):
                 continue
-            metrics = _read(root / Layout.stage("control", key, name).metrics)
+            metrics = _read(root / stage_spec("control", name=key, dataset=name).metrics)
             if isinstance(metrics.get("test_error"), int | float):
                 label = "ULMFiT" if control.encoder == "finetuned" else "from scratch"
                 curves[label].append((metrics["train_documents"], metrics["test_error"]))
-        baseline = _read(root / Layout.stage("baseline", name).metrics)
+        baseline = _read(root / stage_spec("baseline", dataset=name).metrics)
         for run in baseline.get("runs", []):
             curves["TF-IDF + LR"].append((run["train_documents"], run["test_error"]))
         out[name] = curves
@@ -251,8 +257,9 @@ def benchmark_sections(
     """The setting, the bars, the ablations, the baselines and the sample-efficiency table,
     when ``params.yaml`` has controls or a baseline stage ran. Every number is read from the
     stages' metrics and run records; each row names its MLflow run, wall time and command."""
-    stage = Layout.stage
-    baselines = {n: _read(root / stage("baseline", n).metrics) for n in params.datasets}
+    baselines = {
+        n: _read(root / stage_spec("baseline", dataset=n).metrics) for n in params.datasets
+    }
     if not params.controls and not any(baselines.values()):
         return []
     lines = ["", "## Setting", ""]
@@ -271,7 +278,7 @@ def benchmark_sections(
     ]
     total_seconds = 0.0
     for direction in ("fwd", "bwd"):
-        spec = stage("pretrain", direction=direction)
+        spec = stage_spec("pretrain", direction=direction)
         metrics, run = _read(root / spec.metrics), _run(root, spec)
         tokens = metrics.get("steps", 0) * pretrain.batch_size * pretrain.bptt
         lines.append(
@@ -284,7 +291,7 @@ def benchmark_sections(
         summary = _read(root / Layout.prepared(name) / "summary.json").get("splits", {})
         sizes = ", ".join(f"{split} {info.get('count', 0):,}" for split, info in summary.items())
         for direction in dataset.directions:
-            spec = stage("finetune_lm", name, direction)
+            spec = stage_spec("finetune_lm", dataset=name, direction=direction)
             metrics, run = _read(root / spec.metrics), _run(root, spec)
             train = dataset.finetune.train
             tokens = metrics.get("steps", 0) * train.batch_size * train.bptt
@@ -311,7 +318,9 @@ def benchmark_sections(
         if isinstance(value, int | float):
             figures[key] = float(value)
     for key, control in params.controls.items():
-        value = _read(root / stage("control", key, control.dataset).metrics).get("test_error")
+        value = _read(root / stage_spec("control", name=key, dataset=control.dataset).metrics).get(
+            "test_error"
+        )
         if isinstance(value, int | float):
             figures[f"controls.{key}.test_error"] = float(value)
     return lines
@@ -325,7 +334,7 @@ def _control_rows(root: Path, params: Params, dataset: str, with_labels: bool):
             and (control.labels is not None) == with_labels
             and control.pretrain_step is None
         ):
-            spec = Layout.stage("control", key, dataset)
+            spec = stage_spec("control", name=key, dataset=dataset)
             yield key, control, spec, _read(root / spec.metrics), _run(root, spec)
 
 
@@ -333,7 +342,7 @@ def _bars(root: Path, params: Params, decimals: int, baselines: dict) -> list[st
     """The issue's three bars, each checked on the measured numbers (never tuned away)."""
     lines = ["", "## Bars", "", "| bar | measured | verdict |", "|---|---|---|"]
     for name in params.datasets:
-        evaluation = _read(root / Layout.stage("evaluate", name).metrics)
+        evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
         fwd = evaluation.get("test_error_fwd")
         for _key, control, _, metrics, _ in _control_rows(root, params, name, False):
             if control.encoder == "scratch" and isinstance(fwd, int | float):
@@ -378,7 +387,6 @@ def _ablations(
     controls = list(_control_rows(root, params, name, False))
     if not controls and not baseline:
         return []
-    stage = Layout.stage
     lines = [
         "",
         f"## Ablations and baseline: {name}",
@@ -392,8 +400,8 @@ def _ablations(
         "| command | paper (valid, full data) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    evaluation = _read(root / stage("evaluate", name).metrics)
-    spec = stage("train_classifier", name, "fwd")
+    evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
+    spec = stage_spec("train_classifier", dataset=name, direction="fwd")
     metrics, run = _read(root / spec.metrics), _run(root, spec)
     paper = PAPER_ABLATION_VALID_ERROR
     if metrics:
@@ -419,7 +427,7 @@ def _ablations(
         )
         all_runs.append((f"control {key}", run.get("mlflow_run_id", "")))
     if baseline:
-        spec = stage("baseline", name)
+        spec = stage_spec("baseline", dataset=name)
         run = _run(root, spec)
         lines.append(
             f"| TF-IDF 1-{params.baseline.ngram_max} grams + logistic regression "
@@ -432,8 +440,8 @@ def _ablations(
     if isinstance(evaluation.get("test_error_ensemble"), int | float):
         lines.append(
             f"| ULMFiT fwd + bwd ensemble | **{_percent(evaluation['test_error_ensemble'], decimals)}**"
-            f" | | | | | | {cite(_run(root, stage('evaluate', name)).get('mlflow_run_id', ''))} "
-            f"| {_command(stage('evaluate', name).stage)} | - |"
+            f" | | | | | | {cite(_run(root, stage_spec('evaluate', dataset=name)).get('mlflow_run_id', ''))} "
+            f"| {_command(stage_spec('evaluate', dataset=name).stage)} | - |"
         )
     return lines
 
@@ -480,12 +488,12 @@ def pretraining_budget_points(root: Path, params: Params) -> dict[str, dict[str,
         if panel not in panels:
             full = _full_budget_point(root, params, control)
             panels[panel] = {"ULMFiT": [full] if full else [], "TF-IDF + LR": []}
-        metrics = _read(root / Layout.stage("control", key, control.dataset).metrics)
+        metrics = _read(root / stage_spec("control", name=key, dataset=control.dataset).metrics)
         if isinstance(metrics.get("test_error"), int | float):
             panels[panel]["ULMFiT"].append((metrics["pretrain_tokens"], metrics["test_error"]))
     for panel, series in panels.items():
         control = next(c for c in params.controls.values() if _budget_panel(c) == panel)
-        baseline = _read(root / Layout.stage("baseline", control.dataset).metrics)
+        baseline = _read(root / stage_spec("baseline", dataset=control.dataset).metrics)
         if control.labels is not None:
             baseline = baseline.get("subsets", {}).get(str(control.labels), {})
         if series["ULMFiT"] and isinstance(baseline.get("test_error"), int | float):
@@ -505,18 +513,20 @@ def _budget_panel(control) -> str:
 def _full_budget_point(root: Path, params: Params, snapshot) -> tuple[int, float] | None:
     """(tokens of the whole pretraining run, test error) of the classifier that the snapshot
     control ``snapshot`` repeats on less pretraining, if that classifier ran."""
-    tokens = _read(root / Layout.stage("pretrain", direction=snapshot.direction).metrics).get(
+    tokens = _read(root / stage_spec("pretrain", direction=snapshot.direction).metrics).get(
         "tokens_trained"
     )
     error = None
     if snapshot.labels is None:
-        evaluation = _read(root / Layout.stage("evaluate", snapshot.dataset).metrics)
+        evaluation = _read(root / stage_spec("evaluate", dataset=snapshot.dataset).metrics)
         error = evaluation.get(f"test_error_{snapshot.direction}")
     else:
         for key, control in params.controls.items():
             same = dataclasses.replace(snapshot, name=key, pretrain_step=None)
             if control == dataclasses.replace(same, description=control.description):
-                metrics = _read(root / Layout.stage("control", key, control.dataset).metrics)
+                metrics = _read(
+                    root / stage_spec("control", name=key, dataset=control.dataset).metrics
+                )
                 error = metrics.get("test_error")
     if isinstance(tokens, int | float) and isinstance(error, int | float):
         return int(tokens), float(error)
@@ -549,6 +559,6 @@ def _pretraining_budget(root: Path, params: Params, decimals: int, all_runs: lis
             )
     for key, control in params.controls.items():
         if control.pretrain_step is not None:
-            run = _run(root, Layout.stage("control", key, control.dataset))
+            run = _run(root, stage_spec("control", name=key, dataset=control.dataset))
             all_runs.append((f"control {key}", run.get("mlflow_run_id", "")))
     return lines
