@@ -14,10 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.pipeline import ARGUMENTS, STAGES
-
-EXIT_INPUT_ERROR = 2
-EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
+from tasks.pipeline import ARGUMENTS, EXIT_BUSY, EXIT_INPUT_ERROR, STAGES
 
 # Environment defaults for every command (an explicit value in the environment wins).
 ENV_DEFAULTS = {
@@ -118,6 +115,18 @@ def cmd_repro(args: argparse.Namespace) -> int:
     return repro(_project_root(), list(args.dvc_args))
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import DEFAULT_METRIC, retrain
+
+    retrain(
+        project_dir=str(_project_root()),
+        datasets=args.datasets,
+        metric=args.metric or DEFAULT_METRIC,
+        refresh=not args.no_refresh,
+    )
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from flows.predict import predict_csv
 
@@ -180,6 +189,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
     repro.set_defaults(func=cmd_repro)
+
+    retrain = sub.add_parser(
+        "retrain",
+        help="refresh the data, rerun the pipeline, promote only a better classifier",
+        description=(
+            "Retrain now, as the scheduled deployment does (docs/deployment.md): re-run the "
+            "prepare stages so new upstream data is fetched, run 'ulmfit repro', and move "
+            "each dataset's registry alias 'champion' to its new classifier only if its test "
+            "error is strictly lower. Every decision is recorded in MLflow (experiment "
+            "'retrain') and as a Prefect artifact."
+        ),
+    )
+    retrain.add_argument(
+        "--dataset",
+        action="append",
+        dest="datasets",
+        help="repeatable; default: every dataset in params.yaml",
+    )
+    retrain.add_argument(
+        "--metric",
+        help="the evaluate stage's metric to compare, lower is better (default: the ensemble's "
+        "test error)",
+    )
+    retrain.add_argument(
+        "--no-refresh", action="store_true", help="skip re-running the prepare stages"
+    )
+    retrain.set_defaults(func=cmd_retrain)
 
     predict = sub.add_parser(
         "predict",

@@ -21,6 +21,10 @@ import re
 
 from tasks.workspace import Layout as L
 
+# Exit codes of the stage commands: bad input (retrying cannot help) and a busy workspace.
+EXIT_INPUT_ERROR = 2
+EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
+
 # Duplicated from tasks.params.DIRECTIONS, which imports the library (and torch).
 DIRECTIONS = ("fwd", "bwd")
 

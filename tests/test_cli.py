@@ -14,7 +14,7 @@ from flows.cli import build_parser, main
 from tasks.pipeline import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["repro", "predict", "profile", *(stage.command for stage in STAGES)]
+COMMANDS = ["repro", "retrain", "predict", "profile", *(stage.command for stage in STAGES)]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
