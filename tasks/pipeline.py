@@ -370,7 +370,7 @@ STAGES = (
         "MLflow run id of each figure) and reports/sample_efficiency.png.",
         args=(),
         name="report",
-        code=("flows/report.py", "tasks/report.py"),
+        code=("flows/report.py", "tasks/report.py", "tasks/results.py"),
         data=("metrics",),
         outs=(L.results, L.sample_efficiency, L.pretraining_budget),
         params=("report", "controls"),
