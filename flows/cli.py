@@ -44,11 +44,12 @@ def _set_environment(root: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / Layout.prefect_home))
 
 
-def _setup_logging(verbose: bool, stage: bool) -> None:
-    """Stage commands log through Prefect's handlers (console, and the server's UI); the other
-    commands through a plain stderr handler. Libraries stay at WARNING either way."""
+def _setup_logging(verbose: bool, flow: bool) -> None:
+    """Commands that run a Prefect flow (the stages, retrain) log through Prefect's handlers
+    (console, and the server's UI); the other commands through a plain stderr handler.
+    Libraries stay at WARNING either way."""
     logging.getLogger("ulmfit").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if stage:
+    if flow:
         import prefect  # noqa: F401 - importing Prefect configures its logging
     else:
         logging.basicConfig(
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _set_environment(_project_root())
-    _setup_logging(args.verbose, stage=args.func is cmd_stage)
+    _setup_logging(args.verbose, flow=args.func in (cmd_stage, cmd_retrain))
     from tasks.workspace import WorkspaceBusy
     from ulmfit.errors import InputError
 

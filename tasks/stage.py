@@ -163,7 +163,7 @@ def stage_run(
     except BaseException:
         tracking.end_run(root, run_id, "FAILED")
         raise
-    if spec.group != "report":
+    if BY_GROUP[spec.group].metrics:
         write_json(
             root / spec.run_record,
             {
