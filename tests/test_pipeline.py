@@ -299,6 +299,27 @@ def test_missing_inputs_name_the_stage_item_that_writes_them():
             assert dep == "metrics" or producer_of(dep), (stage.group, dep)
 
 
+def test_a_stage_run_without_its_inputs_names_the_stage_to_run(tmp_path):
+    """run_stage checks the table's data deps before any run starts, naming their producer."""
+    from tasks.stage import run_stage
+    from ulmfit.errors import InputError
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    for group, items, producer in [
+        ("train_tokenizer", {}, "prepare_wikipedia"),
+        ("tokenize_dataset", {"dataset": "bbc_news"}, "prepare_dataset@bbc_news"),
+        ("finetune_lm", {"dataset": "bbc_news", "direction": "bwd"}, "tokenize_dataset@bbc_news"),
+    ]:
+        with (
+            pytest.raises(
+                InputError, match=f"Fix: run the stage that produces it: dvc repro {producer}$"
+            ),
+            run_stage(tmp_path, group, **items),
+        ):
+            pytest.fail("the stage ran without its inputs")
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened
+
+
 def test_a_stage_item_takes_exactly_its_arguments():
     spec = stage_spec("control", name="imdb-scratch", dataset="imdb")
     assert spec.stage == "control@imdb-scratch" and spec.name == "controls/imdb-scratch"
