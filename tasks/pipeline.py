@@ -119,7 +119,10 @@ class Stage:
         needed = set(self.args) | ({"dataset"} if "name" in self.args else set())
         if set(items) != needed:
             raise TypeError(f"stage {self.group} takes {sorted(needed)}, got {sorted(items)}")
-        fill = lambda templates: tuple(t.format(**items) for t in templates)  # noqa: E731
+
+        def fill(templates: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(template.format(**items) for template in templates)
+
         return StageSpec(
             self.group,
             "-".join(items[arg] for arg in self.args),
