@@ -11,8 +11,7 @@ import numpy as np
 from prefect import flow
 
 from tasks.baseline import fit_tfidf, label_subset
-from tasks.params import load_params, section_dict
-from tasks.stage import record_outputs, require, stage_run
+from tasks.stage import project_params, record_outputs, run_stage
 from tasks.tokens import parquet_column
 from tasks.workspace import Layout
 
@@ -27,19 +26,15 @@ def _split(prepared: Path, name: str) -> tuple[list[str], np.ndarray]:
 @flow(name="baseline", persist_result=False, flow_run_name="baseline-{dataset}")
 def baseline_flow(dataset: str, root: str = ".") -> str:
     """``metrics/<dataset>/baseline.json``: test error for the full train split and each subset."""
-    root_path = Path(root).resolve()
-    params = load_params(root_path / "params.yaml")
-    params.dataset(dataset)
-    spec = Layout.stage("baseline", dataset)
-    prepared = require(root_path / Layout.prepared(dataset), f"prepare_dataset@{dataset}")
-    train_texts, train_labels = _split(prepared, "train")
-    valid = _split(prepared, "valid")
-    test = _split(prepared, "test")
+    params = project_params(root)
     subsets = [(None, 0), *params.label_subsets(dataset)]
-    section = section_dict(params, "baseline")
-    section["label_subsets"] = [list(s) for s in subsets[1:]]
-    options = params.baseline
-    with stage_run(root_path, spec, params, section) as ctx:
+    extra = {"label_subsets": [list(s) for s in subsets[1:]]}
+    with run_stage(root, "baseline", params=params, extra=extra, dataset=dataset) as ctx:
+        prepared = ctx.path(Layout.prepared(dataset))
+        train_texts, train_labels = _split(prepared, "train")
+        valid = _split(prepared, "valid")
+        test = _split(prepared, "test")
+        options = params.baseline
         runs = []
         for labels, seed in subsets:
             if labels is None:
@@ -69,5 +64,5 @@ def baseline_flow(dataset: str, root: str = ".") -> str:
             "subsets": {str(r["labels"]): r for r in runs[1:]},
             "runs": runs,
         }
-        record_outputs(root_path, ctx.run_id, spec, metrics)
-    return str(root_path / spec.metrics)
+        record_outputs(ctx, metrics)
+    return str(ctx.path(ctx.spec.metrics))

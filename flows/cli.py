@@ -14,8 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-EXIT_INPUT_ERROR = 2
-EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
+from tasks.pipeline import ARGUMENTS, EXIT_BUSY, EXIT_INPUT_ERROR, STAGES
 
 # Environment defaults for every command (an explicit value in the environment wins).
 ENV_DEFAULTS = {
@@ -32,76 +31,6 @@ ENV_DEFAULTS = {
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ulmfit",
 }
 
-# DVC stage group -> the Prefect flow that runs it.
-STAGE_FLOWS = {
-    "prepare_wikipedia": "flows.prepare:prepare_wikipedia_flow",
-    "train_tokenizer": "flows.tokenize:train_tokenizer_flow",
-    "tokenize_wikipedia": "flows.tokenize:tokenize_wikipedia_flow",
-    "pretrain": "flows.train:pretrain_flow",
-    "prepare_dataset": "flows.prepare:prepare_dataset_flow",
-    "tokenize_dataset": "flows.tokenize:tokenize_dataset_flow",
-    "finetune_lm": "flows.train:finetune_lm_flow",
-    "train_classifier": "flows.train:train_classifier_flow",
-    "evaluate": "flows.evaluate:evaluate_flow",
-    "baseline": "flows.baseline:baseline_flow",
-    "control": "flows.control:control_flow",
-    "report": "flows.report:report_flow",
-}
-
-STAGE_HELP = {
-    "prepare-wikipedia": (
-        "Stage 1: read the Wikipedia source of params.yaml (section 'wikipedia': a dump, "
-        "WikiText-103 or WikiExtractor output; local, packaged or downloaded) into "
-        "data/wikipedia/{train,valid}.parquet."
-    ),
-    "train-tokenizer": (
-        "Stage 2: train the SentencePiece tokenizer (section 'tokenizer') on the Wikipedia "
-        "training text -> data/tokenizer/tokenizer.model."
-    ),
-    "tokenize-wikipedia": (
-        "Stage 3: encode the Wikipedia splits into token files (section 'tokenize') -> "
-        "data/wikipedia_tokens/."
-    ),
-    "pretrain": (
-        "Stage 4: pretrain the AWD-LSTM language model on Wikipedia (section 'pretrain'), one "
-        "direction per run -> data/pretrained/<direction>/model.pt."
-    ),
-    "prepare-dataset": (
-        "Stage 5a: read one classification dataset (section 'datasets.<name>.source') into "
-        "data/datasets/<name>/prepared/{train,valid,test[,unsup]}.parquet."
-    ),
-    "tokenize-dataset": (
-        "Stage 5b: encode one dataset's splits, labels kept -> data/datasets/<name>/tokens/."
-    ),
-    "finetune-lm": (
-        "Stage 5c: fine-tune the pretrained LM on the dataset's texts, all splits, never the "
-        "labels (section 'finetune') -> data/datasets/<name>/lm_<direction>/."
-    ),
-    "train-classifier": (
-        "Stage 5d: train the classifier on the fine-tuned encoder with gradual unfreezing, "
-        "discriminative learning rates, slanted triangular LRs and BPT3C (section "
-        "'classifier') -> data/datasets/<name>/classifier_<direction>/."
-    ),
-    "evaluate": (
-        "Stage 5e: test error of the forward, backward and ensembled classifiers, confusion "
-        "matrix, and the ensemble saved to data/datasets/<name>/model/ and registered in "
-        "MLflow as '<prefix>-<name>'."
-    ),
-    "baseline": (
-        "Stage 5f: TF-IDF n-grams + logistic regression (section 'baseline') on the dataset's "
-        "full train split and on each label subset its controls use -> "
-        "metrics/<name>/baseline.json."
-    ),
-    "control": (
-        "Stage 5g: one entry of section 'controls' (an ablation or a label subset): its "
-        "classifier trained and tested with the dataset's tuning -> data/controls/<name>/."
-    ),
-    "report": (
-        "Stage 6: write reports/results.md (every dataset, ablation and baseline with the "
-        "MLflow run id of each figure) and reports/sample_efficiency.png."
-    ),
-}
-
 
 def _project_root() -> Path:
     return Path.cwd().resolve()
@@ -115,11 +44,12 @@ def _set_environment(root: Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / Layout.prefect_home))
 
 
-def _setup_logging(verbose: bool, stage: bool) -> None:
-    """Stage commands log through Prefect's handlers (console, and the server's UI); the other
-    commands through a plain stderr handler. Libraries stay at WARNING either way."""
+def _setup_logging(verbose: bool, flow: bool) -> None:
+    """Commands that run a Prefect flow (the stages, retrain) log through Prefect's handlers
+    (console, and the server's UI); the other commands through a plain stderr handler.
+    Libraries stay at WARNING either way."""
     logging.getLogger("ulmfit").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if stage:
+    if flow:
         import prefect  # noqa: F401 - importing Prefect configures its logging
     else:
         logging.basicConfig(
@@ -159,15 +89,18 @@ def _quiet_input_error_tracebacks() -> None:
 # ----------------------------------------------------------------------------- stage commands
 
 
-def _run_stage(group: str, items: dict[str, str]) -> int:
-    """Run one stage's flow under the workspace lock; ``items`` are its arguments (dataset,
-    direction or control name), which also name the stage item (``finetune_lm@imdb-fwd``)."""
-    root = _project_root()
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage's flow under the workspace lock; its arguments (dataset, direction or
+    control name) also name the stage item (``finetune_lm@imdb-fwd``)."""
+    from tasks.pipeline import BY_GROUP
     from tasks.workspace import workspace_lock
 
+    stage = BY_GROUP[args.command.replace("-", "_")]
+    items = {arg: getattr(args, arg) for arg in stage.args}
+    root = _project_root()
     item = "-".join(items.values())
-    with workspace_lock(root, f"{group}@{item}" if item else group):
-        module, name = STAGE_FLOWS[group].split(":")
+    with workspace_lock(root, f"{stage.group}@{item}" if item else stage.group):
+        module, name = stage.flow.split(":")
         flow_fn = getattr(importlib.import_module(module), name)
         _quiet_input_error_tracebacks()
         flow_fn(root=str(root), **items)
@@ -177,15 +110,22 @@ def _run_stage(group: str, items: dict[str, str]) -> int:
 # -------------------------------------------------------------------------------- commands
 
 
-def cmd_stage(args: argparse.Namespace) -> int:
-    items = {k: getattr(args, k) for k in ("dataset", "name", "direction") if hasattr(args, k)}
-    return _run_stage(args.command.replace("-", "_"), items)
-
-
 def cmd_repro(args: argparse.Namespace) -> int:
     from flows.repro import repro
 
     return repro(_project_root(), list(args.dvc_args))
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from flows.retrain import DEFAULT_METRIC, retrain
+
+    retrain(
+        project_dir=str(_project_root()),
+        datasets=args.datasets,
+        metric=args.metric or DEFAULT_METRIC,
+        refresh=not args.no_refresh,
+    )
+    return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -251,6 +191,33 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
     repro.set_defaults(func=cmd_repro)
 
+    retrain = sub.add_parser(
+        "retrain",
+        help="refresh the data, rerun the pipeline, promote only a better classifier",
+        description=(
+            "Retrain now, as the scheduled deployment does (docs/deployment.md): re-run the "
+            "prepare stages so new upstream data is fetched, run 'ulmfit repro', and move "
+            "each dataset's registry alias 'champion' to its new classifier only if its test "
+            "error is strictly lower. Every decision is recorded in MLflow (experiment "
+            "'retrain') and as a Prefect artifact."
+        ),
+    )
+    retrain.add_argument(
+        "--dataset",
+        action="append",
+        dest="datasets",
+        help="repeatable; default: every dataset in params.yaml",
+    )
+    retrain.add_argument(
+        "--metric",
+        help="the evaluate stage's metric to compare, lower is better (default: the ensemble's "
+        "test error)",
+    )
+    retrain.add_argument(
+        "--no-refresh", action="store_true", help="skip re-running the prepare stages"
+    )
+    retrain.set_defaults(func=cmd_retrain)
+
     predict = sub.add_parser(
         "predict",
         help="classify the texts of a CSV file with a trained model",
@@ -289,33 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--list", action="store_true", help="list the profiles")
     profile.set_defaults(func=cmd_profile)
 
-    for name, text in STAGE_HELP.items():
+    for row in STAGES:
         stage = sub.add_parser(
-            name,
-            help=text.split(": ", 1)[1].split(" (")[0].split(" ->")[0],
-            description=text + " Normally run by 'ulmfit repro' / 'dvc repro'.",
+            row.command,
+            help=row.help.split(": ", 1)[1].split(" (")[0].split(" ->")[0],
+            description=row.help + " Normally run by 'ulmfit repro' / 'dvc repro'.",
         )
-        if name in (
-            "prepare-dataset",
-            "tokenize-dataset",
-            "finetune-lm",
-            "train-classifier",
-            "evaluate",
-            "baseline",
-        ):
-            stage.add_argument("--dataset", required=True, help="a dataset name from params.yaml")
-        if name == "control":
+        for arg in row.args:
+            argument = ARGUMENTS[arg]
             stage.add_argument(
-                "--name",
-                required=True,
-                help="a control name from params.yaml",
-            )
-        if name in ("pretrain", "finetune-lm", "train-classifier"):
-            stage.add_argument(
-                "--direction",
-                required=True,
-                choices=("fwd", "bwd"),
-                help="fwd: left-to-right text; bwd: right-to-left",
+                f"--{arg}", required=True, choices=argument.choices, help=argument.help
             )
         stage.set_defaults(func=cmd_stage)
     return parser
@@ -325,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _set_environment(_project_root())
-    _setup_logging(args.verbose, stage=args.func is cmd_stage)
+    _setup_logging(args.verbose, flow=args.func in (cmd_stage, cmd_retrain))
     from tasks.workspace import WorkspaceBusy
     from ulmfit.errors import InputError
 

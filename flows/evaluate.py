@@ -3,18 +3,15 @@ and the ensemble registered in MLflow as a servable pyfunc model."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 from prefect import flow
 
 from tasks import tracking
 from tasks.evaluation import evaluate_task
-from tasks.params import load_params, section_dict
 from tasks.plots import confusion_figure, write_rows
+from tasks.recipes import label_names_of
 from tasks.registry import model_name, register_classifier_task
-from tasks.stage import record_outputs, require, runtime, stage_run
+from tasks.stage import record_outputs, run_stage, runtime
 from tasks.tokens import TOKENIZER_FILE, parquet_column
 from tasks.training import MODEL_FILE
 from tasks.workspace import Layout
@@ -24,25 +21,18 @@ from tasks.workspace import Layout
 def evaluate_flow(dataset: str, root: str = ".") -> str:
     """Test metrics -> ``metrics/<dataset>/evaluate.json``; the served model ->
     ``data/datasets/<dataset>/model/`` and the MLflow registry."""
-    root_path = Path(root).resolve()
-    params = load_params(root_path / "params.yaml")
-    params.dataset(dataset)
-    spec = Layout.stage("evaluate", dataset)
-    tokens = require(root_path / Layout.tokens(dataset), f"tokenize_dataset@{dataset}")
-    tokenizer = require(root_path / Layout.tokenizer_dir / TOKENIZER_FILE, "train_tokenizer")
-    prepared = require(root_path / Layout.prepared(dataset), f"prepare_dataset@{dataset}")
-    files = {
-        d: require(
-            root_path / Layout.classifier(dataset, d) / MODEL_FILE,
-            f"train_classifier@{dataset}-{d}",
-        )
-        for d in params.dataset(dataset).directions
-    }
-    label_names = list(json.loads((prepared / "summary.json").read_text())["label_names"])
-    with stage_run(root_path, spec, params, section_dict(params, "evaluate")) as ctx:
+    with run_stage(root, "evaluate", dataset=dataset) as ctx:
+        params, root_path, spec = ctx.params, ctx.root, ctx.spec
+        prepared = ctx.path(Layout.prepared(dataset))
+        tokens = ctx.path(Layout.tokens(dataset))
+        files = {
+            d: ctx.require(f"{Layout.classifier(dataset, d)}/{MODEL_FILE}")
+            for d in params.dataset(dataset).directions
+        }
+        label_names = label_names_of(root_path, dataset)
         out = ctx.path(Layout.model(dataset))
         result = evaluate_task(
-            tokenizer_path=tokenizer,
+            tokenizer_path=ctx.require(f"{Layout.tokenizer_dir}/{TOKENIZER_FILE}"),
             train_file=tokens / "train.parquet",
             test_file=tokens / "test.parquet",
             forward_file=files["fwd"],
@@ -66,9 +56,7 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
         metrics = result["metrics"]
         # Metrics first: the retrain flow judges a registered version by its run's metrics.
         record_outputs(
-            root_path,
-            ctx.run_id,
-            spec,
+            ctx,
             metrics,
             artifacts=(root_path / spec.curve, root_path / spec.figure),
         )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow
 
 from tasks.data import prepare_dataset_task, prepare_wikipedia_task
-from tasks.params import load_params, section_dict
-from tasks.stage import record_outputs, stage_run
+from tasks.params import section_dict
+from tasks.stage import project_params, record_outputs, run_stage
 from tasks.workspace import Layout
 
 
@@ -34,16 +32,11 @@ def _summary_metrics(summary: dict) -> dict:
 @flow(name="prepare_wikipedia", persist_result=False)
 def prepare_wikipedia_flow(root: str = ".") -> str:
     """Wikipedia source -> ``data/wikipedia/{train,valid}.parquet``."""
-    root_path = Path(root).resolve()
-    params = load_params(root_path / "params.yaml")
-    spec = Layout.stage("prepare_wikipedia")
-    with stage_run(root_path, spec, params, section_dict(params, "wikipedia")) as ctx:
+    with run_stage(root, "prepare_wikipedia") as ctx:
         out = ctx.path(Layout.wikipedia)
-        summary = prepare_wikipedia_task(params.wikipedia, out, ctx.path(Layout.cache_dir))
+        summary = prepare_wikipedia_task(ctx.params.wikipedia, out, ctx.path(Layout.cache_dir))
         record_outputs(
-            root_path,
-            ctx.run_id,
-            spec,
+            ctx,
             _summary_metrics(summary),
             artifacts=(out / "summary.json", out / "sources.json"),
         )
@@ -53,18 +46,17 @@ def prepare_wikipedia_flow(root: str = ".") -> str:
 @flow(name="prepare_dataset", persist_result=False, flow_run_name="prepare_dataset-{dataset}")
 def prepare_dataset_flow(dataset: str, root: str = ".") -> str:
     """One classification dataset -> ``data/datasets/<dataset>/prepared/``."""
-    root_path = Path(root).resolve()
-    params = load_params(root_path / "params.yaml")
-    source = params.dataset(dataset).source
-    spec = Layout.stage("prepare_dataset", dataset)
-    section = {"source": section_dict(params, "datasets", dataset=dataset)["dataset"]["source"]}
-    with stage_run(root_path, spec, params, section) as ctx:
+    params = project_params(root)
+    source = section_dict(params, "datasets", dataset=dataset)["dataset"]["source"]
+    with run_stage(
+        root, "prepare_dataset", params=params, extra={"source": source}, dataset=dataset
+    ) as ctx:
         out = ctx.path(Layout.prepared(dataset))
-        summary = prepare_dataset_task(source, out, ctx.path(Layout.cache_dir))
+        summary = prepare_dataset_task(
+            params.dataset(dataset).source, out, ctx.path(Layout.cache_dir)
+        )
         record_outputs(
-            root_path,
-            ctx.run_id,
-            spec,
+            ctx,
             _summary_metrics(summary),
             artifacts=(out / "summary.json", out / "sources.json"),
         )

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from tasks.pipeline import DIRECTIONS
 from ulmfit.config import from_dict, to_dict
 from ulmfit.corpora import DatasetSource, WikipediaSource
 from ulmfit.errors import InputError
@@ -27,7 +28,6 @@ from ulmfit.model import AWDLSTMConfig, ClassifierConfig
 from ulmfit.tokenizer import TokenizerConfig
 from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
 
-DIRECTIONS = ("fwd", "bwd")
 LM_SPLITS = ("train", "valid", "test", "unsup")
 # What a classifier's encoder takes from the pretrained LM: every field but the dropouts.
 _ENCODER_SIZE_KEYS = tuple(

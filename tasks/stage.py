@@ -1,5 +1,6 @@
-"""What every stage does around its work: hash its inputs, open its MLflow run, write its
-metrics and run record atomically, and close the run as FINISHED or FAILED.
+"""What every stage does around its work (:func:`run_stage`): read ``params.yaml``, check its
+inputs, hash them, open its MLflow run, write its metrics and run record atomically, and close
+the run as FINISHED or FAILED.
 
 A stage's outputs are complete or absent: the library writes each file atomically, and the run
 record (``metrics/runs/<name>.json``, read by the report) is written last.
@@ -22,9 +23,10 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import tracking
-from tasks.params import Params
+from tasks.checkpoints import checkpoint_dir, clear_checkpoints, deps_md5, stage_key
+from tasks.params import Params, load_params, section_dict
+from tasks.pipeline import BY_GROUP, StageSpec, producer_of, stage_spec
 from tasks.plots import note_figure, training_figure, write_rows
-from tasks.workspace import StageSpec, checkpoint_dir, clear_checkpoints, deps_md5, stage_key
 from ulmfit.errors import InputError
 from ulmfit.io import atomic_write
 
@@ -49,14 +51,58 @@ class StageContext:
     def checkpoint_dir(self, sub: str = "") -> Path:
         return checkpoint_dir(self.root, self.spec, self.key, sub)
 
+    def require(self, relative: str) -> Path:
+        return require(self.root, relative)
 
-def require(path: Path, producer: str) -> Path:
-    """``path`` must exist; else an :class:`InputError` naming the stage that makes it."""
+
+def require(root: Path, relative: str) -> Path:
+    """``root / relative`` must exist; else an :class:`InputError` naming the stage that makes
+    it (from the stage table)."""
+    path = root / relative
     if not path.exists():
         raise InputError(
-            path, "missing input", fix=f"run the stage that produces it: dvc repro {producer}"
+            path,
+            "missing input",
+            fix=f"run the stage that produces it: dvc repro {producer_of(relative)}",
         )
     return path
+
+
+def project_params(root: str | Path) -> Params:
+    return load_params(Path(root).resolve() / "params.yaml")
+
+
+@contextlib.contextmanager
+def run_stage(
+    root: str | Path,
+    group: str,
+    *,
+    params: Params | None = None,
+    extra: Mapping[str, Any] | None = None,
+    **items: str,
+) -> Iterator[StageContext]:
+    """One stage item of the table (``items``: its command-line arguments) around its work:
+    its data deps must exist, and :func:`stage_run` records the params sections the table
+    names for it (the direction and ``extra`` added). ``params`` defaults to ``params.yaml``'s.
+    """
+    root = Path(root).resolve()
+    params = params or project_params(root)
+    stage = BY_GROUP[group]
+    if "name" in items:  # a control: its data are its dataset's
+        items["dataset"] = params.control(items["name"]).dataset
+    elif "dataset" in items:
+        params.dataset(items["dataset"])  # an unknown dataset is bad input
+    spec = stage_spec(group, **items)
+    for dep in spec.data:
+        if producer_of(dep):
+            require(root, dep)
+    # section_dict reads a control's section by the control's name.
+    section = section_dict(params, *stage.sections, dataset=items.get("name", items.get("dataset")))
+    if "direction" in items:
+        section["direction"] = items["direction"]
+    section.update(extra or {})
+    with stage_run(root, spec, params, section) as ctx:
+        yield ctx
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> Path:
@@ -117,7 +163,7 @@ def stage_run(
     except BaseException:
         tracking.end_run(root, run_id, "FAILED")
         raise
-    if spec.group != "report":
+    if BY_GROUP[spec.group].metrics:
         write_json(
             root / spec.run_record,
             {
@@ -131,6 +177,19 @@ def stage_run(
         )
     tracking.end_run(root, run_id, "FINISHED")
     clear_checkpoints(root, spec)
+
+
+def skip_left_out(
+    root: str | Path, params: Params, group: str, dataset: str, direction: str
+) -> bool:
+    """True (after recording it with :func:`skip_stage`) when ``datasets.<dataset>.directions``
+    leaves ``direction`` out: the stage item exists in dvc.yaml for every dataset but does no
+    work."""
+    if direction in params.dataset(dataset).directions:
+        return False
+    spec = stage_spec(group, dataset=dataset, direction=direction)
+    skip_stage(Path(root).resolve(), spec, f"datasets.{dataset}.directions leaves out {direction}")
+    return True
 
 
 def skip_stage(root: Path, spec: StageSpec, reason: str) -> None:
@@ -157,9 +216,7 @@ MAX_ARTIFACT_BYTES = 50 * 2**20
 
 @task(name="record-outputs", cache_policy=NONE, persist_result=False)
 def record_outputs(
-    root: Path,
-    run_id: str,
-    spec: StageSpec,
+    ctx: StageContext,
     metrics: Mapping[str, Any],
     steps: list[dict] | None = None,
     evals: list[dict] | None = None,
@@ -167,7 +224,7 @@ def record_outputs(
 ) -> dict[str, str]:
     """Write the stage's metrics JSON (and for training stages its curve CSV and figure), log
     them and ``artifacts`` to its MLflow run; returns the paths written."""
-
+    root, run_id, spec = ctx.root, ctx.run_id, ctx.spec
     paths = [write_json(root / spec.metrics, metrics)]
     tracking.log_metrics(root, run_id, tracking.flatten_numbers(metrics))
     if spec.plots and steps is not None:

@@ -23,3 +23,34 @@ def test_library_imports_no_pipeline_tools():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.strip()
     assert out == "", f"importing ulmfit loaded pipeline tools: {out}"
+
+
+def test_tasks_never_import_flows():
+    """Imports point one way, ``flows/ -> tasks/ -> ulmfit/``: a flow calls tasks, and no task
+    reaches back into a flow (helpers two flows share belong in ``tasks/``)."""
+    import ast
+    from pathlib import Path
+
+    tasks = Path(__file__).resolve().parents[1] / "tasks"
+    for path in sorted(tasks.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            assert not [n for n in names if n.split(".")[0] == "flows"], (path.name, names)
+
+
+def test_flows_import_no_other_flow():
+    """Each flow module stands on tasks alone (the CLI, which imports flows by name, aside)."""
+    import ast
+    from pathlib import Path
+
+    flows = Path(__file__).resolve().parents[1] / "flows"
+    for path in sorted(flows.glob("*.py")):
+        if path.name == "cli.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert node.module.split(".")[0] != "flows", (path.name, node.module)

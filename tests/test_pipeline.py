@@ -1,7 +1,7 @@
 """End to end: ``ulmfit repro`` (DVC + Prefect + MLflow) on a micro config in a temporary git
 repository, then everything a user does with the result.
 
-One pipeline run is shared by every test here (module-scoped fixture): DVC metrics, MLflow runs
+One pipeline run is shared by the slow tests here (module-scoped fixture): DVC metrics, MLflow runs
 and their tags, a second ``dvc repro`` that does nothing, ``ulmfit predict``, the registered model
 loaded and served. The destructive checks (a killed stage resumes, a second pipeline is refused,
 corrupt input stops cleanly) run in a copy of that workspace.
@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.pipeline import BY_GROUP, STAGES, producer_of, stage_spec
 from tasks.workspace import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +36,9 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "test@example.invalid",
 }
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+# The tests of the micro pipeline are marked slow (minutes); the checks of the stage table
+# are not, so they run in the fast suite.
+pytestmark = pytest.mark.timeout(1500)
 
 
 def micro_params() -> dict:
@@ -161,6 +164,7 @@ def _mlflow_client(workspace: Path):
 # ------------------------------------------------------------------------------ the main run
 
 
+@pytest.mark.slow
 def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     workspace = pipeline["workspace"]
     stages = _lock(workspace)
@@ -198,6 +202,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
     assert not [p for p in (workspace / "data").rglob("*") if p.name.endswith((".tmp", ".old"))]
 
 
+@pytest.mark.slow
 def test_controls_and_baseline_record_what_they_trained(pipeline):
     workspace = pipeline["workspace"]
     read = lambda path: json.loads((workspace / path).read_text())  # noqa: E731
@@ -205,7 +210,6 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
     assert scratch["encoder"] == "scratch" and scratch["train_documents"] == 20
     assert [c["lr"] for c in scratch["grid_search"]] == [0.01, 0.03]  # the dataset's lr grid
     assert scratch["lr"] in (0.01, 0.03) and 0 <= scratch["test_error"] <= 1
-    assert 1 <= scratch["best_epoch"] <= scratch["epochs"]
     no_pretraining = read("metrics/controls/bbc_news-no_pretraining.json")
     assert no_pretraining["lm_valid_perplexity"] > 1  # its own LM, fine-tuned from scratch
     assert (workspace / "data/controls/bbc_news-no_pretraining/lm/model.pt").is_file()
@@ -217,20 +221,38 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
     assert record["mlflow_run_id"] and record["wall_seconds"] > 0
 
 
-def test_stage_deps_and_outs_match_the_python_layout(pipeline):
-    """dvc.yaml and tasks/workspace.py name the same paths for every stage."""
+@pytest.mark.slow
+@pytest.mark.slow
+def test_best_epoch_is_the_epoch_of_the_lowest_validation_error(pipeline):
+    """The early-stopping epoch a control reports is the epoch-end validation its MLflow run
+    logged with the lowest error (the first one on a tie)."""
     workspace = pipeline["workspace"]
+    client, _ = _mlflow_client(workspace)
+    name = "controls/bbc_news-scratch-20"
+    metrics = json.loads((workspace / f"metrics/{name}.json").read_text())
+    run_id = json.loads((workspace / f"metrics/runs/{name}.json").read_text())["mlflow_run_id"]
+    several = len(metrics["grid_search"]) > 1  # each trained classifier logs under its folder
+    prefix = f"lr-{metrics['lr']:g}/" if several else ""
+    history = lambda key: client.get_metric_history(run_id, prefix + key)  # noqa: E731
+    epoch_at = {m.step: m.value for m in history("epoch_epoch")}
+    logged = sorted((m.value, epoch_at[m.step]) for m in history("epoch_error_rate"))
+    assert len(logged) == metrics["epochs"] >= 2
+    assert metrics["best_epoch"] == logged[0][1]
+
+
+@pytest.mark.slow
+def test_stage_deps_and_outs_match_the_python_layout(pipeline):
+    """dvc.yaml (as DVC resolved it) and the stage table name the same paths for every stage."""
+    workspace = pipeline["workspace"]
+    controls = yaml.safe_load((workspace / "params.yaml").read_text())["controls"]
     for stage, entry in _lock(workspace).items():
         group, _, item = stage.partition("@")
-        dataset = direction = None
-        if group == "pretrain":
-            direction = item
-        elif group == "control":  # the item is the control's name; its data are its dataset's
-            params = yaml.safe_load((workspace / "params.yaml").read_text())
-            dataset, direction = item, params["controls"][item]["dataset"]
-        elif item:
-            dataset, _, direction = item.partition("-")
-        spec = Layout.stage(group, dataset, direction or None)
+        values = item.split("-", len(BY_GROUP[group].args) - 1) if item else []
+        items = dict(zip(BY_GROUP[group].args, values, strict=True))
+        if group == "control":  # the item is the control's name; its data are its dataset's
+            items["dataset"] = controls[item]["dataset"]
+        spec = stage_spec(group, **items)
+        assert spec.stage == stage
         assert {d["path"] for d in entry["deps"]} == set(spec.deps), stage
         outs = {o["path"] for o in entry["outs"]}
         expected = set(spec.outs)
@@ -241,12 +263,72 @@ def test_stage_deps_and_outs_match_the_python_layout(pipeline):
         assert outs == expected, stage
 
 
-def test_dvc_yaml_is_generated_from_the_layout():
-    from tasks.workspace import render_dvc_yaml
+def test_dvc_yaml_is_generated_from_the_stage_table():
+    from tasks.dvcfile import render_dvc_yaml
 
     assert (ROOT / "dvc.yaml").read_text() == render_dvc_yaml(), (
-        "dvc.yaml is stale: python -m tasks.workspace > dvc.yaml"
+        "dvc.yaml is stale: python -m tasks.dvcfile > dvc.yaml"
     )
+
+
+def test_every_dvc_stage_is_a_row_of_the_table_run_by_its_command():
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages) == [stage.group for stage in STAGES]
+    for stage in STAGES:
+        entry = stages[stage.group].get("do", stages[stage.group])
+        assert entry["cmd"].split()[:2] == ["ulmfit", stage.command]
+        assert [w[2:] for w in entry["cmd"].split() if w.startswith("--")] == list(stage.args)
+        matrix = stages[stage.group].get("matrix", {})
+        assert set(matrix) == set(stage.args) - {"name"}
+
+
+def test_missing_inputs_name_the_stage_item_that_writes_them():
+    """The producer a missing input names comes from the table's outs, item included."""
+    assert producer_of(Layout.finetuned("imdb", "bwd") + "/model.pt") == "finetune_lm@imdb-bwd"
+    assert producer_of(Layout.wikipedia + "/train.parquet") == "prepare_wikipedia"
+    assert producer_of(Layout.wikipedia_tokens) == "tokenize_wikipedia"
+    assert producer_of(Layout.pretrained("fwd") + "/step-000375.pt") == "pretrain@fwd"
+    assert producer_of(Layout.control("imdb-scratch-100") + "/lm") == "control@imdb-scratch-100"
+    assert producer_of("metrics") is None  # the report reads every stage's metrics
+    # Every data dependency of every stage is some stage's output (or the metrics folder).
+    for stage in STAGES:
+        items = {arg: "x" for arg in stage.args}
+        if "name" in stage.args:
+            items["dataset"] = "x"
+        for dep in stage_spec(stage.group, **items).data:
+            assert dep == "metrics" or producer_of(dep), (stage.group, dep)
+
+
+def test_a_stage_run_without_its_inputs_names_the_stage_to_run(tmp_path):
+    """run_stage checks the table's data deps before any run starts, naming their producer."""
+    from tasks.stage import run_stage
+    from ulmfit.errors import InputError
+
+    shutil.copy2(ROOT / "params.yaml", tmp_path / "params.yaml")
+    for group, items, producer in [
+        ("train_tokenizer", {}, "prepare_wikipedia"),
+        ("tokenize_dataset", {"dataset": "bbc_news"}, "prepare_dataset@bbc_news"),
+        ("finetune_lm", {"dataset": "bbc_news", "direction": "bwd"}, "tokenize_dataset@bbc_news"),
+    ]:
+        with (
+            pytest.raises(
+                InputError, match=f"Fix: run the stage that produces it: dvc repro {producer}$"
+            ),
+            run_stage(tmp_path, group, **items),
+        ):
+            pytest.fail("the stage ran without its inputs")
+    assert not (tmp_path / "mlflow.db").exists()  # no run was opened
+
+
+def test_a_stage_item_takes_exactly_its_arguments():
+    spec = stage_spec("control", name="imdb-scratch", dataset="imdb")
+    assert spec.stage == "control@imdb-scratch" and spec.name == "controls/imdb-scratch"
+    assert Layout.tokens("imdb") in spec.data and Layout.control("imdb-scratch") in spec.outs
+    assert "controls.imdb-scratch" in spec.params and "datasets.imdb" in spec.params
+    with pytest.raises(TypeError, match="direction"):
+        stage_spec("finetune_lm", dataset="imdb")
+    with pytest.raises(KeyError):
+        stage_spec("no_such_stage")
 
 
 def _project_modules(*modules: str) -> set[str]:
@@ -280,7 +362,7 @@ def test_code_deps_cover_every_project_module_a_stage_imports():
         ("tokenize_dataset", "flows.tokenize"),
         ("report", "flows.report"),
     ]:
-        spec = Layout.stage(group, "x", "fwd")
+        spec = stage_spec(group, **{arg: "x" for arg in BY_GROUP[group].args})
         for relative in sorted(_project_modules("flows.cli", target) - parsing):
             if relative.endswith("__init__.py") and relative.count("/") == 1:
                 continue  # package markers
@@ -290,6 +372,7 @@ def test_code_deps_cover_every_project_module_a_stage_imports():
         assert "tasks/params.py" in spec.deps
 
 
+@pytest.mark.slow
 def test_dvc_metrics_and_plots_are_declared(pipeline):
     workspace = pipeline["workspace"]
     shown = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], workspace).stdout)
@@ -302,6 +385,7 @@ def test_dvc_metrics_and_plots_are_declared(pipeline):
     assert "plots/bbc_news/classifier_fwd.csv" in plots and "evaluate.png" in plots
 
 
+@pytest.mark.slow
 def test_mlflow_runs_have_params_metrics_and_lineage_tags(pipeline):
     workspace = pipeline["workspace"]
     client, _ = _mlflow_client(workspace)
@@ -340,6 +424,7 @@ def test_mlflow_runs_have_params_metrics_and_lineage_tags(pipeline):
     assert evaluation.info.run_id in results
 
 
+@pytest.mark.slow
 def test_second_repro_does_nothing(pipeline):
     workspace = pipeline["workspace"]
     started = time.monotonic()
@@ -349,6 +434,7 @@ def test_second_repro_does_nothing(pipeline):
     assert elapsed < 60, f"a no-op dvc repro took {elapsed:.0f} s"
 
 
+@pytest.mark.slow
 def test_predict_csv_with_a_model_directory_and_the_registry(pipeline, tmp_path):
     import pandas as pd
 
@@ -384,6 +470,7 @@ def test_predict_csv_with_a_model_directory_and_the_registry(pipeline, tmp_path)
         assert abs(probs.sum(axis=1) - 1).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_registered_model_loads_and_serves(pipeline):
     import mlflow
     import pandas as pd
@@ -472,6 +559,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_concurrent_runs_are_refused(workspace_copy, prefect_api_url):
     """A second pipeline in a workspace whose DVC repo lock is held fails at once; a stage run
     by hand while another stage holds the workspace lock exits 75. Both locks are held here
@@ -507,6 +595,7 @@ def test_concurrent_runs_are_refused(workspace_copy, prefect_api_url):
     assert "busy" in manual.stderr and "Traceback" not in manual.stderr
 
 
+@pytest.mark.slow
 def test_killed_stage_resumes(workspace_copy, prefect_api_url):
     workspace = workspace_copy
     params = yaml.safe_load((workspace / "params.yaml").read_text())
@@ -543,6 +632,7 @@ def test_killed_stage_resumes(workspace_copy, prefect_api_url):
     assert summary["steps"] == 300
 
 
+@pytest.mark.slow
 def test_corrupt_input_stops_cleanly_and_keeps_earlier_outputs(workspace_copy, prefect_api_url):
     workspace = workspace_copy
     tokens = workspace / Layout.tokens("bbc_news") / "train.parquet"
@@ -591,6 +681,7 @@ def test_corrupt_input_stops_cleanly_and_keeps_earlier_outputs(workspace_copy, p
 # --------------------------------------------------------------------- flows, in process
 
 
+@pytest.mark.slow
 def test_report_flow_runs_under_prefect_and_links_its_flow_run(pipeline, prefect_api_url):
     from prefect import get_client
 
@@ -620,6 +711,7 @@ def test_report_flow_runs_under_prefect_and_links_its_flow_run(pipeline, prefect
     assert asyncio.run(fetch()).name
 
 
+@pytest.mark.slow
 def test_write_report_task_fn_is_plain_python(pipeline):
     from tasks.params import load_params
     from tasks.report import write_report_task
@@ -646,6 +738,7 @@ def test_io_tasks_retry_but_never_on_bad_input():
     assert retry_unless_input_error(None, None, transient) is True
 
 
+@pytest.mark.slow
 def test_pipeline_timing_is_recorded(pipeline):
     """Not a benchmark: the micro pipeline must stay small enough for CI."""
     print(f"micro pipeline: {pipeline['seconds']:.0f} s")

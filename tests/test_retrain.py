@@ -140,7 +140,7 @@ def test_artifact_key_is_valid_for_prefect():
 
 
 def test_prepare_stages_are_found_in_dvc_yaml_and_filtered_by_dataset(tmp_path):
-    from flows.retrain import prepare_stages
+    from tasks.commands import prepare_stages
 
     (tmp_path / "dvc.yaml").write_text(
         textwrap.dedent(
@@ -173,7 +173,7 @@ def test_prepare_stages_are_found_in_dvc_yaml_and_filtered_by_dataset(tmp_path):
 def test_refresh_reports_only_prepared_data_that_changed(tmp_path):
     """Forcing a prepare stage rewrites its outputs; only real upstream changes are reported,
     not run records that differ on every run."""
-    from flows.retrain import changed_data
+    from tasks.commands import changed_data
 
     upstream = tmp_path / "upstream.txt"
     upstream.write_text("first\n")
@@ -213,24 +213,36 @@ def test_refresh_reports_only_prepared_data_that_changed(tmp_path):
 
 
 def test_bad_input_stops_the_refresh_without_retries():
+    """A stage's bad-input exit code, from the command itself or from DVC's report of the stage
+    it ran, is never retried; any other failure is."""
     from prefect.states import Failed
 
-    from flows.retrain import BAD_INPUT_LINE, BadInput, CommandFailed, retry_unless_bad_input
+    from tasks.commands import BadInput, CommandFailed, retry_unless_bad_input, stopped_on_bad_input
+    from tasks.pipeline import EXIT_INPUT_ERROR
 
-    line = "ulmfit prepare-dataset: error: data/x.csv:3: bad label. Fix: use an integer label"
-    assert BAD_INPUT_LINE.search(line)
-    assert not BAD_INPUT_LINE.search("ERROR: failed to reproduce 'prepare_dataset@imdb'")
+    dvc_line = "ERROR: failed to reproduce 'prepare_dataset@imdb': failed to run: ulmfit "
+    assert stopped_on_bad_input(EXIT_INPUT_ERROR, [])
+    assert stopped_on_bad_input(255, [f"{dvc_line}prepare-dataset --dataset imdb, exited with 2"])
+    assert not stopped_on_bad_input(
+        255, [f"{dvc_line}prepare-dataset --dataset imdb, exited with 1"]
+    )
+    assert not stopped_on_bad_input(1, ["ulmfit prepare-dataset: error: x.csv: bad. Fix: y"])
     assert retry_unless_bad_input(None, None, Failed(data=BadInput("bad"))) is False
     assert retry_unless_bad_input(None, None, Failed(data=CommandFailed("network"))) is True
 
 
-def test_model_names_follow_the_evaluate_stage():
-    from flows.retrain import params_datasets, registered_model_name
+def test_model_names_follow_the_evaluate_stage(tmp_path):
+    """The retrain flow reads params.yaml as the stages do and names each dataset's model as
+    the evaluate stage registers it."""
+    from tasks.params import load_params
+    from tasks.registry import model_name
 
-    params = {"datasets": {"imdb": {}, "trec": {}}, "mlflow": {"model_name_prefix": "acme"}}
-    assert params_datasets(params, Path(".")) == ["imdb", "trec"]
-    assert registered_model_name(params, "imdb") == "acme-imdb"
-    assert registered_model_name({}, "imdb") == "ulmfit-imdb"
+    data = yaml.safe_load((REPO_ROOT / "profiles" / "default.yaml").read_text())
+    data["mlflow"]["model_name_prefix"] = "acme"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    params = load_params(tmp_path / "params.yaml")
+    assert model_name(params.mlflow.model_name_prefix, "imdb") == "acme-imdb"
+    assert list(params.datasets) == list(data["datasets"])
 
 
 # --- the MLflow calls, on a local SQLite store -------------------------------------------
@@ -340,7 +352,7 @@ PREPARED = Path("data") / DATASET / "prepared.csv"
 
 
 def prepare():
-    source = Path(PARAMS["datasets"][DATASET]["source"])
+    source = Path(PARAMS["datasets"][DATASET]["source"]["path"])
     rows = list(csv.DictReader(source.open(newline="")))
     if not rows or set(rows[0]) != {"text", "label"}:
         sys.exit(f"{source}: expected columns text,label. Fix: regenerate the upstream file")
@@ -514,10 +526,10 @@ def build_fleet_repository(root: Path, upstream: Path) -> Path:
     shutil.copy2(REPO_ROOT / "prefect.yaml", repo / "prefect.yaml")
     (repo / "stage.py").write_text(textwrap.dedent(TINY_STAGE).lstrip())
     (repo / "dvc.yaml").write_text(textwrap.dedent(TINY_DVC).lstrip())
-    params = {
-        "datasets": {"news": {"source": str(upstream)}},
-        "mlflow": {"experiment": "ulmfit", "model_name_prefix": "ulmfit"},
-    }
+    # The project's default parameters (the retrain flow validates them as the stages do),
+    # with one dataset whose source the tiny stage reads.
+    params = yaml.safe_load((REPO_ROOT / "profiles" / "default.yaml").read_text())
+    params["datasets"] = {"news": {"source": {"name": "news", "path": str(upstream)}}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n/data/\n/mlflow.db\n")
     git(repo, "init", "-q", "-b", "main")
@@ -749,7 +761,7 @@ def test_retrain_flow_on_the_real_micro_pipeline(tmp_path):
         outcomes = []
         for _ in range(2):
             result = subprocess.run(
-                [sys.executable, "-m", "flows.retrain", "--project-dir", str(workspace)],
+                [str(Path(sys.executable).with_name("ulmfit")), "retrain"],
                 cwd=workspace,
                 env=env,
                 capture_output=True,

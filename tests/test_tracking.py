@@ -9,14 +9,9 @@ from pathlib import Path
 import pytest
 
 from tasks import tracking
-from tasks.workspace import (
-    Layout,
-    WorkspaceBusy,
-    checkpoint_dir,
-    dvc_md5,
-    stage_key,
-    workspace_lock,
-)
+from tasks.checkpoints import checkpoint_dir, dvc_md5, stage_key
+from tasks.pipeline import stage_spec
+from tasks.workspace import WorkspaceBusy, workspace_lock
 from ulmfit.train import TrainEvent
 
 
@@ -105,7 +100,7 @@ def test_dvc_md5_of_files_and_directories(tmp_path):
 
 
 def test_checkpoint_key_changes_with_params_and_inputs_and_stale_keys_are_removed(tmp_path):
-    spec = Layout.stage("pretrain", direction="fwd")
+    spec = stage_spec("pretrain", direction="fwd")
     key = stage_key(spec, {"lr": 1}, {"x": "1"})
     assert key == stage_key(spec, {"lr": 1}, {"x": "1"})
     assert key != stage_key(spec, {"lr": 2}, {"x": "1"})

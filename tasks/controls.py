@@ -1,0 +1,67 @@
+"""What a control stage does beyond the pipeline's recipe (``tasks/recipes.py``): train on the
+label subset the TF-IDF baseline also uses, and measure the classifier on the test split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
+
+from tasks.baseline import label_subset
+from tasks.recipes import backward
+from tasks.tokens import parquet_column
+from tasks.workspace import Layout
+from ulmfit.checkpoint import load_model
+from ulmfit.errors import InputError
+from ulmfit.storage import read_tokens
+from ulmfit.tokenizer import Tokenizer
+from ulmfit.train import evaluate_classifier
+
+
+def train_subset(root: Path, dataset: str, labels: int | None, seed: int) -> np.ndarray | None:
+    """Indices of a control's training documents (None: all), checked to be the same
+    documents in the prepared Parquet (what the TF-IDF baseline reads) and the token file."""
+    if labels is None:
+        return None
+    prepared = root / Layout.prepared(dataset) / "train.parquet"
+    tokens = root / Layout.tokens(dataset) / "train.parquet"
+    text_labels = np.asarray(list(parquet_column(prepared, "label")), dtype=np.int64)
+    token_labels = np.asarray(read_tokens(tokens).labels, dtype=np.int64)
+    if not np.array_equal(text_labels, token_labels):
+        raise InputError(
+            tokens,
+            "its documents are not in the order of the prepared train split",
+            fix=f"re-run the tokenizer for this dataset: dvc repro -f tokenize_dataset@{dataset}",
+        )
+    return label_subset(text_labels, labels, seed)
+
+
+@task(name="test-classifier", cache_policy=NONE, persist_result=False)
+def test_classifier_task(
+    model_file: Path,
+    test_file: Path,
+    tokenizer_path: Path,
+    *,
+    batch_size: int,
+    direction: str,
+    device: str,
+) -> dict:
+    """Error rate, accuracy and loss of one classifier on a test token file."""
+    test = read_tokens(test_file, Tokenizer.load(tokenizer_path))
+    model, _ = load_model(model_file, device=device)
+    test_metrics, _ = evaluate_classifier(
+        model,
+        test,
+        batch_size=batch_size,
+        backward=backward(direction),
+        device=device,
+    )
+    return {
+        "test_error": test_metrics["error_rate"],
+        "test_accuracy": test_metrics["accuracy"],
+        "test_loss": test_metrics["loss"],
+        "test_documents": len(test),
+    }

@@ -1,0 +1,334 @@
+"""The figures of the report, read from the stages' metrics and run records (``metrics/``),
+never recomputed from models: plain dataclasses that ``tasks/report.py`` renders as markdown.
+
+Every figure keeps the MLflow run that produced it (``metrics/runs/``), so any number leads back
+to its run, and from there to its data (``dvc.dep.*`` md5 tags) and code (git commit tag).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tasks.params import DIRECTIONS, ControlParams, Params
+from tasks.pipeline import StageSpec, stage_spec
+from tasks.workspace import Layout
+
+# Validation error (%) of the paper's ablations (Howard & Ruder 2018, Tables 4-6, full data:
+# IMDb, TREC-6, AG News), by control encoder. The paper's schedule ablations (no STLR, no
+# discriminative learning rates, no gradual unfreezing) are not transcribed: they show n/a.
+PAPER_ABLATION_VALID_ERROR = {
+    "full": {"imdb": 5.00, "trec6": 5.69, "ag_news": 5.38},
+    "lm_from_scratch": {"imdb": 5.63, "trec6": 10.67, "ag_news": 5.52},
+    "pretrained": {"imdb": 6.99, "trec6": 6.38, "ag_news": 6.09},
+    "scratch": {"imdb": 9.93, "trec6": 13.36, "ag_news": 6.81},
+}
+PAPER_SAMPLE_EFFICIENCY = (
+    "paper (Figure 3, full IMDb / AG News): with 100 labels ULMFiT matches a model trained from "
+    "scratch on 10x (IMDb) and 20x (AG) more labels; 100x with 50k unlabelled documents for LM "
+    "fine-tuning"
+)
+# Test error (%) of ULMFiT in the paper (Howard & Ruder 2018, Tables 2 and 3), full datasets.
+PAPER_TEST_ERROR = {
+    "imdb": 4.6,
+    "yelp_bi": 2.16,
+    "yelp_full": 29.98,
+    "ag_news": 5.01,
+    "dbpedia": 0.80,
+    "trec6": 3.6,
+}
+SCRATCH_MARGIN = 3  # points: the bar ULMFiT must beat the same model from scratch by
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageResult:
+    """One stage item's metrics and run record (empty when it has not run)."""
+
+    spec: StageSpec
+    metrics: dict
+    record: dict
+
+    @property
+    def run_id(self) -> str | None:
+        return self.record.get("mlflow_run_id", "")
+
+    @property
+    def wall_seconds(self) -> float | None:
+        return self.record.get("wall_seconds")
+
+
+def read_stage(root: Path, spec: StageSpec) -> StageResult:
+    return StageResult(spec, _read(root / spec.metrics), _read(root / spec.run_record))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetResult:
+    name: str
+    source: str  # the corpus (``datasets.<name>.source.name``)
+    directions: tuple[str, ...]  # the directions params.yaml trains for it
+    evaluate: StageResult
+    classifiers: dict[str, StageResult]  # every direction (an untrained one: skipped)
+    finetuned: dict[str, StageResult]
+    baseline: StageResult
+    split_sizes: dict[str, int]  # documents per prepared split
+    paper_test_error: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlResult:
+    key: str
+    control: ControlParams
+    result: StageResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Bar:
+    """One of the issue's bars, checked on the measured numbers (never tuned away)."""
+
+    dataset: str
+    kind: str  # "scratch": ULMFiT vs scratch; "ensemble": vs the better direction; "tfidf"
+    ours: float
+    other: float
+    met: bool
+    labels: int | None = None  # "tfidf": the label count compared
+
+
+@dataclasses.dataclass(frozen=True)
+class Results:
+    datasets: list[DatasetResult]
+    pretrained: dict[str, StageResult]  # direction -> pretrain stage
+    controls: list[ControlResult]
+    total_wall_seconds: float  # every stage's last execution
+    bars: list[Bar]
+    # {panel: {method: [(x, test error)]}}: the sample-efficiency and pretraining-budget curves
+    sample_efficiency: dict[str, dict[str, list]]
+    pretraining_budget: dict[str, dict[str, list]]
+    figures: dict[str, float]  # what the report stage logs to MLflow
+
+    @property
+    def benchmark(self) -> bool:
+        """Whether the report has the benchmark sections (controls, or a baseline ran)."""
+        return bool(self.controls) or any(d.baseline.metrics for d in self.datasets)
+
+    def ablations(self, dataset: str, with_labels: bool = False) -> list[ControlResult]:
+        """The dataset's controls, pretraining-budget points aside, with or without labels."""
+        return [
+            c
+            for c in self.controls
+            if c.control.dataset == dataset
+            and (c.control.labels is not None) == with_labels
+            and c.control.pretrain_step is None
+        ]
+
+
+def collect(root: Path, params: Params) -> Results:
+    """Every figure the report shows, from the stages' metrics and run records under ``root``."""
+    datasets = [_dataset(root, name, params) for name in params.datasets]
+    pretrained = {d: read_stage(root, stage_spec("pretrain", direction=d)) for d in DIRECTIONS}
+    controls = [
+        ControlResult(key, c, read_stage(root, stage_spec("control", name=key, dataset=c.dataset)))
+        for key, c in params.controls.items()
+    ]
+    wall = (_read(path).get("wall_seconds") for path in (root / "metrics" / "runs").rglob("*.json"))
+    results = Results(
+        datasets,
+        pretrained,
+        controls,
+        sum(s for s in wall if _is_number(s)),
+        [],
+        sample_efficiency_points(root, params),
+        pretraining_budget_points(root, params),
+        {},
+    )
+    results.bars.extend(_bars(results, params))
+    results.figures.update(_figures(results))
+    return results
+
+
+def _dataset(root: Path, name: str, params: Params) -> DatasetResult:
+    dataset = params.dataset(name)
+    summary = _read(root / Layout.prepared(name) / "summary.json").get("splits", {})
+    return DatasetResult(
+        name,
+        dataset.source.name,
+        dataset.directions,
+        read_stage(root, stage_spec("evaluate", dataset=name)),
+        {
+            d: read_stage(root, stage_spec("train_classifier", dataset=name, direction=d))
+            for d in DIRECTIONS
+        },
+        {
+            d: read_stage(root, stage_spec("finetune_lm", dataset=name, direction=d))
+            for d in DIRECTIONS
+        },
+        read_stage(root, stage_spec("baseline", dataset=name)),
+        {split: info.get("count", 0) for split, info in summary.items()},
+        PAPER_TEST_ERROR.get(dataset.source.name),
+    )
+
+
+def _bars(results: Results, params: Params) -> list[Bar]:
+    bars = []
+    for dataset in results.datasets:
+        name, evaluation = dataset.name, dataset.evaluate.metrics
+        fwd = evaluation.get("test_error_fwd")
+        for control in results.ablations(name):
+            scratch = control.result.metrics.get("test_error")
+            if control.control.encoder == "scratch" and _is_number(fwd) and _is_number(scratch):
+                bars.append(
+                    Bar(name, "scratch", fwd, scratch, 100 * (scratch - fwd) >= SCRATCH_MARGIN)
+                )
+        if _is_number(evaluation.get("test_error_ensemble")):
+            best = min(evaluation["test_error_fwd"], evaluation["test_error_bwd"])
+            ensemble = evaluation["test_error_ensemble"]
+            bars.append(Bar(name, "ensemble", ensemble, best, ensemble <= best))
+        subsets = dataset.baseline.metrics.get("subsets", {})
+        fewest = min(
+            (c.labels for c in params.controls.values() if c.dataset == name and c.labels),
+            default=None,
+        )
+        for control in results.ablations(name, with_labels=True):
+            if control.control.encoder != "finetuned" or control.control.labels != fewest:
+                continue
+            baseline = subsets.get(str(fewest), {}).get("test_error")
+            ours = control.result.metrics.get("test_error")
+            if _is_number(ours) and _is_number(baseline):
+                bars.append(Bar(name, "tfidf", ours, baseline, ours < baseline, fewest))
+    return bars
+
+
+def _figures(results: Results) -> dict[str, float]:
+    """The figures logged to the report's MLflow run."""
+    figures = {}
+    keys = ("test_error_fwd", "test_error_bwd", "test_error_ensemble", "test_error_majority")
+    for dataset in results.datasets:
+        for key in keys:
+            if _is_number(dataset.evaluate.metrics.get(key)):
+                figures[f"{dataset.name}.{key}"] = float(dataset.evaluate.metrics[key])
+    for _, lm in language_models(results):
+        if _is_number(lm.metrics.get("valid_perplexity")):
+            figures[f"{lm.spec.name}.valid_perplexity"] = float(lm.metrics["valid_perplexity"])
+    if results.benchmark:
+        for dataset in results.datasets:
+            value = dataset.baseline.metrics.get("test_error")
+            if _is_number(value):
+                figures[f"{dataset.name}.baseline.test_error"] = float(value)
+        for control in results.controls:
+            value = control.result.metrics.get("test_error")
+            if _is_number(value):
+                figures[f"controls.{control.key}.test_error"] = float(value)
+    return figures
+
+
+def language_models(results: Results) -> list[tuple[str, StageResult]]:
+    """(label, stage) of every language model: the pretrained ones, then each dataset's
+    fine-tuned ones in the directions it trains."""
+    models = [(f"pretrained ({d})", lm) for d, lm in results.pretrained.items()]
+    for dataset in results.datasets:
+        models += [
+            (f"{dataset.name} fine-tuned ({d})", dataset.finetuned[d]) for d in dataset.directions
+        ]
+    return models
+
+
+# ---------------------------------------------------------------------------------- curves
+
+
+def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
+    """{dataset: {"ULMFiT": [(labels, test error)], "from scratch": [...], "TF-IDF + LR": [...]}}
+    for every dataset with label-subset controls. A control is a point of a curve when its
+    encoder is ``finetuned`` or ``scratch`` and it trains like the dataset's classifier apart
+    from the epoch budget (an ablation such as "no STLR" is not)."""
+    out: dict[str, dict[str, list]] = {}
+    for name, dataset in params.datasets.items():
+        if not any(c.dataset == name and c.labels is not None for c in params.controls.values()):
+            continue
+        curves: dict[str, list] = {"ULMFiT": [], "from scratch": [], "TF-IDF + LR": []}
+        evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
+        if _is_number(evaluation.get("test_error_fwd")):
+            curves["ULMFiT"].append((evaluation["train_documents"], evaluation["test_error_fwd"]))
+        budget = {"epochs": 1, "patience": 0}  # the fields a curve may vary per label count
+        standard = dataclasses.replace(dataset.classifier.train, **budget)
+        for key, control in params.controls.items():
+            if (
+                control.dataset != name
+                or control.encoder not in ("finetuned", "scratch")
+                or control.pretrain_step is not None
+                or dataclasses.replace(control.classifier.train, **budget) != standard
+            ):
+                continue
+            metrics = _read(root / stage_spec("control", name=key, dataset=name).metrics)
+            if _is_number(metrics.get("test_error")):
+                label = "ULMFiT" if control.encoder == "finetuned" else "from scratch"
+                curves[label].append((metrics["train_documents"], metrics["test_error"]))
+        baseline = _read(root / stage_spec("baseline", dataset=name).metrics)
+        for run in baseline.get("runs", []):
+            curves["TF-IDF + LR"].append((run["train_documents"], run["test_error"]))
+        out[name] = curves
+    return out
+
+
+def pretraining_budget_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
+    """{panel: {"ULMFiT": [(pretraining tokens, test error)], "TF-IDF + LR": flat line}}, one
+    panel per dataset and label count that has ``pretrain_step`` controls. The largest budget
+    is the pipeline's own classifier (or its control with the same labels), trained on the
+    LM of the whole pretraining run; the others are the snapshot controls."""
+    panels: dict[str, dict[str, list]] = {}
+    for key, control in params.controls.items():
+        if control.pretrain_step is None:
+            continue
+        panel = budget_panel(control)
+        if panel not in panels:
+            full = _full_budget_point(root, params, control)
+            panels[panel] = {"ULMFiT": [full] if full else [], "TF-IDF + LR": []}
+        spec = stage_spec("control", name=key, dataset=control.dataset)
+        metrics = _read(root / spec.metrics)
+        if _is_number(metrics.get("test_error")):
+            panels[panel]["ULMFiT"].append((metrics["pretrain_tokens"], metrics["test_error"]))
+    for panel, series in panels.items():
+        control = next(c for c in params.controls.values() if budget_panel(c) == panel)
+        baseline = _read(root / stage_spec("baseline", dataset=control.dataset).metrics)
+        if control.labels is not None:
+            baseline = baseline.get("subsets", {}).get(str(control.labels), {})
+        if series["ULMFiT"] and _is_number(baseline.get("test_error")):
+            xs = [x for x, _ in series["ULMFiT"]]
+            series["TF-IDF + LR"] = [
+                (min(xs), baseline["test_error"]),
+                (max(xs), baseline["test_error"]),
+            ]
+    return panels
+
+
+def budget_panel(control: ControlParams) -> str:
+    labels = "all labels" if control.labels is None else f"{control.labels:,} labels"
+    return f"{control.dataset}, {labels}, {control.direction}"
+
+
+def _full_budget_point(root: Path, params: Params, snapshot) -> tuple[int, float] | None:
+    """(tokens of the whole pretraining run, test error) of the classifier that the snapshot
+    control ``snapshot`` repeats on less pretraining, if that classifier ran."""
+    pretrain = stage_spec("pretrain", direction=snapshot.direction)
+    tokens = _read(root / pretrain.metrics).get("tokens_trained")
+    error = None
+    if snapshot.labels is None:
+        evaluation = _read(root / stage_spec("evaluate", dataset=snapshot.dataset).metrics)
+        error = evaluation.get(f"test_error_{snapshot.direction}")
+    else:
+        for key, control in params.controls.items():
+            same = dataclasses.replace(snapshot, name=key, pretrain_step=None)
+            if control == dataclasses.replace(same, description=control.description):
+                spec = stage_spec("control", name=key, dataset=control.dataset)
+                error = _read(root / spec.metrics).get("test_error")
+    if _is_number(tokens) and _is_number(error):
+        return int(tokens), float(error)
+    return None

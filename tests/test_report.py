@@ -1,0 +1,79 @@
+"""The report's figures (``tasks.results``) and their markdown (``tasks.report``), from metrics
+files written as the stages write them, without running the pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from tasks.params import parse_params
+from tasks.pipeline import stage_spec
+from tasks.report import render
+from tasks.results import collect
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _params(directions: list[str]):
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["datasets"]["bbc_news"]["directions"] = directions
+    data["controls"] = {
+        "bbc-scratch": {"dataset": "bbc_news", "encoder": "scratch"},
+        "bbc-ulmfit-20": {"dataset": "bbc_news", "labels": 20},
+    }
+    return parse_params(data)
+
+
+def _write(root: Path, spec, metrics: dict, run_id: str) -> None:
+    for path, data in ((spec.metrics, metrics), (spec.run_record, {"mlflow_run_id": run_id})):
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(json.dumps({**data, "wall_seconds": 60.0}))
+
+
+def _workspace(root: Path, directions: list[str]) -> None:
+    evaluation = {"test_error_fwd": 0.10, "test_error_majority": 0.8, "train_documents": 300}
+    if "bwd" in directions:
+        evaluation.update(test_error_bwd=0.12, test_error_ensemble=0.09)
+    _write(root, stage_spec("evaluate", dataset="bbc_news"), evaluation, "evaluate-run")
+    for d in directions:
+        spec = stage_spec("finetune_lm", dataset="bbc_news", direction=d)
+        _write(root, spec, {"valid_perplexity": 40.0 + len(d)}, f"lm-{d}-run")
+    control = stage_spec("control", name="bbc-scratch", dataset="bbc_news")
+    _write(root, control, {"test_error": 0.12, "train_documents": 300}, "scratch-run")
+    subset = stage_spec("control", name="bbc-ulmfit-20", dataset="bbc_news")
+    _write(root, subset, {"test_error": 0.30, "train_documents": 20}, "subset-run")
+    baseline = {
+        "test_error": 0.2,
+        "runs": [
+            {"labels": None, "train_documents": 300, "test_error": 0.2},
+            {"labels": 20, "train_documents": 20, "test_error": 0.4},
+        ],
+        "subsets": {"20": {"test_error": 0.4}},
+    }
+    _write(root, stage_spec("baseline", dataset="bbc_news"), baseline, "baseline-run")
+
+
+def test_bars_are_judged_on_the_measured_errors(tmp_path):
+    params = _params(["fwd", "bwd"])
+    _workspace(tmp_path, ["fwd", "bwd"])
+    bars = {bar.kind: bar for bar in collect(tmp_path, params).bars}
+    assert not bars["scratch"].met  # 12 % vs 10 %: 2 points, the bar is 3
+    assert bars["ensemble"].met and bars["ensemble"].other == 0.10  # the better direction
+    assert bars["tfidf"].met and bars["tfidf"].labels == 20  # 30 % vs TF-IDF's 40 %
+
+
+def test_the_report_lists_the_directions_a_dataset_trains_and_cites_each_run(tmp_path):
+    params = _params(["fwd"])
+    _workspace(tmp_path, ["fwd"])
+    results = collect(tmp_path, params)
+    text = "\n".join(render(results, params))
+    assert "| bbc_news fine-tuned (fwd) | 43.00 |" in text
+    assert "bbc_news fine-tuned (bwd)" not in text
+    assert [bar.kind for bar in results.bars] == ["scratch", "tfidf"]  # no ensemble trained
+    for run_id in ("evaluate-run", "lm-fwd-run", "scratch-run", "baseline-run"):
+        assert f"`{run_id}`" in text, run_id
+    assert results.figures["bbc_news.test_error_fwd"] == 0.10
+    assert results.figures["controls.bbc-scratch.test_error"] == 0.12
+    assert results.sample_efficiency["bbc_news"]["TF-IDF + LR"] == [(300, 0.2), (20, 0.4)]
