@@ -3,16 +3,15 @@ and the ensemble registered in MLflow as a servable pyfunc model."""
 
 from __future__ import annotations
 
-import numpy as np
 from prefect import flow
 
 from tasks import tracking
 from tasks.evaluation import evaluate_task
-from tasks.plots import confusion_figure, write_rows
+from tasks.plots import confusion_outputs
 from tasks.recipes import label_names_of
 from tasks.registry import model_name, register_classifier_task
 from tasks.stage import record_outputs, run_stage, runtime
-from tasks.tokens import TOKENIZER_FILE, parquet_column
+from tasks.tokens import TOKENIZER_FILE, first_texts
 from tasks.training import MODEL_FILE
 from tasks.workspace import Layout
 
@@ -42,16 +41,13 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
             batch_size=params.evaluate.batch_size,
             device=runtime(params.evaluate.device, params.evaluate.threads),
         )
-        actual, predicted = np.asarray(result["actual"]), np.asarray(result["predicted"])
-        matrix = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
-        np.add.at(matrix, (actual, predicted), 1)
-        rows = [
-            {"actual": label_names[a], "predicted": label_names[p]}
-            for a, p in zip(actual, predicted, strict=True)
-        ]
-        write_rows(root_path / spec.curve, rows, ["actual", "predicted"])
-        confusion_figure(
-            root_path / spec.figure, matrix, label_names, f"{dataset}: ensemble on the test set"
+        confusion_outputs(
+            root_path / spec.curve,
+            root_path / spec.figure,
+            result["actual"],
+            result["predicted"],
+            label_names,
+            f"{dataset}: ensemble on the test set",
         )
         metrics = result["metrics"]
         # Metrics first: the retrain flow judges a registered version by its run's metrics.
@@ -61,12 +57,6 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
             artifacts=(root_path / spec.curve, root_path / spec.figure),
         )
         if params.evaluate.register:
-            examples = [
-                t
-                for t, _ in zip(
-                    parquet_column(prepared / "test.parquet", "text"), range(3), strict=False
-                )
-            ]
             registered = register_classifier_task(
                 root=root_path,
                 run_id=ctx.run_id,
@@ -74,7 +64,7 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
                 name=model_name(params.mlflow.model_name_prefix, dataset),
                 dataset=dataset,
                 metrics=metrics,
-                examples=examples,
+                examples=first_texts(prepared / "test.parquet", 3),
             )
             tracking.set_tags(
                 root_path,

@@ -6,18 +6,25 @@ error sits beside ULMFiT's in every report. ``label_subset`` draws the small lab
 of the low-shot experiments (section 4.2, "Low-shot learning", figure 3), so that ULMFiT and the
 baseline are trained on exactly the same documents at each size.
 
-Both functions are pure: they take arrays and texts and return indices or plain numbers, so that a
-flow can log their results to MLflow or write them to JSON as they are.
+``label_subset`` and ``fit_tfidf`` are pure: they take arrays and texts and return indices or
+plain numbers. ``baseline_task`` runs the stage's fits on a prepared dataset and returns its
+metrics, for the flow to log to MLflow and write to JSON as they are.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NONE
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
+
+from tasks.params import BaselineParams
+from tasks.tokens import parquet_column
 
 
 def _class_quotas(class_sizes: np.ndarray, size: int) -> np.ndarray:
@@ -162,4 +169,50 @@ def fit_tfidf(
         "test_documents": len(test_labels),
         "vocabulary_size": len(vectorizer.vocabulary_),
         "seconds": time.perf_counter() - started,
+    }
+
+
+def _split(prepared: Path, name: str) -> tuple[list[str], np.ndarray]:
+    path = prepared / f"{name}.parquet"
+    texts = [str(t) for t in parquet_column(path, "text")]
+    labels = np.asarray(list(parquet_column(path, "label")), dtype=np.int64)
+    return texts, labels
+
+
+@task(name="tfidf-baseline", cache_policy=NONE, persist_result=False)
+def baseline_task(
+    prepared: Path, subsets: Sequence[tuple[int, int]], options: BaselineParams
+) -> dict:
+    """``fit_tfidf`` on the prepared dataset's full train split and on each ``(labels, seed)``
+    subset of it (``label_subset``): the stage's metrics, full-split figures first."""
+    train_texts, train_labels = _split(prepared, "train")
+    valid, test = _split(prepared, "valid"), _split(prepared, "test")
+    runs = []
+    for labels, seed in [(None, 0), *subsets]:
+        if labels is None:
+            indices = np.arange(len(train_labels))
+        else:
+            indices = label_subset(train_labels, labels, seed)
+        result = fit_tfidf(
+            [train_texts[i] for i in indices],
+            train_labels[indices],
+            *valid,
+            *test,
+            ngram_max=options.ngram_max,
+            min_df=options.min_df,
+            max_features=options.max_features,
+            sublinear_tf=options.sublinear_tf,
+            c_grid=options.c_grid,
+            seed=options.seed,
+        )
+        runs.append({"labels": labels, **result})
+    full = runs[0]
+    return {
+        "test_error": full["test_error"],
+        "valid_error": full["valid_error"],
+        "C": full["C"],
+        "train_documents": full["train_documents"],
+        "test_documents": full["test_documents"],
+        "subsets": {str(r["labels"]): r for r in runs[1:]},
+        "runs": runs,
     }

@@ -332,7 +332,7 @@ STAGES = (
         "metrics/<name>/baseline.json.",
         args=("dataset",),
         name="{dataset}/baseline",
-        code=("flows/baseline.py", "tasks/baseline.py", "tasks/data.py"),
+        code=("flows/baseline.py", "tasks/baseline.py", "tasks/tokens.py", "tasks/data.py"),
         data=(L.prepared("{dataset}"),),
         outs=(),
         params=("baseline", "controls"),

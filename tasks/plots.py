@@ -97,6 +97,26 @@ def confusion_figure(
     return _save(fig, path)
 
 
+def confusion_outputs(
+    rows_path: Path,
+    figure_path: Path,
+    actual: Sequence[int],
+    predicted: Sequence[int],
+    label_names: Sequence[str],
+    title: str,
+) -> None:
+    """The test set's (actual, predicted) class names as a CSV (DVC's confusion plot) and the
+    confusion matrix as a figure."""
+    matrix = np.zeros((len(label_names), len(label_names)), dtype=np.int64)
+    np.add.at(matrix, (np.asarray(actual), np.asarray(predicted)), 1)
+    rows = [
+        {"actual": label_names[a], "predicted": label_names[p]}
+        for a, p in zip(actual, predicted, strict=True)
+    ]
+    write_rows(rows_path, rows, ["actual", "predicted"])
+    confusion_figure(figure_path, matrix, label_names, title)
+
+
 def error_curves_figure(
     path: Path,
     curves: Mapping[str, Mapping[str, list]],

@@ -46,6 +46,11 @@ def parquet_column(path: Path, column: str, batch_rows: int = 2048) -> Iterator:
         yield from batch.column(0).to_pylist()
 
 
+def first_texts(path: Path, count: int) -> list[str]:
+    """The first ``count`` values of a Parquet file's ``text`` column (input examples)."""
+    return [str(text) for text, _ in zip(parquet_column(path, "text"), range(count), strict=False)]
+
+
 def row_count(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
 
