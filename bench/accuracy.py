@@ -6,7 +6,7 @@ and command) and its sample-efficiency and pretraining-budget figures into ``ben
 under a header that says where and how the run was made. Produce the workspace with the
 pipeline's own commands:
 
-    ulmfit profile benchmark && ulmfit repro      # about 2 hours on 2 CPU cores
+    ulmfit profile benchmark && ulmfit repro      # about 4 hours on 2 CPU cores
     python bench/accuracy.py --workspace .        # then: python bench/collect.py
 
 ``--workspace`` may be another clone of the project (the run needs no change to this one).
