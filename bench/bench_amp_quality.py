@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from collect import publish  # noqa: E402
+
 from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.workspace import Layout  # noqa: E402
-from ulmfit.io import atomic_write  # noqa: E402
 from ulmfit.model import AWDLSTMConfig, LanguageModel  # noqa: E402
 from ulmfit.schedule import ScheduleConfig  # noqa: E402
 from ulmfit.storage import read_tokens  # noqa: E402
@@ -117,11 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {'fp32' if row['amp'] == 'none' else 'bf16 autocast'} | {row['perplexity']:.2f} "
             f"| {row['tokens']:,} | {row['seconds']:.0f} | {rate:,.0f} | {rate / base:.2f}x |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(RESULTS, "w") as handle:
-        handle.write(text)
+    publish(RESULTS, "\n".join(lines) + "\n")
     return 0
 
 

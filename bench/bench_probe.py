@@ -27,13 +27,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from collect import publish  # noqa: E402
+
 from tasks.baseline import label_subset  # noqa: E402
 from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.training import MODEL_FILE  # noqa: E402
 from tasks.workspace import Layout  # noqa: E402
 from ulmfit.batches import ClassifierBatches  # noqa: E402
 from ulmfit.checkpoint import load_model  # noqa: E402
-from ulmfit.io import atomic_write  # noqa: E402
 from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier  # noqa: E402
 from ulmfit.storage import TokenDocs, read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
@@ -129,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {name} | {tokens_seen} | {100 * result['test_error']:.2f} "
             f"| {100 * result['valid_error']:.2f} | {result['C']:g} |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(RESULTS, "w") as handle:
-        handle.write(text)
+    publish(RESULTS, "\n".join(lines) + "\n")
     return 0
 
 

@@ -6,9 +6,13 @@ Run: python bench/collect.py
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ulmfit.io import atomic_write  # noqa: E402
+
 ORDER = ["accuracy", "probe", "lm_throughput", "amp_quality", "tokenize", "predict", "ingest"]
 
 HEADER = """# Benchmarks
@@ -20,6 +24,15 @@ run and reports medians and ratios. Where a section says the machine was under l
 shared its two cores; the ratios were still taken interleaved. Regenerate this file with
 `python bench/collect.py` after running the scripts.
 """
+
+
+def publish(path: Path, text: str) -> None:
+    """Print a bench script's table and write it atomically to ``path`` (under
+    ``bench/results/``, where :func:`main` reads it)."""
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "w") as handle:
+        handle.write(text)
 
 
 def main() -> None:

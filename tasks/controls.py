@@ -13,12 +13,12 @@ from prefect.cache_policies import NONE
 from tasks.baseline import label_subset
 from tasks.recipes import backward
 from tasks.tokens import parquet_column
+from tasks.training import load_for
 from tasks.workspace import Layout
-from ulmfit.checkpoint import load_model
 from ulmfit.errors import InputError
+from ulmfit.evaluate import evaluate_classifier
 from ulmfit.storage import read_tokens
 from ulmfit.tokenizer import Tokenizer
-from ulmfit.train import evaluate_classifier
 
 
 def train_subset(root: Path, dataset: str, labels: int | None, seed: int) -> np.ndarray | None:
@@ -50,8 +50,9 @@ def test_classifier_task(
     device: str,
 ) -> dict:
     """Error rate, accuracy and loss of one classifier on a test token file."""
-    test = read_tokens(test_file, Tokenizer.load(tokenizer_path))
-    model, _ = load_model(model_file, device=device)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    test = read_tokens(test_file, tokenizer)
+    model = load_for(model_file, tokenizer, "the control's classifier", device=device)
     test_metrics, _ = evaluate_classifier(
         model,
         test,
