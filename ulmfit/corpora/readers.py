@@ -36,6 +36,23 @@ def lines_of(path: Path) -> Iterator[bytes]:
         yield from stream
 
 
+def join_text_fields(fields: list[str], title_join: str) -> str:
+    """Several text columns (title and body) as one text; one column stripped.
+
+    ``"fastai"``: as fastai's ``_join_texts`` with ``mark_fields=True``, its default for more
+    than one text column: ``xxfld 1 <title> xxfld 2 <body>``. ``"newline"``: the non-empty
+    fields separated by a blank line.
+    """
+    fields = [f.strip() for f in fields]
+    if len(fields) == 1:
+        return fields[0]
+    if not any(fields):
+        return ""
+    if title_join == "newline":
+        return "\n\n".join(f for f in fields if f)
+    return " ".join(f"xxfld {i} {f}" for i, f in enumerate(fields, start=1))
+
+
 def read_zhang_csv(
     path: Path,
     *,
@@ -76,17 +93,7 @@ def read_zhang_csv(
                     fix="remove a header row if there is one, or check that classes.txt / the dataset name matches this file",
                 )
             fields = [f.replace("\\n", "\n") if unescape else f for f in row[1:]]
-            if columns == 3:
-                title, body = fields[0].strip(), fields[1].strip()
-                if drop_title:
-                    text = body
-                elif title_join == "newline":
-                    text = f"{title}\n\n{body}".strip()
-                else:
-                    # fastai's _join_texts with mark_fields=True (its default for >1 text column).
-                    text = f"xxfld 1 {title} xxfld 2 {body}" if (title or body) else ""
-            else:
-                text = fields[0].strip()
+            text = join_text_fields(fields[1:] if drop_title else fields, title_join)
             if not text:
                 repairs.record("empty_text", path, line, "empty text")
                 continue
