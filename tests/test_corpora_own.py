@@ -294,7 +294,7 @@ def _fails(tmp_path, match, **kwargs):
     with pytest.raises(InputError, match=match) as err:
         _prepare(tmp_path, **kwargs)
     assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert not list(tmp_path.glob(".out*"))
     return err.value
 
 
@@ -399,6 +399,18 @@ def test_latin1_bytes_when_utf8_is_expected(tmp_path):
         tmp_path, layout="table", path=str(data), text_columns=("body",), encoding="latin-1"
     )
     assert summary["label_names"] == LABELS and "Café 0" in _all_texts(tmp_path)
+    utf16 = _write_csv(tmp_path / "tickets.tsv", TICKETS, delimiter="\t")
+    utf16.write_text(utf16.read_text(encoding="utf-8"), encoding="utf-16")
+    _fails(
+        tmp_path / "u",
+        r"tickets\.tsv:1: byte 0xFF .* UTF-16 byte order mark",
+        layout="table",
+        path=str(utf16),
+    )
+    summary = _prepare(
+        tmp_path, layout="table", path=str(utf16), text_columns=("title", "body"), encoding="utf-16"
+    )
+    assert "請求書 xxfld 2" in " ".join(_all_texts(tmp_path))
 
 
 def test_header_only_and_empty_files(tmp_path):

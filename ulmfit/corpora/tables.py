@@ -100,10 +100,12 @@ def decode_text(data: bytes, path: Path, encoding: str) -> str:
             fix="set encoding: to a Python codec name such as utf-8, latin-1, cp1252 or utf-16",
         ) from None
     except UnicodeDecodeError as err:
+        utf16 = data.startswith((b"\xff\xfe", b"\xfe\xff")) and "16" not in encoding
         raise InputError(
             path,
             f"byte 0x{data[err.start]:02X} at offset {err.start} is not valid {encoding}: "
-            f"the file is not in the {encoding} encoding expected",
+            f"the file is not in the {encoding} encoding expected"
+            + (" (it starts with a UTF-16 byte order mark: encoding: utf-16)" if utf16 else ""),
             line=data[: err.start].count(b"\n") + 1,
             fix=_ENCODING_FIX,
         ) from None
