@@ -112,7 +112,7 @@ def test_one_csv_is_cut_into_stratified_splits_and_tokenized(tmp_path):
     # The tokenize_dataset stage's task on the prepared folder, with a tokenizer of this text.
     from tasks.tokens import encode_splits_task
     from ulmfit.storage import read_tokens
-    from ulmfit.tokenizer import TokenizerConfig, train_tokenizer
+    from ulmfit.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
     model = tmp_path / "tok" / "tokenizer.model"
     model.parent.mkdir()
@@ -121,8 +121,14 @@ def test_one_csv_is_cut_into_stratified_splits_and_tokenized(tmp_path):
         tmp_path / "out", model, tmp_path / "tokens", labelled=True, workers=1, chunk_docs=8
     )
     assert {split: s["docs"] for split, s in stats.items()} == counts
-    docs = read_tokens(tmp_path / "tokens" / "test.parquet")
-    assert docs.labels.tolist() == _read(tmp_path / "out" / "test.parquet")["label"]
+    tokenizer = Tokenizer.load(model)
+    for split in ("train", "test"):
+        docs = read_tokens(tmp_path / "tokens" / f"{split}.parquet")
+        prepared = _read(tmp_path / "out" / f"{split}.parquet")
+        assert docs.labels.tolist() == prepared["label"]
+        for i, text in enumerate(prepared["text"]):  # Japanese and Greek survive the round trip
+            ids = docs.ids[docs.offsets[i] : docs.offsets[i + 1]].tolist()
+            assert tokenizer.decode(ids) == text
 
 
 @pytest.mark.parametrize(
