@@ -129,9 +129,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from flows.predict import predict_csv
+    from flows.predict import predict_file
 
-    out = predict_csv(
+    out = predict_file(
         _project_root(),
         args.model,
         Path(args.input),
@@ -140,6 +140,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     logging.getLogger("ulmfit").info("wrote %s", out)
+    return 0
+
+
+def cmd_add_dataset(args: argparse.Namespace) -> int:
+    from flows.add_dataset import add_dataset, describe
+
+    added = add_dataset(
+        _project_root(),
+        Path(args.path),
+        name=args.name,
+        text_columns=args.text,
+        label_column=args.label,
+        test_path=Path(args.test) if args.test else None,
+        unsup_path=Path(args.unsup) if args.unsup else None,
+        only=args.only,
+        check=not args.no_check,
+    )
+    print(describe(added))
     return 0
 
 
@@ -220,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser(
         "predict",
-        help="classify the texts of a CSV file with a trained model",
+        help="classify the texts of a CSV, TSV, JSON Lines or Parquet file",
         description=(
-            "Read a CSV with a text column, classify every row with a trained classifier, "
+            "Read a CSV, TSV, JSON Lines, JSON or Parquet file (compressed too) with a text column, classify every row with a trained classifier, "
             "and write the rows back with 'label', 'probability' and one 'prob_<label>' "
             "column per class. --model is a registered MLflow model "
             "(models:/ulmfit-bbc_news@champion, models:/ulmfit-bbc_news@latest, "
@@ -233,13 +251,48 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--model", required=True, help="models:/<name>@<alias> or a model directory"
     )
-    predict.add_argument("--input", required=True, help="CSV file to classify")
-    predict.add_argument("--output", required=True, help="CSV file to write")
+    predict.add_argument(
+        "--input",
+        required=True,
+        help="file to classify: CSV, TSV, JSON Lines, JSON or Parquet (by extension)",
+    )
+    predict.add_argument("--output", required=True, help="file to write, format by extension")
     predict.add_argument(
         "--text-column", default="text", help="column holding the texts (default: text)"
     )
     predict.add_argument("--batch-size", type=int, default=64, help="texts per forward pass")
     predict.set_defaults(func=cmd_predict)
+
+    add = sub.add_parser(
+        "add-dataset",
+        help="add your own labelled table or folder to params.yaml as a dataset",
+        description=(
+            "Check a labelled file (CSV, TSV, JSON Lines or Parquet) or a folder with one "
+            "sub-folder per class (optionally under train/ and test/) exactly as the prepare "
+            "stage will read it, then write it into params.yaml as 'datasets.<name>.source', "
+            "keeping the file's comments. Without --test, a seeded stratified 20%% of the rows "
+            "becomes the test split. Then run 'ulmfit repro'. docs/own-data.md has every option."
+        ),
+    )
+    add.add_argument("path", help="the labelled file, or a folder of class folders")
+    add.add_argument("--name", help="dataset name (default: from the file name)")
+    add.add_argument(
+        "--text",
+        action="append",
+        help="text column; repeat to join several (e.g. --text title --text body)",
+    )
+    add.add_argument("--label", help="label column")
+    add.add_argument("--test", help="a separate test file in the same format")
+    add.add_argument("--unsup", help="unlabelled texts for LM fine-tuning, same format")
+    add.add_argument(
+        "--only",
+        action="store_true",
+        help="make it the only dataset (drops the others and their controls from params.yaml)",
+    )
+    add.add_argument(
+        "--no-check", action="store_true", help="write params.yaml without reading the data"
+    )
+    add.set_defaults(func=cmd_add_dataset)
 
     profile = sub.add_parser(
         "profile",

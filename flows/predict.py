@@ -1,10 +1,12 @@
-"""``ulmfit predict``: classify the texts of a CSV with a registered MLflow model or a local
-model directory (both the forward/backward ensemble of paper section 3.3)."""
+"""``ulmfit predict``: classify the texts of a CSV, TSV, JSON Lines or Parquet file with a
+registered MLflow model or a local model directory (both the forward/backward ensemble of paper
+section 3.3)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from ulmfit.corpora.tables import table_format
 from ulmfit.errors import InputError
 from ulmfit.io import atomic_path
 
@@ -37,7 +39,53 @@ def load_predictor(root: Path, model: str):
     return lambda frame, params=None: wrapper.predict(None, frame, params)
 
 
-def predict_csv(
+def read_rows(path: Path, fmt: str):
+    """A DataFrame of every column of a CSV, TSV, JSON Lines, JSON or Parquet file (columns as
+    they are: CSV fields stay text, so ``007`` is not turned into 7)."""
+    import pandas as pd
+    import pyarrow
+
+    readers = {
+        "csv": lambda: pd.read_csv(path, dtype=str, keep_default_na=False),
+        "tsv": lambda: pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False),
+        "jsonl": lambda: pd.read_json(path, lines=True, dtype=False),
+        "json": lambda: pd.read_json(path, dtype=False),
+        "parquet": lambda: pd.read_parquet(path),
+    }
+    try:
+        return readers[fmt]()
+    except (ValueError, UnicodeDecodeError, pyarrow.ArrowException) as error:
+        # pandas' ParserError and EmptyDataError are ValueErrors
+        raise InputError(
+            path,
+            f"not a readable {fmt} file ({str(error).splitlines()[0]})",
+            fix=f"pass a UTF-8 {fmt} file with a header row"
+            if fmt in ("csv", "tsv")
+            else f"pass a {fmt} file, or name the format with the file extension",
+        ) from error
+
+
+def write_rows(frame, path: Path, fmt: str) -> None:
+    """Write ``frame`` to ``path`` atomically in ``fmt`` (gzip, bz2 or xz by the suffix)."""
+    compression = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz"}.get(path.suffix.lower())
+    with atomic_path(path) as tmp:
+        if fmt == "parquet":
+            frame.to_parquet(tmp, index=False)
+        elif fmt in ("jsonl", "json"):
+            frame.to_json(
+                tmp,
+                orient="records",
+                lines=fmt == "jsonl",
+                force_ascii=False,
+                compression=compression,
+            )
+        else:
+            frame.to_csv(
+                tmp, index=False, sep="\t" if fmt == "tsv" else ",", compression=compression
+            )
+
+
+def predict_file(
     root: Path,
     model: str,
     input_path: Path,
@@ -46,20 +94,15 @@ def predict_csv(
     text_column: str = "text",
     batch_size: int = 64,
 ) -> Path:
-    """Read ``input_path``, add ``label``/``probability``/``prob_<label>`` columns, write
-    ``output_path`` atomically."""
+    """Read ``input_path`` (CSV, TSV, JSON Lines or Parquet, by extension), add
+    ``label``/``probability``/``prob_<label>`` columns, write ``output_path`` (format by its
+    extension) atomically."""
     import pandas as pd
 
     if not input_path.is_file():
-        raise InputError(input_path, "input CSV not found", fix="pass an existing --input file")
-    try:
-        frame = pd.read_csv(input_path)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise InputError(
-            input_path,
-            f"not a readable CSV ({error})",
-            fix="pass a UTF-8 CSV file with a header row",
-        ) from error
+        raise InputError(input_path, "input file not found", fix="pass an existing --input file")
+    in_format, out_format = table_format(input_path, None), table_format(output_path, None)
+    frame = read_rows(input_path, in_format)
     if text_column not in frame.columns:
         raise InputError(
             input_path,
@@ -72,6 +115,5 @@ def predict_csv(
         params={"batch_size": batch_size},
     )
     result = pd.concat([frame.reset_index(drop=True), predictions.reset_index(drop=True)], axis=1)
-    with atomic_path(output_path) as tmp:
-        result.to_csv(tmp, index=False)
+    write_rows(result, output_path, out_format)
     return output_path
