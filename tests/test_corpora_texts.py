@@ -5,19 +5,22 @@ from __future__ import annotations
 import bz2
 import functools
 import gzip
+import hashlib
 import json
 import lzma
 import tracemalloc
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fixtures.corpora.builders import tar_gz
+from fixtures.corpora.builders import CorpusServer, tar_gz
 
 from ulmfit.config import from_dict
 from ulmfit.corpora import WikipediaSource, prepare_wikipedia, wikipedia
 from ulmfit.corpora import texts as texts_module
 from ulmfit.corpora.output import ArticleWriter
+from ulmfit.corpora.splits import LengthTally, length_stats
 from ulmfit.errors import InputError
 
 # Real-looking news-like sentences in eight languages and six scripts (written for these tests).
@@ -174,6 +177,28 @@ def test_parquet_file_and_folder_read_in_record_batches(tmp_path, monkeypatch):
     assert _rows(tmp_path)["text"][3].startswith("Café au lait")
 
 
+def test_a_url_is_downloaded_checked_and_recorded(tmp_path):
+    data = gzip.compress(_jsonl(*({"text": d} for d in DOCS)).encode())
+    server = CorpusServer().start()
+    try:
+        server.files["corpus.jsonl.gz"] = data
+        digest = hashlib.sha256(data).hexdigest()
+        summary = _prepare(tmp_path, url=server.url("corpus.jsonl.gz"), sha256=digest, min_chars=0)
+        assert summary["kind"] == "jsonl"
+        assert sum(s["count"] for s in summary["splits"].values()) == len(DOCS)
+        inputs = json.loads((tmp_path / "out" / "sources.json").read_text())["inputs"]
+        assert (
+            inputs[0]["origin"] == server.url("corpus.jsonl.gz") and inputs[0]["sha256"] == digest
+        )
+        fresh = tmp_path / "fresh"  # an empty cache: the file is downloaded again, and refused
+        fresh.mkdir()
+        with pytest.raises(InputError, match="sha256"):
+            _prepare(fresh, url=server.url("corpus.jsonl.gz"), sha256="0" * 64)
+        assert _no_output(fresh)
+    finally:
+        server.stop()
+
+
 def test_an_archive_of_text_files_is_extracted_and_guessed(tmp_path):
     members = {f"corpus/{name}.txt": (_doc(i) + "\n").encode() for i, name in enumerate("abc")}
     archive = tar_gz(tmp_path / "corpus.tar.gz", members)
@@ -242,6 +267,17 @@ def test_own_text_trains_a_tokenizer_that_round_trips_every_script(tmp_path):
     )
     for doc in DOCS:
         assert tokenizer.decode(tokenizer.encode([doc])[0]) == doc
+
+
+def test_length_tally_gives_the_statistics_of_the_full_list():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 2, 3, 10, 101):
+        lengths = rng.integers(0, 40, size)
+        tally = LengthTally()
+        for length in lengths.tolist():
+            tally.add(length)
+        assert tally.stats() == length_stats(lengths)
+        assert (tally.count, tally.total) == (size, int(lengths.sum()))
 
 
 def test_unknown_kind_or_documents_is_refused_before_any_work():
