@@ -17,8 +17,7 @@ import pytest
 from fixtures.corpora.builders import CorpusServer, tar_gz
 
 from ulmfit.config import from_dict
-from ulmfit.corpora import WikipediaSource, prepare_wikipedia, wikipedia
-from ulmfit.corpora import texts as texts_module
+from ulmfit.corpora import WikipediaSource, own_text, prepare_wikipedia, wikipedia
 from ulmfit.corpora.output import ArticleWriter
 from ulmfit.corpora.splits import LengthTally, length_stats
 from ulmfit.errors import InputError
@@ -144,7 +143,7 @@ def test_jsonl_reads_the_named_column_and_counts_empty_documents(tmp_path):
 
 
 def test_parquet_file_and_folder_read_in_record_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(texts_module, "_PARQUET_BATCH_ROWS", 3)  # several batches per file
+    monkeypatch.setattr(own_text, "_PARQUET_BATCH_ROWS", 3)  # several batches per file
     folder = tmp_path / "data"
     folder.mkdir()
     docs = [_doc(i) for i in range(20)]

@@ -1,6 +1,6 @@
 """General-domain text for LM pretraining (Howard & Ruder 2018, Section 3.1): Wikipedia dumps in
 any language, WikiText-103 (the paper's corpus) and WikiExtractor output, or your own text
-(plain text, JSON Lines, Parquet: read by :mod:`ulmfit.corpora.texts`).
+(plain text, JSON Lines, Parquet: read by :mod:`ulmfit.corpora.own_text`).
 
 Dumps are tens of gigabytes of bz2 XML, so they are parsed as a stream: ``iterparse`` yields
 one ``<page>`` at a time and the tree is cleared behind it, keeping memory flat. Only the
@@ -31,6 +31,15 @@ from ulmfit.config import to_dict
 from ulmfit.corpora.archive import ExtractLimits, open_stream, sniff_format
 from ulmfit.corpora.download import ConsoleProgress, Progress
 from ulmfit.corpora.output import ArticleWriter, staged_directory, write_json
+from ulmfit.corpora.own_text import (
+    OWN_KINDS,
+    data_files,
+    iter_documents,
+    kind_of_name,
+    kinds_in_folder,
+    natural_key,
+    open_text,
+)
 from ulmfit.corpora.repairs import Repairs, decoded_lines
 from ulmfit.corpora.sources import (
     CORPUS_KINDS,
@@ -42,15 +51,6 @@ from ulmfit.corpora.sources import (
     wikipedia_dump_url,
 )
 from ulmfit.corpora.splits import LengthTally
-from ulmfit.corpora.texts import (
-    OWN_KINDS,
-    data_files,
-    iter_documents,
-    kind_of_name,
-    kinds_in_folder,
-    natural_key,
-    open_text,
-)
 from ulmfit.errors import InputError
 
 WIKITEXT103_URL = f"{FASTAI_NLP}/wikitext-103.tgz"
