@@ -1,9 +1,9 @@
 """Your own general-domain text for LM pretraining: plain text, JSON Lines and Parquet.
 
 The paper pretrains on Wikipedia (Howard & Ruder 2018, Section 3.1), but what the first stage
-needs is only a large general-domain corpus in the target language; MultiFiT (Eisenschlos et al.
-2019) makes the same point for low-resource languages. These readers turn any such corpus into
-the ``(title, text)`` documents that :func:`ulmfit.corpora.prepare_wikipedia` writes.
+needs is a large general-domain corpus in the target language, and Wikipedia is only one of
+them (and a small one in many languages). These readers turn any such corpus into the
+``(title, text)`` documents that :func:`ulmfit.corpora.prepare_wikipedia` writes.
 
 Every reader streams: plain text and JSON Lines a line at a time (compressed or not), Parquet a
 record batch at a time, so memory is bounded by one document (one row group for Parquet),
@@ -42,7 +42,7 @@ _DESCRIBED = {
     "jsonl": ".jsonl (or .jsonl.gz/.bz2/.xz)",
     "parquet": ".parquet",
 }
-_PARQUET_BATCH_ROWS = 256  # documents per record batch: a few MB even for long documents
+_PARQUET_BATCH_ROWS = 256  # documents per record batch (Arrow holds the row group being read)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
 
