@@ -303,6 +303,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         ) from error
     try:
         return parse_params(data)
+    except InputError as error:  # a section's own check (wikipedia.kind) names its key and fix
+        raise InputError(path, f"{error.path}: {error.message}", fix=error.fix) from error
     except (ValueError, TypeError) as error:
         raise InputError(
             path,

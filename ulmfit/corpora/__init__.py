@@ -1,12 +1,15 @@
-"""Ingest of real corpora for ULMFiT (Howard & Ruder 2018): Wikipedia for pretraining
-(Section 3.1) and the classification datasets of Section 4.1, as normalised Parquet.
+"""Ingest of real corpora for ULMFiT (Howard & Ruder 2018): the general-domain corpus for
+pretraining (Section 3.1: Wikipedia, or your own text) and the classification datasets of
+Section 4.1, as normalised Parquet.
 
 - ``prepare_dataset(DatasetSource(...), out_dir, cache_dir=...)``: IMDb, Yelp-bi, Yelp-full,
   AG News, DBpedia, TREC-6, BBC News -> ``train/valid/test[/unsup].parquet``; and your own
   labelled data (``layout="table"``: CSV, TSV, JSON Lines, Parquet; ``layout="folder"``: one
   sub-folder of ``.txt`` files per class), see docs/own-data.md.
 - ``prepare_wikipedia(WikipediaSource(...), out_dir, cache_dir=...)``: dumps in any language,
-  WikiText-103, WikiExtractor output -> ``train/valid.parquet`` (``title``, ``text``).
+  WikiText-103, WikiExtractor output, or your own text in any language (``kind`` ``text``,
+  ``jsonl`` or ``parquet``; files, folders, compressed, streamed) -> ``train/valid.parquet``
+  (``title``, ``text``).
 
 Both write ``summary.json`` and ``sources.json`` (sha256 of every input) and replace
 ``out_dir`` atomically.

@@ -188,14 +188,31 @@ def wikipedia_dump_url(lang: str) -> str:
     return f"https://dumps.wikimedia.org/{lang}wiki/latest/{lang}wiki-latest-pages-articles.xml.bz2"
 
 
+#: The values of ``WikipediaSource.kind``: three Wikipedia formats, then three of your own text.
+CORPUS_KINDS = ("dump", "wikitext103", "wikiextractor", "text", "jsonl", "parquet")
+#: How ``kind="text"`` cuts documents: one per line, or blocks separated by blank lines.
+TEXT_DOCUMENTS = ("lines", "paragraphs")
+
+
 @dataclass(frozen=True)
 class WikipediaSource:
-    """A general-domain corpus for LM pretraining (paper Section 3.1).
+    """The general-domain corpus for LM pretraining (paper Section 3.1): Wikipedia or your own
+    text, in any language. (The name follows the ``wikipedia:`` section and its stages.)
 
-    ``kind`` is ``"dump"`` (MediaWiki XML, any language), ``"wikitext103"`` or
-    ``"wikiextractor"``; ``None`` (the default) guesses it from the content. Without
-    ``path``/``url`` the latest ``{lang}`` dump (or, with ``kind="wikitext103"``, fastai's
-    WikiText-103 mirror) is downloaded.
+    ``kind`` is one of :data:`CORPUS_KINDS`, checked here so that a typo stops before any download:
+
+    - ``"dump"`` (MediaWiki XML), ``"wikitext103"`` or ``"wikiextractor"``: Wikipedia;
+    - ``"text"``: plain text, one document per line (``documents="lines"``) or documents
+      separated by blank lines (``documents="paragraphs"``);
+    - ``"jsonl"``: JSON Lines, the text under the key ``text_column``;
+    - ``"parquet"``: Parquet, the text in the column ``text_column``;
+    - ``None`` (the default): guessed from the content, or from a ``.txt``/``.jsonl``/
+      ``.parquet`` name.
+
+    Own text is a file (plain or ``.gz``/``.bz2``/``.xz``), a folder of such files (recursive,
+    in natural order), or a tar/zip archive of them. Without ``path``/``url`` the latest
+    ``{lang}`` dump (or, with ``kind="wikitext103"``, fastai's WikiText-103 mirror) is
+    downloaded.
     """
 
     kind: str | None = None
@@ -205,21 +222,46 @@ class WikipediaSource:
     sha256: str | None = None
     max_articles: int | None = None
     max_words: int | None = None
-    #: Fraction of articles held out for validation (dumps and WikiExtractor; WikiText-103 keeps
+    #: Fraction of articles held out for validation (every kind but WikiText-103, which keeps
     #: its own valid/test split).
     valid_fraction: float = 0.02
     seed: int = 42
     #: Articles shorter than this after markup stripping (stubs, lists, disambiguation pages)
-    #: are skipped and counted.
+    #: are skipped and counted. The same default applies to your own text, where it drops every
+    #: line under 200 characters: set it lower (even 0) for one sentence or short post per line.
     min_chars: int = 200
     #: Dumps only: processes stripping the markup (``None`` = all cores; 1 = in this process).
     workers: int | None = None
     #: WikiText-103 only: undo its ``@-@``, ``@,@``, ``@.@`` number/hyphen splitting.
     detokenize: bool = True
+    #: ``jsonl`` and ``parquet``: the key or column holding the text.
+    text_column: str = "text"
+    #: ``text`` only: ``"lines"`` (a document per line) or ``"paragraphs"`` (blank-line separated).
+    documents: str = "lines"
     strict: bool = False
     max_repair_fraction: float = 0.01
     max_extract_bytes: int = ExtractLimits.max_total_bytes
     max_extract_ratio: float = ExtractLimits.max_ratio
+
+    def __post_init__(self) -> None:
+        if self.kind is not None and self.kind not in CORPUS_KINDS:
+            raise InputError(
+                "wikipedia.kind",
+                f"unknown kind {self.kind!r}; the valid kinds are {', '.join(CORPUS_KINDS)}",
+                fix="set kind to one of them, or leave it unset to guess it from the content",
+            )
+        if self.documents not in TEXT_DOCUMENTS:
+            raise InputError(
+                "wikipedia.documents",
+                f"unknown value {self.documents!r}; use {' or '.join(TEXT_DOCUMENTS)}",
+                fix="lines: one document per line; paragraphs: documents separated by blank lines",
+            )
+        if not self.text_column:
+            raise InputError(
+                "wikipedia.text_column",
+                "empty column name",
+                fix="name the JSON key or Parquet column holding the text (default: text)",
+            )
 
 
 @dataclass

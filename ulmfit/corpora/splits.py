@@ -8,6 +8,7 @@ every function here takes the labels and a seed and returns sorted indices.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -83,6 +84,40 @@ def length_stats(lengths: Sequence[int] | np.ndarray) -> dict[str, float]:
         "mean": round(float(values.mean()), 2),
         "max": int(values.max()),
     }
+
+
+class LengthTally:
+    """The statistics of :func:`length_stats` over a stream of lengths, held as a count per
+    distinct length: memory grows with the longest document, not with the number of documents
+    (a billion one-line documents would need gigabytes as a list)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.count = 0
+        self.total = 0
+
+    def add(self, length: int) -> None:
+        self.counts[length] += 1
+        self.count += 1
+        self.total += length
+
+    def stats(self) -> dict[str, float]:
+        if not self.count:
+            return length_stats([])
+        values = sorted(self.counts)
+        # The median as np.median computes it: the mean of the two middle values (one when odd).
+        positions, middle, seen = [(self.count - 1) // 2, self.count // 2], [], 0
+        for value in values:
+            seen += self.counts[value]
+            while positions and positions[0] < seen:
+                positions.pop(0)
+                middle.append(value)
+        return {
+            "min": int(values[0]),
+            "median": float(sum(middle) / 2),
+            "mean": round(self.total / self.count, 2),
+            "max": int(values[-1]),
+        }
 
 
 def text_lengths(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

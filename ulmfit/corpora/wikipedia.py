@@ -1,5 +1,6 @@
 """General-domain text for LM pretraining (Howard & Ruder 2018, Section 3.1): Wikipedia dumps in
-any language, WikiText-103 (the paper's corpus) and WikiExtractor output.
+any language, WikiText-103 (the paper's corpus) and WikiExtractor output, or your own text
+(plain text, JSON Lines, Parquet: read by :mod:`ulmfit.corpora.own_text`).
 
 Dumps are tens of gigabytes of bz2 XML, so they are parsed as a stream: ``iterparse`` yields
 one ``<page>`` at a time and the tree is cleared behind it, keeping memory flat. Only the
@@ -24,15 +25,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mwparserfromhell
-import numpy as np
 from mwparserfromhell.nodes import Comment, Tag, Template, Wikilink
 
 from ulmfit.config import to_dict
 from ulmfit.corpora.archive import ExtractLimits, open_stream, sniff_format
 from ulmfit.corpora.download import ConsoleProgress, Progress
 from ulmfit.corpora.output import ArticleWriter, staged_directory, write_json
+from ulmfit.corpora.own_text import (
+    OWN_KINDS,
+    data_files,
+    iter_documents,
+    kind_of_name,
+    kinds_in_folder,
+    natural_key,
+    open_text,
+)
 from ulmfit.corpora.repairs import Repairs, decoded_lines
 from ulmfit.corpora.sources import (
+    CORPUS_KINDS,
     FASTAI_NLP,
     InputLog,
     WikipediaSource,
@@ -40,7 +50,7 @@ from ulmfit.corpora.sources import (
     unpack,
     wikipedia_dump_url,
 )
-from ulmfit.corpora.splits import length_stats
+from ulmfit.corpora.splits import LengthTally
 from ulmfit.errors import InputError
 
 WIKITEXT103_URL = f"{FASTAI_NLP}/wikitext-103.tgz"
@@ -189,11 +199,6 @@ def stripped_articles(
             yield from pending.popleft().get()
 
 
-def _natural_key(path: Path) -> list:
-    # Part files (pages-articles1, ..., pages-articles10) in numeric, not lexical, order.
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def dump_files(local: Path) -> list[Path]:
     """A dump file, or the ``*pages-articles*.xml*`` part files of a folder in order."""
     if local.is_file():
@@ -204,7 +209,7 @@ def dump_files(local: Path) -> list[Path]:
             for p in local.glob("*pages-articles*.xml*")
             if p.is_file() and not p.name.endswith(".part")
         ),
-        key=_natural_key,
+        key=lambda p: natural_key(p.name),  # pages-articles2 before pages-articles10
     )
     if not files:
         raise InputError(
@@ -317,23 +322,48 @@ def _find_wikitext_files(root: Path) -> dict[str, Path]:
 
 
 def _guess_kind(local: Path) -> str:
+    """The kind of a file or folder: by content for the Wikipedia formats, else by the names of
+    the files (``.txt``, ``.jsonl``, ``.parquet``) when they point at one kind only."""
     if local.is_dir():
         if any(local.glob("*pages-articles*.xml*")):
             return "dump"
-        return "wikitext103" if any(local.rglob("wiki.train.*")) else "wikiextractor"
+        if any(local.rglob("wiki.train.*")):
+            return "wikitext103"
+        found = kinds_in_folder(local)
+        if len(found) > 1:
+            raise InputError(
+                local,
+                f"the folder holds files of several kinds ({', '.join(sorted(found))})",
+                fix="set kind to the one to read, or keep one format per folder",
+            )
+        if found == {"text"}:
+            first, _ = data_files(local, "text")[0]
+            return "wikiextractor" if _head(first).startswith(b"<doc") else "text"
+        return found.pop() if found else "wikiextractor"
     if sniff_format(local) in ("zip", "tar") or ".tar" in local.name or local.name.endswith(".tgz"):
         return "wikitext103"
-    with open_stream(local) as stream:
-        head = stream.read(4096).lstrip()
+    with open(local, "rb") as raw:
+        if raw.read(4) == b"PAR1":
+            return "parquet"
+    head = _head(local)
     if head.startswith(b"<mediawiki") or head.startswith(b"<?xml"):
         return "dump"
     if head.startswith(b"<doc"):
         return "wikiextractor"
+    by_name = kind_of_name(local.name)
+    if by_name is not None:
+        return by_name
     raise InputError(
         local,
-        "neither a MediaWiki XML dump, WikiText-103 nor WikiExtractor output",
-        fix="set kind= and check the file",
+        "not a MediaWiki XML dump, WikiText-103 or WikiExtractor output, "
+        "and not named .txt, .jsonl or .parquet",
+        fix="set kind to one of " + ", ".join(CORPUS_KINDS),
     )
+
+
+def _head(path: Path) -> bytes:
+    with open_text(path) as stream:
+        return stream.read(4096).lstrip()
 
 
 def prepare_wikipedia(
@@ -344,7 +374,11 @@ def prepare_wikipedia(
     progress: Progress | None = None,
 ) -> dict:
     """Stream ``src`` into ``out_dir/{train,valid}.parquet`` (``title``, ``text``; WikiText-103
-    adds its ``test.parquet``), ``summary.json`` and ``sources.json``, atomically."""
+    adds its ``test.parquet``), ``summary.json`` and ``sources.json``, atomically.
+
+    Own text (``kind`` text, jsonl or parquet) has no titles: ``title`` holds the document's id,
+    ``<file>:<line>``. Bad input raises ``InputError`` and leaves no output (docs/corpora.md).
+    """
     cache_dir = Path(cache_dir)
     progress = progress or ConsoleProgress()
     log = InputLog()
@@ -356,37 +390,43 @@ def prepare_wikipedia(
     else:
         origin = WIKITEXT103_URL if src.kind == "wikitext103" else wikipedia_dump_url(src.lang)
     local = fetch(origin, cache_dir, sha256=src.sha256, progress=progress, role="source", log=log)
+    limits = ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio)
+    if src.kind in (None, "wikitext103", *OWN_KINDS):
+        # A tar/zip archive is extracted (into the cache) and its folder read; other files as is.
+        local = unpack(local, cache_dir, limits)
     kind = src.kind or _guess_kind(local)
     counts: Counter = Counter()
 
     if kind == "wikitext103":
-        root = unpack(
-            local,
-            cache_dir,
-            ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio),
-        )
-        files = _find_wikitext_files(root)
+        files = _find_wikitext_files(local)
         articles = (
             (split, title, text)
             for split, file in files.items()
             for title, text in iter_wikitext(file, src.detokenize, repairs)
         )
-    elif kind in ("dump", "wikiextractor"):
-        rng = random.Random(src.seed)
+    else:
         if kind == "dump":
             pages = (page for file in dump_files(local) for page in iter_dump_pages(file, counts))
             texts = stripped_articles(pages, src.workers or os.cpu_count() or 1)
-        else:
+        elif kind == "wikiextractor":
             texts = iter_wikiextractor(local, repairs)
+        else:
+            texts = iter_documents(
+                local,
+                kind,
+                documents=src.documents,
+                text_column=src.text_column,
+                repairs=repairs,
+                counts=counts,
+            )
+        # One seeded draw per document read, in stream order: nothing is held in memory, and a
+        # document's split depends only on its position, not on min_chars or the limits.
+        rng = random.Random(src.seed)
         articles = (
             ("valid" if rng.random() < src.valid_fraction else "train", t, x) for t, x in texts
         )
-    else:
-        raise ValueError(
-            f"unknown Wikipedia kind {kind!r}: use 'dump', 'wikitext103' or 'wikiextractor'"
-        )
 
-    lengths: dict[str, tuple[list[int], list[int]]] = {}
+    lengths: dict[str, tuple[LengthTally, LengthTally]] = {}
     kept = words_total = 0
     with staged_directory(out_dir) as staging:
         writers: dict[str, ArticleWriter] = {}
@@ -398,11 +438,11 @@ def prepare_wikipedia(
                     continue
                 if split not in writers:
                     writers[split] = ArticleWriter(staging / f"{split}.parquet")
-                    lengths[split] = ([], [])
+                    lengths[split] = (LengthTally(), LengthTally())
                 words = len(text.split())
                 writers[split].add(title, text)
-                lengths[split][0].append(len(text))
-                lengths[split][1].append(words)
+                lengths[split][0].add(len(text))
+                lengths[split][1].add(words)
                 kept += 1
                 words_total += words
                 if kept % 100 == 0:
@@ -415,29 +455,39 @@ def prepare_wikipedia(
             for writer in writers.values():
                 writer.close()
         if "train" not in writers:
+            skipped = ", ".join(f"{n} {why.removeprefix('skipped_')}" for why, n in counts.items())
             raise InputError(
                 local,
-                f"no article of at least {src.min_chars} characters was found",
+                f"no {'document' if kind in OWN_KINDS else 'article'} of at least "
+                f"{src.min_chars} characters went to the train split"
+                + (f" (skipped: {skipped})" if skipped else ""),
                 fix="check the source, or lower min_chars",
             )
         if "valid" not in writers:  # tiny inputs: an empty but well-formed valid split
             writers["valid"] = ArticleWriter(staging / "valid.parquet")
             writers["valid"].close()
-            lengths["valid"] = ([], [])
+            lengths["valid"] = (LengthTally(), LengthTally())
         progress("parse articles", kept, kept)
+        notes = []
+        if kind in OWN_KINDS and counts["skipped_short"]:
+            notes.append(
+                f"{counts['skipped_short']} documents shorter than min_chars={src.min_chars} "
+                "were skipped; lower min_chars to keep short documents such as single sentences"
+            )
         summary = {
             "kind": kind,
             "lang": src.lang,
             "splits": {
                 split: {
-                    "count": len(chars),
-                    "words_total": int(np.sum(words, dtype=np.int64)),
-                    "chars": length_stats(chars),
-                    "words": length_stats(words),
+                    "count": chars.count,
+                    "words_total": words.total,
+                    "chars": chars.stats(),
+                    "words": words.stats(),
                 }
                 for split, (chars, words) in lengths.items()
             },
             "skipped": dict(counts),
+            "notes": notes,
             "repairs": repairs.as_dict(),
             "options": to_dict(src),
         }
