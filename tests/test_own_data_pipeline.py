@@ -31,9 +31,9 @@ def test_three_commands_from_a_csv_to_predictions(tmp_path):
             for text in texts * 2:  # 20 per class: enough to cut train, valid and test
                 writer.writerow([text, label])
     new = tmp_path / "new.jsonl"
-    pd.DataFrame({"ticket": ["Χρεώθηκα ξανά χωρίς λόγο.", "Η εφαρμογή κολλάει στην αρχή."]}).to_json(
-        new, orient="records", lines=True, force_ascii=False
-    )
+    pd.DataFrame(
+        {"ticket": ["Χρεώθηκα ξανά χωρίς λόγο.", "Η εφαρμογή κολλάει στην αρχή."]}
+    ).to_json(new, orient="records", lines=True, force_ascii=False)
     out = tmp_path / "predicted.parquet"
 
     added = run(
