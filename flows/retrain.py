@@ -15,7 +15,8 @@ Steps:
 2. refresh: ``dvc repro --force --single-item`` on the prepare stages, so new upstream data is
    downloaded and checked against its checksums even when DVC sees no change in their deps;
 3. the pipeline (``ulmfit repro``: ``dvc repro`` with the runs grouped in MLflow and every
-   stage reporting to the same Prefect server; ``pipeline_command`` can say otherwise);
+   stage reporting to the same Prefect server; ``runner: dvc`` runs bare ``dvc repro``: the
+   command is one of these two, never an argv taken from the API, see docs/deployment.md);
    unchanged stages are skipped by DVC, the only cache;
 4. ``dvc push`` when the project has a DVC remote, so other hosts reuse the outputs;
 5. per dataset: compare the version registered by this run with the champion and decide;
@@ -26,6 +27,7 @@ Steps:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -51,7 +53,9 @@ from tasks.promotion import (
 from tasks.registry import model_name
 
 DEFAULT_METRIC = "test_error_ensemble"
-DEFAULT_COMMAND = ("ulmfit", "repro")
+#: The only commands a retrain run can execute. Flow parameters can be set by anyone who can
+#: reach the Prefect API, so they choose between fixed commands and never carry an argv.
+RUNNERS = {"ulmfit": ("ulmfit", "repro"), "dvc": ("dvc", "repro")}
 
 
 @flow(name="retrain", log_prints=True)
@@ -59,7 +63,7 @@ def retrain(
     project_dir: str = ".",
     datasets: list[str] | None = None,
     metric: str = DEFAULT_METRIC,
-    pipeline_command: list[str] | None = None,
+    runner: Literal["ulmfit", "dvc"] = "ulmfit",
     refresh: bool = True,
 ) -> list[dict]:
     """Refresh data, rerun the pipeline, promote each dataset's new classifier only if its
@@ -70,7 +74,9 @@ def retrain(
     names = list(datasets or params.datasets)
     prefix = params.mlflow.model_name_prefix
     models = {dataset: model_name(prefix, dataset) for dataset in names}
-    command = list(pipeline_command or DEFAULT_COMMAND)
+    if runner not in RUNNERS:  # Prefect validates the Literal; a direct call is checked here
+        raise ValueError(f"runner must be one of {sorted(RUNNERS)}, got {runner!r}")
+    command = list(RUNNERS[runner])
     flow_run_id = flow_run.get_id()
 
     # Versions that exist before this run are never candidates: only what this run registers is.

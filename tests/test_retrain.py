@@ -139,6 +139,21 @@ def test_artifact_key_is_valid_for_prefect():
 # --- the flow's helpers --------------------------------------------------------------------
 
 
+def test_a_run_cannot_be_given_a_command_through_the_api():
+    """Anyone who can reach the Prefect API can set a run's parameters, so they choose between
+    fixed commands and never carry an argv (docs/deployment.md, "Who can run what")."""
+    from prefect.exceptions import ParameterTypeError, SignatureMismatchError
+
+    from flows.retrain import RUNNERS, retrain
+
+    assert retrain.validate_parameters({"runner": "dvc"})["runner"] == "dvc"
+    assert RUNNERS == {"ulmfit": ("ulmfit", "repro"), "dvc": ("dvc", "repro")}
+    with pytest.raises(ParameterTypeError, match="runner"):
+        retrain.validate_parameters({"runner": "bash"})
+    with pytest.raises(SignatureMismatchError, match="pipeline_command"):
+        retrain.validate_parameters({"pipeline_command": ["bash", "-c", "id"]})
+
+
 def test_prepare_stages_are_found_in_dvc_yaml_and_filtered_by_dataset(tmp_path):
     from tasks.commands import prepare_stages
 
@@ -573,7 +588,7 @@ def trigger(prefect, repo: Path) -> str:
         "run",
         "retrain/retrain-gpu",
         "--params",
-        json.dumps({"pipeline_command": ["dvc", "repro"]}),
+        json.dumps({"runner": "dvc"}),
         cwd=repo,
     )
     match = re.search(r"UUID:\s*([0-9a-f-]{36})", result.stdout)
@@ -654,7 +669,7 @@ def test_prefect_yaml_deploys_retrain_on_a_cron_to_the_gpu_pool(fleet):
         "project_dir": ".",
         "datasets": None,
         "metric": METRIC,
-        "pipeline_command": ["ulmfit", "repro"],
+        "runner": "ulmfit",
         "refresh": True,
     }
     assert deployment["global_concurrency_limit"]["limit"] == 1  # one retrain at a time
