@@ -180,6 +180,12 @@ TOKENS_CODE = (
     "ulmfit/storage.py",
 )
 PREPARE_CODE = ("flows/prepare.py", "tasks/data.py", "ulmfit/corpora")
+# Every key of section pretrain but `register`: registering an LM or not never retrains it
+# (tests/test_pretrained.py checks the list against tasks.params.PretrainParams).
+PRETRAIN_PARAMS = tuple(
+    f"pretrain.{key}"
+    for key in ("model", "train", "dropout_multiplier", "device", "threads", "reuse")
+)
 # An LM pretrained elsewhere (pretrain.reuse): fetched and checked by train_tokenizer and pretrain.
 REUSE_CODE = ("tasks/pretrained.py",)
 
@@ -236,7 +242,7 @@ STAGES = (
         code=(*TRAIN_CODE, *REUSE_CODE),
         data=(L.wikipedia_tokens, L.tokenizer_dir),
         outs=(L.pretrained("{direction}"),),
-        params=("pretrain",),
+        params=PRETRAIN_PARAMS,
         sections=("pretrain",),
         plots=True,
     ),

@@ -126,6 +126,20 @@ def assert_same_lm(target: Path, source: Path, direction: str) -> dict:
 # ------------------------------------------------------------------------------ registration
 
 
+def test_the_pretrain_stage_tracks_every_key_but_register():
+    """Turning registration on or off never reruns hours of pretraining; any other key does."""
+    import dataclasses
+
+    from tasks.params import PretrainParams
+    from tasks.pipeline import BY_GROUP
+
+    keys = {f"pretrain.{f.name}" for f in dataclasses.fields(PretrainParams)}
+    assert set(BY_GROUP["pretrain"].params) == keys - {"pretrain.register"}
+    for profile in sorted((Path(__file__).resolve().parents[1] / "profiles").glob("*.yaml")):
+        section = yaml.safe_load(profile.read_text())["pretrain"]
+        assert {f"pretrain.{k}" for k in section} >= keys - {"pretrain.register"}, profile.name
+
+
 @pytest.mark.slow
 def test_pretrain_registers_its_lm_with_its_tokenizer(source, tmp_path):
     import mlflow.artifacts
