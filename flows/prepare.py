@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow
 
 from tasks.data import prepare_dataset_task, prepare_wikipedia_task
 from tasks.params import section_dict
-from tasks.stage import project_params, record_outputs, run_stage
+from tasks.pipeline import stage_spec
+from tasks.stage import project_params, record_outputs, run_stage, skip_stage
 from tasks.workspace import Layout
 
 
@@ -31,8 +34,14 @@ def _summary_metrics(summary: dict) -> dict:
 
 @flow(name="prepare_wikipedia", persist_result=False)
 def prepare_wikipedia_flow(root: str = ".") -> str:
-    """Wikipedia source -> ``data/wikipedia/{train,valid}.parquet``."""
-    with run_stage(root, "prepare_wikipedia") as ctx:
+    """Wikipedia source -> ``data/wikipedia/{train,valid}.parquet``; nothing (a ``SKIPPED.json``)
+    with ``pretrain.reuse``, where no LM is pretrained here."""
+    params = project_params(root)
+    if params.pretrain.reuse:
+        spec = stage_spec("prepare_wikipedia")
+        skip_stage(Path(root).resolve(), spec, "pretrain.reuse: no LM is pretrained here")
+        return ""
+    with run_stage(root, "prepare_wikipedia", params=params) as ctx:
         out = ctx.path(Layout.wikipedia)
         summary = prepare_wikipedia_task(ctx.params.wikipedia, out, ctx.path(Layout.cache_dir))
         record_outputs(

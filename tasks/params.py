@@ -44,14 +44,38 @@ class TokenizeParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class PretrainedSource:
+    """One entry of ``pretrain.reuse``: where a language model pretrained elsewhere comes from,
+    exactly one of a local ``path`` (a pretrain stage's output folder, or its ``model.pt`` with
+    ``tokenizer.model`` beside it), a ``url`` of such a folder as a tar or zip archive (with its
+    ``sha256``, required), or an MLflow ``model_uri`` (``models:/<name>/<version>`` or
+    ``models:/<name>@<alias>``) in the store at ``tracking_uri`` (default: the project's own).
+    The LM's tokenizer always comes with it (docs/pretrained.md)."""
+
+    path: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    model_uri: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class PretrainParams:
-    """Stage ``pretrain``: general-domain LM pretraining (paper section 3.1)."""
+    """Stage ``pretrain``: general-domain LM pretraining (paper section 3.1).
+
+    ``reuse`` (direction -> :class:`PretrainedSource`) takes LMs pretrained elsewhere instead:
+    the Wikipedia stages then do no work, ``train_tokenizer`` takes the LMs' tokenizer and
+    ``pretrain`` places the LM as its output. ``register``: a trained LM becomes a version of
+    ``<mlflow.model_name_prefix>-lm-<direction>`` in the MLflow registry.
+    """
 
     model: AWDLSTMConfig  # vocab_size comes from the tokenizer at run time
     train: LMTrainConfig
     dropout_multiplier: float = 1.0
     device: str = "auto"
     threads: int = 0  # CPU threads for PyTorch; 0: its default (one per core)
+    register: bool = True
+    reuse: Mapping[str, PretrainedSource] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,6 +371,9 @@ def parse_params(data: Mapping[str, Any]) -> Params:
         for name, entry in controls_data.items()
     }
 
+    if pretrain.reuse:
+        _check_reuse(pretrain, datasets, controls)
+
     return Params(
         wikipedia=from_dict(WikipediaSource, _section(data, "wikipedia"), where="wikipedia"),
         tokenizer=tokenizer,
@@ -408,9 +435,61 @@ def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
             "set once, in tokenizer.vocab_size"
         )
     model["vocab_size"] = vocab_size
+    reuse = _reuse(data.get("reuse") or {})
     return from_dict(
-        PretrainParams, {**data, "model": model, "train": data.get("train") or {}}, where="pretrain"
+        PretrainParams,
+        {**data, "model": model, "train": data.get("train") or {}, "reuse": reuse},
+        where="pretrain",
     )
+
+
+def _reuse(data: Any) -> dict[str, PretrainedSource]:
+    """``pretrain.reuse``: direction -> one source each (exactly one of path, url, model_uri;
+    a url needs its sha256)."""
+    if not isinstance(data, Mapping):
+        raise ValueError("pretrain.reuse must map directions (fwd, bwd) to sources")
+    _split(dict(data), "pretrain.reuse", DIRECTIONS)
+    out = {}
+    for direction, entry in data.items():
+        where = f"pretrain.reuse.{direction}"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{where} must be a mapping (path:, url: + sha256:, or model_uri:)")
+        source = from_dict(PretrainedSource, dict(entry), where=where)
+        given = [k for k in ("path", "url", "model_uri") if getattr(source, k)]
+        if len(given) != 1:
+            raise ValueError(f"{where} needs exactly one of path, url, model_uri (got {given})")
+        if source.url and not source.sha256:
+            raise ValueError(f"{where}.url needs its sha256 (sha256sum of the archive)")
+        if source.model_uri and not source.model_uri.startswith("models:/"):
+            raise ValueError(f"{where}.model_uri must read models:/<name>/<version> or @<alias>")
+        if source.tracking_uri and not source.model_uri:
+            raise ValueError(f"{where}.tracking_uri goes with model_uri only")
+        out[direction] = source
+    return out
+
+
+def _check_reuse(
+    pretrain: PretrainParams,
+    datasets: Mapping[str, DatasetParams],
+    controls: Mapping[str, ControlParams],
+) -> None:
+    """With reused LMs, every direction a dataset or control trains needs one, and no control
+    can ask for a pretraining snapshot (no pretraining runs here)."""
+    for name, dataset in datasets.items():
+        missing = sorted(set(dataset.directions) - set(pretrain.reuse))
+        if missing:
+            raise ValueError(
+                f"datasets.{name} trains {missing} but pretrain.reuse gives no LM for it: add "
+                f"pretrain.reuse.{missing[0]}, or set datasets.{name}.directions: [fwd]"
+            )
+    for name, control in controls.items():
+        if control.direction not in pretrain.reuse:
+            raise ValueError(f"controls.{name}: pretrain.reuse gives no {control.direction} LM")
+        if control.pretrain_step is not None:
+            raise ValueError(
+                f"controls.{name}.pretrain_step needs pretraining in this project; "
+                "pretrain.reuse is set"
+            )
 
 
 def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:

@@ -180,6 +180,14 @@ TOKENS_CODE = (
     "ulmfit/storage.py",
 )
 PREPARE_CODE = ("flows/prepare.py", "tasks/data.py", "ulmfit/corpora")
+# Every key of section pretrain but `register`: registering an LM or not never retrains it
+# (tests/test_pretrained.py checks the list against tasks.params.PretrainParams).
+PRETRAIN_PARAMS = tuple(
+    f"pretrain.{key}"
+    for key in ("model", "train", "dropout_multiplier", "device", "threads", "reuse")
+)
+# An LM pretrained elsewhere (pretrain.reuse): fetched and checked by train_tokenizer and pretrain.
+REUSE_CODE = ("tasks/pretrained.py",)
 
 STAGES = (
     Stage(
@@ -187,26 +195,27 @@ STAGES = (
         "flows.prepare:prepare_wikipedia_flow",
         "Stage 1: read the Wikipedia source of params.yaml (section 'wikipedia': a dump, "
         "WikiText-103 or WikiExtractor output; local, packaged or downloaded) into "
-        "data/wikipedia/{train,valid}.parquet.",
+        "data/wikipedia/{train,valid}.parquet (nothing with pretrain.reuse).",
         args=(),
         name="wikipedia/prepare",
         code=PREPARE_CODE,
         data=(),
         outs=(L.wikipedia,),
-        params=("wikipedia",),
+        params=("wikipedia", "pretrain.reuse"),
         sections=("wikipedia",),
     ),
     Stage(
         "train_tokenizer",
         "flows.tokenize:train_tokenizer_flow",
         "Stage 2: train the SentencePiece tokenizer (section 'tokenizer') on the Wikipedia "
-        "training text -> data/tokenizer/tokenizer.model.",
+        "training text -> data/tokenizer/tokenizer.model (with pretrain.reuse: the reused "
+        "LMs' tokenizer).",
         args=(),
         name="wikipedia/tokenizer",
-        code=TOKENS_CODE,
-        data=(f"{L.wikipedia}/train.parquet",),
+        code=(*TOKENS_CODE, *REUSE_CODE, "tasks/training.py"),  # training: the LM file names
+        data=(L.wikipedia,),
         outs=(L.tokenizer_dir,),
-        params=("tokenizer",),
+        params=("tokenizer", "pretrain.reuse"),
         sections=("tokenizer",),
     ),
     Stage(
@@ -226,13 +235,14 @@ STAGES = (
         "pretrain",
         "flows.train:pretrain_flow",
         "Stage 4: pretrain the AWD-LSTM language model on Wikipedia (section 'pretrain'), one "
-        "direction per run -> data/pretrained/<direction>/model.pt.",
+        "direction per run -> data/pretrained/<direction>/model.pt, registered in MLflow as "
+        "'<prefix>-lm-<direction>'; with pretrain.reuse, the LM pretrained elsewhere.",
         args=("direction",),
         name="wikipedia/pretrain_{direction}",
-        code=TRAIN_CODE,
+        code=(*TRAIN_CODE, *REUSE_CODE),
         data=(L.wikipedia_tokens, L.tokenizer_dir),
         outs=(L.pretrained("{direction}"),),
-        params=("pretrain",),
+        params=PRETRAIN_PARAMS,
         sections=("pretrain",),
         plots=True,
     ),

@@ -192,6 +192,9 @@ def skip_left_out(
     return True
 
 
+SKIPPED_FILE = "SKIPPED.json"  # what each out folder of a stage item that did not run holds
+
+
 def skip_stage(root: Path, spec: StageSpec, reason: str) -> None:
     """A stage item that the parameters leave out (a direction a dataset does not train):
     every declared output is written, saying so, so DVC and the report see a finished stage."""
@@ -200,7 +203,7 @@ def skip_stage(root: Path, spec: StageSpec, reason: str) -> None:
         if path.exists():
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         path.mkdir(parents=True)
-        write_json(path / "SKIPPED.json", {"skipped": reason})
+        write_json(path / SKIPPED_FILE, {"skipped": reason})
     write_json(root / spec.metrics, {"skipped": reason})
     write_json(root / spec.run_record, {"mlflow_run_id": None, "skipped": reason})
     if spec.plots:

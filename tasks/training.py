@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -155,10 +156,14 @@ def _write_model_dir(
     extra: dict,
     summary: dict,
     snapshots: tuple[tuple[int, dict], ...] = (),
+    files: tuple[Path, ...] = (),
 ) -> None:
-    """The stage's out: the model file, its training summary and the snapshots ``(step,
-    checkpoint)`` of an LM run as model files of their own, all replacing ``out_dir`` at once."""
+    """The stage's out: the model file, its training summary, the snapshots ``(step,
+    checkpoint)`` of an LM run as model files of their own and copies of ``files``, all
+    replacing ``out_dir`` at once."""
     with staged_directory(out_dir) as staging:
+        for file in files:
+            shutil.copy2(file, staging / file.name)
         save_model(
             staging / MODEL_FILE,
             model,
@@ -203,12 +208,15 @@ def train_lm_task(
     valid_file: Path | None = None,
     holdout: tuple[float, int, int | None] | None = None,
     init_model: Path | None = None,
+    with_tokenizer: bool = False,
 ) -> dict:
     """Pretrain (``init_model=None``) or fine-tune (from ``init_model``) a language model.
 
     ``token_files`` are concatenated (labels never read). Validation is ``valid_file`` or, with
-    ``holdout=(fraction, seed, max_docs)``, a seeded part of the documents. Returns the final
-    validation metrics, the curves, and the model file's path.
+    ``holdout=(fraction, seed, max_docs)``, a seeded part of the documents. ``with_tokenizer``:
+    the out folder also holds a copy of the tokenizer, so that it can be reused on its own
+    (docs/pretrained.md). Returns the final validation metrics, the curves, and the model
+    file's path.
     """
     tokenizer = Tokenizer.load(run.tokenizer)
     docs = concat_docs([read_tokens(path, tokenizer) for path in token_files])
@@ -284,6 +292,7 @@ def train_lm_task(
         extra={"backward": train_cfg.backward, "tokens": result.tokens},
         summary=summary,
         snapshots=snapshots,
+        files=(run.tokenizer,) if with_tokenizer else (),
     )
     metrics = {f"valid_{k}": float(v) for k, v in final.items()}
     metrics.update(
