@@ -272,6 +272,14 @@ class TrainLogger:
                     f"epoch {event.epoch} done at step {event.step}: "
                     + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
                 )
+        elif event.kind == "resume":
+            total = self.progress.total
+            self.progress._log(
+                f"resuming from step {event.step}"
+                + (f" of {total}" if total else "")
+                + f" (checkpoint {event.checkpoint})"
+            )
+            self.progress.start_at(event.step)
         elif event.kind == "stage":
             self._pending += [
                 Metric(self.metric_prefix + f"unfreeze_{k}", float(v), now, event.step)
