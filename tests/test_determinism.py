@@ -118,3 +118,52 @@ def test_a_seeded_tiny_lm_training_gives_the_same_model_file_twice(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert sums[0] == sums[1], sums
+
+
+def test_a_prepared_dataset_and_its_token_file_are_the_same_bytes_twice(tmp_path):
+    from fixtures.corpora.builders import imdb_members, tar_gz
+
+    from ulmfit.corpora import DatasetSource, prepare_dataset
+    from ulmfit.storage import encode_corpus
+
+    archive = tar_gz(tmp_path / "aclImdb_v1.tar.gz", imdb_members(per_class=6, unsup=4))
+    texts = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(100)]
+    tokenizer = train_tokenizer(
+        texts, tmp_path / "tokenizer.model", TokenizerConfig(400, threads=1)
+    )
+    outputs = []
+    for run in ("first", "second"):
+        out = tmp_path / run
+        prepare_dataset(
+            DatasetSource(name="imdb", path=str(archive), valid_fraction=0.25),
+            out / "prepared",
+            cache_dir=tmp_path / "cache",
+            progress=lambda *a: None,
+        )
+        encode_corpus(texts * 3, tokenizer.path, out / "tokens.parquet", workers=2, chunk_docs=50)
+        outputs.append(
+            {p.relative_to(out).as_posix(): md5(p) for p in out.rglob("*") if p.is_file()}
+        )
+    assert len(outputs[0]) > 4 and outputs[0] == outputs[1]
+
+
+def test_the_served_classifier_folder_is_the_same_bytes_twice(tmp_path):
+    from ulmfit.model import ClassifierConfig, SequenceClassifier
+    from ulmfit.predict import TextClassifier
+
+    texts = [f"the quick brown fox number {i} jumps over the lazy dog" for i in range(100)]
+    tokenizer = train_tokenizer(
+        texts, tmp_path / "tokenizer.model", TokenizerConfig(400, threads=1)
+    )
+    torch.manual_seed(0)
+    classifier = TextClassifier(
+        tokenizer,
+        SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2)),
+        SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2)),
+        label_names=["neg", "pos"],
+    )
+    folders = [classifier.save(tmp_path / run / "model") for run in ("first", "second")]
+    classifier.save(folders[0])  # over itself
+    first, second = ({p.name: md5(p) for p in f.iterdir()} for f in folders)
+    assert sorted(first) == ["backward.pt", "classifier.json", "forward.pt", "tokenizer.model"]
+    assert first == second
