@@ -280,6 +280,11 @@ class TrainLogger:
                 + f" (checkpoint {event.checkpoint})"
             )
             self.progress.start_at(event.step)
+            set_tags(
+                self.root,
+                self.run_id,
+                {f"ulmfit.{self.metric_prefix}resumed_from": f"{event.checkpoint}"},
+            )
         elif event.kind == "stage":
             self._pending += [
                 Metric(self.metric_prefix + f"unfreeze_{k}", float(v), now, event.step)

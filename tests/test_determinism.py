@@ -167,3 +167,19 @@ def test_the_served_classifier_folder_is_the_same_bytes_twice(tmp_path):
     first, second = ({p.name: md5(p) for p in f.iterdir()} for f in folders)
     assert sorted(first) == ["backward.pt", "classifier.json", "forward.pt", "tokenizer.model"]
     assert first == second
+
+
+def test_a_resumed_training_writes_the_same_stage_folder_as_an_uninterrupted_one(tmp_path):
+    from tasks.training import _write_model_dir
+
+    torch.manual_seed(0)
+    model = LanguageModel(TINY)
+    sums = []
+    for run, resumed_from in (("whole", None), ("resumed", "/ws/runs/checkpoints/step-4.pt")):
+        out = tmp_path / run
+        summary = {"steps": 8, "resumed_from": resumed_from, "metrics": {"loss": 2.5}}
+        _write_model_dir(
+            out, model, kind="lm", config=TINY, identity="t", extra={}, summary=summary
+        )
+        sums.append({p.name: md5(p) for p in out.iterdir()})
+    assert sums[0] == sums[1] and "training.json" in sums[0]

@@ -135,16 +135,19 @@ def test_workspace_lock_is_exclusive_and_released(tmp_path):
 
 def test_a_resumed_stage_logs_where_it_resumes_and_counts_on_from_there(store, caplog, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")  # log lines, as under DVC
-    logger = tracking.TrainLogger(store, "run", every=100, description="finetune", total_steps=50)
+    run_id = tracking.start_stage_run(store, "finetune_lm@x-fwd", {}, experiment="exp", deps={})
+    logger = tracking.TrainLogger(store, run_id, every=100, description="finetune", total_steps=50)
     with caplog.at_level("INFO", logger="ulmfit"):
         logger(TrainEvent("resume", 30, 1, {}, checkpoint="/ckpt/step-000000030.pt"))
         for step in (31, 32):
             logger(TrainEvent("step", step, 1, {"loss": 2.0, "lr": 0.01}))
         logger.close()
-    lines = [r.getMessage() for r in caplog.records]
+    lines = [r.getMessage() for r in caplog.records if r.name == "ulmfit"]
     assert lines[0] == "resuming from step 30 of 50 (checkpoint /ckpt/step-000000030.pt)"
     assert lines[-1].startswith("finetune: 32/50 step (64%) in ")
     assert logger.progress.done == 32 and len(logger.steps) == 2
+    tags = tracking.client(store).get_run(run_id).data.tags
+    assert tags["ulmfit.resumed_from"] == "/ckpt/step-000000030.pt"
 
 
 def test_progress_rates_count_only_the_work_since_a_resume(monkeypatch):
