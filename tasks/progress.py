@@ -39,6 +39,7 @@ class Progress:
         self.unit = unit
         self.interval = interval
         self.done = 0
+        self._initial = 0  # where this process started counting (a resumed run: its step)
         self.postfix = ""
         self._log = log or logger.info
         self._last = time.monotonic()
@@ -70,6 +71,16 @@ class Progress:
                 self._bar.total = total
         self.update(done - self.done)
 
+    def start_at(self, done: int) -> None:
+        """Continue from ``done`` (a resumed run): the bar and the lines count on from there,
+        and rates cover only the work done since."""
+        self.done = self._initial = done
+        self._started = self._last = time.monotonic()
+        if self._bar is not None:
+            self._bar.reset(self.total)
+            self._bar.initial = self._bar.n = self._bar.last_print_n = done
+            self._bar.refresh()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
@@ -81,7 +92,8 @@ class Progress:
         amount = f"{self.done:,}" + (f"/{self.total:,}" if self.total else "")
         percent = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         extra = f", {self.postfix}" if self.postfix else ""
-        return f"{self.description}: {amount} {self.unit}{percent} in {elapsed:.0f}s{extra}"
+        rate = f", {(self.done - self._initial) / elapsed:.3g} {self.unit}/s" if elapsed > 0 else ""
+        return f"{self.description}: {amount} {self.unit}{percent} in {elapsed:.0f}s{rate}{extra}"
 
 
 class StageProgress:

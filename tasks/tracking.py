@@ -272,6 +272,19 @@ class TrainLogger:
                     f"epoch {event.epoch} done at step {event.step}: "
                     + ", ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
                 )
+        elif event.kind == "resume":
+            total = self.progress.total
+            self.progress._log(
+                f"resuming from step {event.step}"
+                + (f" of {total}" if total else "")
+                + f" (checkpoint {event.checkpoint})"
+            )
+            self.progress.start_at(event.step)
+            set_tags(
+                self.root,
+                self.run_id,
+                {f"ulmfit.{self.metric_prefix}resumed_from": f"{event.checkpoint}"},
+            )
         elif event.kind == "stage":
             self._pending += [
                 Metric(self.metric_prefix + f"unfreeze_{k}", float(v), now, event.step)

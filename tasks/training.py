@@ -172,7 +172,11 @@ def _write_model_dir(
             tokenizer_identity=identity,
             extra=extra,
         )
-        (staging / TRAINING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        # Where a killed run resumed is no part of its result (the model is the same): left out,
+        # the folder is byte-identical to an uninterrupted run's, so DVC reruns nothing
+        # downstream. The log line and the run's MLflow tag (TrainLogger) keep it.
+        kept = {k: v for k, v in summary.items() if k != "resumed_from"}
+        (staging / TRAINING_FILE).write_text(json.dumps(kept, indent=2, default=str) + "\n")
         for step, payload in snapshots:
             snapshot = type(model)(config)
             snapshot.load_state_dict(payload["model"])

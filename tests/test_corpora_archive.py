@@ -144,3 +144,29 @@ def test_zip_symlink_is_refused(tmp_path):
     with pytest.raises(InputError, match="symlink"):
         safe_extract(tmp_path / "link.zip", tmp_path / "out")
     _assert_nothing_left(tmp_path, tmp_path / "out")
+
+
+def _plain_tar(path, count):
+    """An uncompressed tar of ``count`` small files; returns the byte offset of each header."""
+    offsets = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(count):
+            offsets.append(tar.offset)
+            data = f"file {i}\n".encode() * 50
+            info = tarfile.TarInfo(f"docs/{i}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return offsets
+
+
+def test_plain_tar_cut_at_a_header_boundary_is_truncated_not_short(tmp_path):
+    whole = tmp_path / "whole.tar"
+    offsets = _plain_tar(whole, 5)
+    out = safe_extract(whole, tmp_path / "whole")
+    assert len(list((out / "docs").iterdir())) == 5
+    # Cut exactly where the 4th header starts: tarfile alone reads 3 members and stops quietly.
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[: offsets[3]])
+    with pytest.raises(InputError, match="truncated") as err:
+        safe_extract(tmp_path / "cut.tar", tmp_path / "out")
+    assert str(tmp_path / "cut.tar") in str(err.value) and "downloaded again" in err.value.fix
+    _assert_nothing_left(tmp_path, tmp_path / "out")

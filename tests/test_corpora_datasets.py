@@ -341,3 +341,12 @@ def test_one_file_per_review_folders_share_one_repair_budget(tmp_path):
     tar_gz(tmp_path / "one_empty.tar.gz", members)
     summary = _prepare(tmp_path, name="imdb", path=str(tmp_path / "one_empty.tar.gz"))
     assert summary["repairs"]["counts"] == {"empty_text": 1}
+
+
+def test_html_page_saved_as_the_imdb_archive_is_named_as_html(tmp_path):
+    page = tmp_path / "aclImdb_v1.tar.gz"
+    page.write_bytes(b"<!DOCTYPE html>\n<html><body>503 Service Unavailable</body></html>")
+    with pytest.raises(InputError, match="HTML page") as err:
+        _prepare(tmp_path, name="imdb", path=str(page))
+    assert str(err.value.path) == str(page)
+    assert not (tmp_path / "out").exists()

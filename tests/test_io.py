@@ -45,3 +45,20 @@ def test_outputs_get_umask_permissions_not_mkstemp_ones(tmp_path):
     assert sha256_file(tmp_path / "a.bin") == (
         "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
     )
+
+
+def test_two_atomic_path_writers_of_one_file_do_not_collide(tmp_path):
+    """Each writer gets its own private folder; the temporary file keeps the target's name
+    (so writers that record it, like torch.save, write the same bytes every time)."""
+    target = tmp_path / "model.pt"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second and first.name == second.name == "model.pt"
+        first.write_bytes(b"first")
+        second.write_bytes(b"second")
+    assert target.read_bytes() == b"first"  # the outer block finished last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

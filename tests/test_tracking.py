@@ -131,3 +131,41 @@ def test_workspace_lock_is_exclusive_and_released(tmp_path):
     with workspace_lock(tmp_path, "stage-c"):
         pass
     assert issubclass(WorkspaceBusy, RuntimeError)
+
+
+def test_a_resumed_stage_logs_where_it_resumes_and_counts_on_from_there(store, caplog, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # log lines, as under DVC
+    run_id = tracking.start_stage_run(store, "finetune_lm@x-fwd", {}, experiment="exp", deps={})
+    logger = tracking.TrainLogger(store, run_id, every=100, description="finetune", total_steps=50)
+    with caplog.at_level("INFO", logger="ulmfit"):
+        logger(TrainEvent("resume", 30, 1, {}, checkpoint="/ckpt/step-000000030.pt"))
+        for step in (31, 32):
+            logger(TrainEvent("step", step, 1, {"loss": 2.0, "lr": 0.01}))
+        logger.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "ulmfit"]
+    assert lines[0] == "resuming from step 30 of 50 (checkpoint /ckpt/step-000000030.pt)"
+    assert lines[-1].startswith("finetune: 32/50 step (64%) in ")
+    assert logger.progress.done == 32 and len(logger.steps) == 2
+    tags = tracking.client(store).get_run(run_id).data.tags
+    assert tags["ulmfit.resumed_from"] == "/ckpt/step-000000030.pt"
+
+
+def test_progress_rates_count_only_the_work_since_a_resume(monkeypatch):
+    from tasks.progress import Progress
+
+    clock = iter([100.0, 100.0, 104.0, 104.0])
+    monkeypatch.setattr("tasks.progress.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("tasks.progress.use_bars", lambda: False)
+    lines: list[str] = []
+    progress = Progress("train", 100, unit="step", interval=1e9, log=lines.append)
+    progress.start_at(60)  # t=100
+    progress.update(8)  # t=104: not logged (interval)
+    progress.close()  # t=104
+    assert lines == ["train: 68/100 step (68%) in 4s, 2 step/s (done)"]
+
+    monkeypatch.setattr("tasks.progress.time.monotonic", lambda: 0.0)
+    monkeypatch.setattr("tasks.progress.use_bars", lambda: True)
+    bar = Progress("train", 100, unit="step")
+    bar.start_at(60)  # the bar shows 60/100 and measures its rate from there
+    assert bar._bar.n == bar._bar.initial == bar._bar.last_print_n == 60
+    bar.close()

@@ -642,3 +642,31 @@ def test_running_batchnorm_averages_misread_long_documents_and_recalibration_fix
     assert used == 400
     measured, _ = evaluate_classifier(model, valid, batch_size=64)
     assert abs(measured["error_rate"] - batch_statistics_error(model, valid)) <= 0.02
+
+
+def test_a_resumed_run_announces_its_step_and_checkpoint_first(tmp_path: Path) -> None:
+    cfg = LMTrainConfig(epochs=2, batch_size=3, bptt=5, lr=0.01, checkpoint_every=2, seed=5)
+
+    def stop_at_step_3(event: TrainEvent) -> None:
+        if event.kind == "step" and event.step == 3:
+            raise KeyboardInterrupt  # killed after the checkpoint of step 2
+
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train_language_model(
+            LanguageModel(TINY),
+            lm_docs(),
+            None,
+            cfg,
+            checkpoint_dir=tmp_path,
+            callback=stop_at_step_3,
+        )
+    checkpoint = latest_checkpoint(tmp_path)
+    events: list[TrainEvent] = []
+    train_language_model(
+        LanguageModel(TINY), lm_docs(), None, cfg, checkpoint_dir=tmp_path, callback=record(events)
+    )
+    assert events[0].kind == "resume" and events[0].step == 2
+    assert events[0].checkpoint == str(checkpoint)
+    assert [e.kind for e in events].count("resume") == 1
+    assert next(e for e in events if e.kind == "step").step == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,20 +36,24 @@ def atomic_write(path: str | Path, mode: str = "wb") -> Iterator:
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` for writers that need a file name (pyarrow,
-    SentencePiece, torch.save); it is renamed into place only if the block succeeds."""
+    """Yield a temporary path for writers that need a file name (pyarrow, SentencePiece,
+    torch.save); it is renamed into place only if the block succeeds.
+
+    The temporary file has ``path``'s own name, inside a private folder made beside ``path``
+    (``mkdtemp``: two writers never share one). Writers that record their file's name keep
+    their bytes deterministic that way: torch.save names its zip archive's root folder after
+    the file, so a random temporary name gave identical weights a new md5 on every run.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    default_permissions(tmp)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = folder / path.name
     try:
-        yield Path(tmp)
+        tmp.touch()  # an empty file by default, as mkstemp gave, with umask permissions
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _umask() -> int:

@@ -51,15 +51,17 @@ class TrainEvent:
 
     kind: ``"step"`` (metrics: loss, penalty, lr, grad_norm, and seq_len for the LM or stage
         for the classifier), ``"eval"`` (validation metrics), ``"epoch"`` (train_loss and the
-        last validation metrics) or ``"stage"`` (gradual unfreezing: stage, trainable_groups,
-        epochs).
+        last validation metrics), ``"stage"`` (gradual unfreezing: stage, trainable_groups,
+        epochs) or ``"resume"`` (once, before any step of a run continued from ``checkpoint``).
     step: optimiser steps done so far; epoch: epochs completed (for ``"step"``: the current one).
+    checkpoint: the checkpoint file a ``"resume"`` event continues from.
     """
 
     kind: str
     step: int
     epoch: int
     metrics: dict[str, float]
+    checkpoint: str | None = None
 
 
 Callback = Callable[[TrainEvent], None]
@@ -276,6 +278,7 @@ def _run(phase: Phase, state: TrainState, lr_groups, cfg, checkpoint_dir, callba
         state.load_state_dict(payload)
         phase.load_state_dict(payload)
         resumed_from, last_checkpoint_step = str(path), state.step
+        _emit(callback, TrainEvent("resume", state.step, state.epoch, {}, checkpoint=str(path)))
 
     def validate() -> dict[str, float]:
         distributed.sync_buffers(model)

@@ -41,10 +41,13 @@ class TokenizerConfig:
     sample_docs: size of the reservoir sample of documents the model is trained on.
     max_doc_chars: each sampled document is cut to this many characters (bounds the sample).
     character_coverage: share of characters covered by ordinary pieces; the rest use bytes.
-    seed: seeds the reservoir sample (SentencePiece training itself is deterministic).
+    seed: seeds the reservoir sample (SentencePiece training itself is deterministic for a
+        given ``threads``).
     max_sentence_chars: training lines are split to at most this length (SentencePiece skips
         longer ones).
-    threads: SentencePiece training threads (0 = all cores).
+    threads: SentencePiece training threads (0 = all cores). The piece scores, and so the
+        model's bytes and identity, depend on it (the same pieces, scores summed in another
+        order): set it for the same tokenizer on machines with different core counts.
     """
 
     vocab_size: int = 15000

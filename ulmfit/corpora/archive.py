@@ -257,6 +257,20 @@ def _inside(root: Path, relative: str) -> bool:
     return resolved == root.resolve() or root.resolve() in resolved.parents
 
 
+def _check_end_of_archive(archive: Path, tar: tarfile.TarFile, members: int) -> None:
+    """A tar ends with zero blocks. ``tarfile`` treats a file that simply stops at a 512-byte
+    header boundary as complete, so a copy cut there would extract only its first members."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise InputError(
+            archive,
+            f"the archive is truncated: it stops after {members} members, without tar's "
+            "end-of-archive marker",
+            fix="delete it so it is downloaded again (an interrupted copy), or check the mirror serves the complete file",
+        )
+
+
 def _extract_tar(archive: Path, target: Path, budget: _Budget) -> None:
     with tarfile.open(archive, "r:*") as tar:
         for member in tar:
@@ -307,6 +321,7 @@ def _extract_tar(archive: Path, target: Path, budget: _Budget) -> None:
                     f"member '{member.name}' is a device, FIFO or other special file",
                     fix="do not use this archive: only files and folders are extracted",
                 )
+        _check_end_of_archive(archive, tar, len(tar.members))
 
 
 def _extract_zip(archive: Path, target: Path, budget: _Budget) -> None:

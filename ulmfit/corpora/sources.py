@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ulmfit.corpora.archive import ExtractLimits, is_archive, safe_extract
+from ulmfit.corpora.archive import (
+    ExtractLimits,
+    check_format,
+    expected_format,
+    is_archive,
+    safe_extract,
+)
 from ulmfit.corpora.download import Progress, download
 from ulmfit.errors import InputError
 from ulmfit.io import sha256_file
@@ -357,7 +363,13 @@ def fetch(
 
 
 def unpack(local: Path, cache_dir: Path, limits: ExtractLimits) -> Path:
-    """An archive -> its safely extracted folder in the cache (keyed by content); else itself."""
+    """An archive -> its safely extracted folder in the cache (keyed by content); else itself.
+
+    A file whose name promises an archive or stream (``.tar.gz``, ``.zip``...) must hold one:
+    an HTML error page or an empty file saved under that name is named as such here, not
+    later as a missing layout."""
+    if local.is_file() and expected_format(local.name) is not None:
+        check_format(local)
     if local.is_file() and is_archive(local):
         digest = sha256_file(local)[:16]
         stem = local.name.split(".")[0]
