@@ -750,10 +750,14 @@ def _control(
     if not isinstance(dataset_entry, Mapping):
         dataset_entry = {}
     finetune = _merge(
-        _merge(_section(data, "finetune"), _nested(dataset_entry, "finetune", "")),
+        _merge(
+            _section(data, "finetune"), _nested(dataset_entry, "finetune", f"datasets.{dataset}")
+        ),
         _nested(entry, "finetune", where),
     )
-    classifier = _merge(_section(data, "classifier"), _nested(dataset_entry, "classifier", ""))
+    classifier = _merge(
+        _section(data, "classifier"), _nested(dataset_entry, "classifier", f"datasets.{dataset}")
+    )
     if entry.get("encoder") == "scratch":
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
     classifier = _merge(classifier, _nested(entry, "classifier", where))
