@@ -179,22 +179,23 @@ def test_negative_float_literal_is_read_then_refused_by_its_range(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("key", "value", "shown"),
     [
-        ("classifier.train.lr", "inf"),
-        ("classifier.train.lr", "0,01"),
-        ("classifier.train.lr", " 0.01"),
-        ("classifier.train.lr", True),
-        ("pretrain.train.epochs", "10"),  # text is read as a number for float fields only
-        ("pretrain.train.epochs", 2.0),
-        ("pretrain.train.epochs", True),
-        ("report.title", 2024),
+        ("classifier.train.lr", "inf", "'inf'"),
+        ("classifier.train.lr", "0,01", "'0,01'"),
+        ("classifier.train.lr", " 0.01", "' 0.01'"),
+        ("classifier.train.lr", True, "true"),
+        ("pretrain.train.epochs", "10", "'10'"),  # text is read as a number for floats only
+        ("pretrain.train.epochs", 2.0, "2.0"),
+        ("pretrain.train.epochs", True, "true"),
+        ("report.title", 2024, "2024"),
     ],
 )
-def test_types_are_strict_otherwise(tmp_path, key, value):
+def test_types_are_strict_otherwise(tmp_path, key, value, shown):
     data = _default()
     _set(data, key, value)
-    assert _refusal(tmp_path, data).details[0].startswith(key + ": ")
+    line = _refusal(tmp_path, data).details[0]
+    assert line.startswith(f"{key}: got {shown}") and "Fix: " in line, line
 
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
