@@ -128,7 +128,7 @@ def write_params(root: Path, name: str, entry: dict, *, only: bool) -> tuple[str
     with tempfile.TemporaryDirectory(prefix="ulmfit-params-") as scratch:
         candidate = Path(scratch) / "params.yaml"
         candidate.write_text(text.getvalue(), encoding="utf-8")
-        load_params(candidate)  # refuse to write a params.yaml that does not load
+        load_params(candidate, root=root)  # refuse to write a params.yaml that does not load
     with atomic_write(params, "w") as handle:
         handle.write(text.getvalue())
     return tuple(removed)

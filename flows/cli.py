@@ -90,14 +90,17 @@ def _quiet_input_error_tracebacks() -> None:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    """Run one stage's flow under the workspace lock; its arguments (dataset, direction or
-    control name) also name the stage item (``finetune_lm@imdb-fwd``)."""
+    """Check the whole of ``params.yaml`` (before Prefect starts), then run one stage's flow
+    under the workspace lock; its arguments (dataset, direction or control name) also name the
+    stage item (``finetune_lm@imdb-fwd``)."""
+    from tasks.params import load_params
     from tasks.pipeline import BY_GROUP
     from tasks.workspace import workspace_lock
 
     stage = BY_GROUP[args.command.replace("-", "_")]
     items = {arg: getattr(args, arg) for arg in stage.args}
     root = _project_root()
+    load_params(root / "params.yaml")  # every bad value at once, before any work
     item = "-".join(items.values())
     with workspace_lock(root, f"{stage.group}@{item}" if item else stage.group):
         module, name = stage.flow.split(":")

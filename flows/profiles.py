@@ -29,7 +29,9 @@ def use_profile(root: Path, name: str) -> Path:
     if not path.is_file():
         names = ", ".join(n for n, _ in list_profiles(root)) or "none"
         raise InputError(path, "no such profile", fix=f"pick one of: {names}")
-    load_params(path)  # refuse a broken profile before touching params.yaml
+    # Refuse a broken profile before touching params.yaml; its data paths are checked when the
+    # pipeline runs (a profile may be picked before its data are in place).
+    load_params(path, root=root, check_paths=False)
     with atomic_write(root / "params.yaml", "w") as handle:
         handle.write(path.read_text(encoding="utf-8"))
     return path

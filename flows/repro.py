@@ -8,6 +8,11 @@ set (a shared server, a test harness) it uses that server and starts none.
 
 It also groups the pipeline's MLflow runs: one parent run ``pipeline`` whose id and a fresh
 pipeline id are passed to every stage (``ULMFIT_PARENT_RUN_ID``, ``ULMFIT_PIPELINE_ID``).
+
+Before any of that, in a second or two: the whole of ``params.yaml`` is checked (every bad value
+reported at once, as an ``InputError``: exit code 2), and ``repro_lock`` is taken for the
+whole run (a second ``ulmfit repro``, or one while a stage command runs, stops at once with
+``WorkspaceBusy``: exit code 75).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.workspace import Layout
+from tasks.workspace import Layout, repro_lock
 
 logger = logging.getLogger("ulmfit")
 SERVER_START_TIMEOUT = 300.0
@@ -101,13 +106,11 @@ def prefect_server(root: Path) -> Iterator[str]:
         log.close()
 
 
-def _start_parent_run(root: Path, pipeline: str) -> str | None:
+def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
     """The MLflow run grouping this execution's stage runs (None if MLflow is unreachable)."""
     from tasks import tracking
-    from tasks.params import load_params
 
     try:
-        experiment = load_params(root / "params.yaml").mlflow.experiment
         client = tracking.client(root)
         run = client.create_run(
             tracking.experiment_id(root, experiment),
@@ -129,13 +132,23 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def repro(root: Path, dvc_args: list[str]) -> int:
-    """Run ``dvc repro <dvc_args>``; returns its exit code."""
+    """Check ``params.yaml`` and take the workspace lock, then run ``dvc repro <dvc_args>``;
+    returns its exit code. Bad parameters raise ``InputError`` and a busy workspace
+    ``WorkspaceBusy`` before any server, MLflow run or DVC command is started."""
+    from tasks.params import load_params
+
+    params = load_params(root / "params.yaml")
+    with repro_lock(root):
+        return _repro(root, dvc_args, params.mlflow.experiment)
+
+
+def _repro(root: Path, dvc_args: list[str], experiment: str) -> int:
     from tasks import tracking
 
     pipeline = os.environ.get(tracking.PIPELINE_ID_ENV) or (
         time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     )
-    parent = _start_parent_run(root, pipeline)
+    parent = _start_parent_run(root, pipeline, experiment)
     env = {**os.environ, tracking.PIPELINE_ID_ENV: pipeline}
     if parent:
         env[tracking.PARENT_RUN_ENV] = parent

@@ -14,15 +14,34 @@ the classifier has its own base dropouts (fastai's ``awd_lstm_clas_config``) and
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 
 from tasks.pipeline import DIRECTIONS
-from ulmfit.config import from_dict, to_dict
-from ulmfit.corpora import DatasetSource, WikipediaSource
+from ulmfit.config import (
+    ConfigError,
+    Device,
+    Dropout,
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    NotEmpty,
+    OneOf,
+    PositiveFloat,
+    PositiveInt,
+    Problem,
+    Range,
+    Text,
+    check,
+    from_dict,
+    problems_of,
+    to_dict,
+)
+from ulmfit.corpora import DATASETS, DatasetSource, WikipediaSource
 from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig
 from ulmfit.tokenizer import TokenizerConfig
@@ -39,8 +58,8 @@ _ENCODER_SIZE_KEYS = tuple(
 class TokenizeParams:
     """Stage ``tokenize_*``: how texts are encoded into token files."""
 
-    workers: int | None = None  # None: every core
-    chunk_docs: int = 512
+    workers: PositiveInt | None = None  # None: every core
+    chunk_docs: PositiveInt = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +90,9 @@ class PretrainParams:
 
     model: AWDLSTMConfig  # vocab_size comes from the tokenizer at run time
     train: LMTrainConfig
-    dropout_multiplier: float = 1.0
-    device: str = "auto"
-    threads: int = 0  # CPU threads for PyTorch; 0: its default (one per core)
+    dropout_multiplier: NonNegativeFloat = 1.0
+    device: Device = "auto"
+    threads: NonNegativeInt = 0  # CPU threads for PyTorch; 0: its default (one per core)
     register: bool = True
     reuse: Mapping[str, PretrainedSource] = dataclasses.field(default_factory=dict)
 
@@ -87,12 +106,12 @@ class FinetuneParams:
     """
 
     train: LMTrainConfig
-    dropout_multiplier: float = 0.7
-    splits: tuple[str, ...] = LM_SPLITS
-    valid_fraction: float = 0.1
-    max_docs: int | None = None  # cap on the documents used (seeded sample), None: all
-    device: str = "auto"
-    threads: int = 0
+    dropout_multiplier: NonNegativeFloat = 0.7
+    splits: Annotated[tuple[Annotated[str, OneOf(LM_SPLITS)], ...], NotEmpty()] = LM_SPLITS
+    valid_fraction: Fraction = 0.1
+    max_docs: PositiveInt | None = None  # cap on the documents used (seeded sample), None: all
+    device: Device = "auto"
+    threads: NonNegativeInt = 0
 
 
 def _default(cls: type, name: str) -> Any:
@@ -107,10 +126,10 @@ class ClassifierModelParams:
     them. ``encoder``: the pretrained LM's sizes with the classifier's base dropouts."""
 
     encoder: AWDLSTMConfig
-    head_hidden: int = _default(ClassifierConfig, "head_hidden")
-    head_dropouts: tuple[float, float] = _default(ClassifierConfig, "head_dropouts")
-    bptt: int = _default(ClassifierConfig, "bptt")
-    max_len: int = _default(ClassifierConfig, "max_len")
+    head_hidden: PositiveInt = _default(ClassifierConfig, "head_hidden")
+    head_dropouts: tuple[Dropout, Dropout] = _default(ClassifierConfig, "head_dropouts")
+    bptt: PositiveInt = _default(ClassifierConfig, "bptt")
+    max_len: PositiveInt = _default(ClassifierConfig, "max_len")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,14 +142,14 @@ class ClassifierParams:
 
     model: ClassifierModelParams
     train: ClassifierTrainConfig
-    dropout_multiplier: float = 0.5
-    device: str = "auto"
-    threads: int = 0
+    dropout_multiplier: NonNegativeFloat = 0.5
+    device: Device = "auto"
+    threads: NonNegativeInt = 0
     # Hyperparameter search: one classifier per (learning rate, dropout multiplier) pair, each
     # with train.patience/keep_best; the lowest validation error wins. Empty: train.lr /
     # dropout_multiplier alone. A dataset's controls get the same grid as its ULMFiT classifier.
-    lrs: tuple[float, ...] = ()
-    dropout_multipliers: tuple[float, ...] = ()
+    lrs: tuple[PositiveFloat, ...] = ()
+    dropout_multipliers: tuple[NonNegativeFloat, ...] = ()
 
     def grid(self) -> list[tuple[float, float]]:
         """The (learning rate, dropout multiplier) pairs of the search, in order."""
@@ -159,9 +178,9 @@ class ClassifierParams:
 class EvaluateParams:
     """Stage ``evaluate``: test error of forward, backward and the ensemble (paper section 3.3)."""
 
-    batch_size: int = 64
-    device: str = "auto"
-    threads: int = 0
+    batch_size: PositiveInt = 64
+    device: Device = "auto"
+    threads: NonNegativeInt = 0
     register: bool = True  # register the ensemble in the MLflow model registry
 
 
@@ -170,12 +189,12 @@ class BaselineParams:
     """Stage ``baseline``: TF-IDF n-grams + logistic regression (scikit-learn) per dataset, on
     the full train split and on every label subset the controls use; C tuned on valid."""
 
-    ngram_max: int = 2
-    min_df: int = 1
-    max_features: int | None = None
+    ngram_max: PositiveInt = 2
+    min_df: PositiveInt = 1
+    max_features: PositiveInt | None = None
     sublinear_tf: bool = True
-    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
-    seed: int = 42
+    c_grid: Annotated[tuple[PositiveFloat, ...], NotEmpty()] = (0.01, 0.1, 1.0, 10.0, 100.0)
+    seed: NonNegativeInt = 42
 
 
 ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
@@ -210,11 +229,11 @@ class ControlParams:
     dataset: str
     classifier: ClassifierParams
     finetune: FinetuneParams
-    encoder: str = "finetuned"
-    labels: int | None = None
-    labels_seed: int = 42
-    pretrain_step: int | None = None
-    direction: str = "fwd"
+    encoder: Annotated[str, OneOf(ENCODERS)] = "finetuned"
+    labels: Annotated[int, Range(2)] | None = None
+    labels_seed: NonNegativeInt = 42
+    pretrain_step: PositiveInt | None = None
+    direction: Annotated[str, OneOf(DIRECTIONS)] = "fwd"
     description: str = ""
 
 
@@ -223,16 +242,18 @@ class ReportParams:
     """Stage ``report``: ``reports/results.md`` over every dataset."""
 
     title: str = "ULMFiT results"
-    decimals: int = 2
+    decimals: Annotated[int, Range(0, 10)] = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class MlflowParams:
     """How runs and models are named in MLflow (the tracking URI comes from the environment)."""
 
-    experiment: str = "ulmfit"
-    model_name_prefix: str = "ulmfit"
-    log_every_steps: int = 10  # training curves: one point per that many steps (keeps the DB small)
+    experiment: Text = "ulmfit"
+    model_name_prefix: Text = "ulmfit"
+    log_every_steps: PositiveInt = (
+        10  # training curves: one point per that many steps (keeps the DB small)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,8 +327,14 @@ SECTIONS = (
 )
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate ``params.yaml``; bad content raises :class:`InputError` naming the fix."""
+def load_params(
+    path: str | Path = "params.yaml", *, root: str | Path | None = None, check_paths: bool = True
+) -> Params:
+    """Read and check the whole of ``params.yaml`` before any work: every bad value is reported
+    at once, as one :class:`InputError` with a line per problem (key path, value given, what is
+    allowed, fix). Local source paths (``wikipedia.path``, ``datasets.<name>.source.*path``)
+    must exist, relative to ``root`` (default: the file's folder, the project root), unless
+    ``check_paths`` is false (a profile checked before it is copied in place)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(
@@ -325,69 +352,151 @@ def load_params(path: str | Path = "params.yaml") -> Params:
             line=None if line is None else line + 1,
             fix="correct the YAML syntax",
         ) from error
+    root = Path(root) if root is not None else path.resolve().parent
     try:
-        return parse_params(data)
-    except InputError as error:  # a section's own check (wikipedia.kind) names its key and fix
-        raise InputError(path, f"{error.path}: {error.message}", fix=error.fix) from error
-    except (ValueError, TypeError) as error:
+        return parse_params(data, root=root if check_paths else None)
+    except ConfigError as error:
+        count = len(error.problems)
         raise InputError(
             path,
-            str(error),
-            fix="correct the key or section named above (profiles/default.yaml documents every one)",
+            f"{count} invalid value{'s' if count > 1 else ''}, listed below; nothing was run",
+            fix="correct each one as its line says (profiles/default.yaml documents every key)",
+            details=[str(problem) for problem in error.problems],
         ) from error
 
 
-def parse_params(data: Mapping[str, Any]) -> Params:
-    """Build :class:`Params` from the parsed YAML; raises ``ValueError`` naming the section."""
+def parse_params(data: Mapping[str, Any], *, root: Path | None = None) -> Params:
+    """Build :class:`Params` from the parsed YAML, checking every value (types, ranges,
+    choices, names, and with ``root`` the local source paths); raises :class:`ConfigError` (a
+    ``ValueError``) listing every problem, each named by its key path."""
     if not isinstance(data, Mapping):
-        raise ValueError("params.yaml must be a mapping of sections")
-    unknown = sorted(set(data) - set(SECTIONS))
-    if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
-    missing = [s for s in ("wikipedia", "tokenizer", "pretrain", "datasets") if s not in data]
-    if missing:
-        raise ValueError(f"missing section(s) {missing}")
+        raise ConfigError(
+            [Problem("params.yaml", "must be a mapping of sections", "write 'section:' lines")]
+        )
+    problems: list[Problem] = []
 
-    tokenizer = from_dict(TokenizerConfig, _section(data, "tokenizer"), where="tokenizer")
-    pretrain = _pretrain(_section(data, "pretrain"), tokenizer.vocab_size)
-    finetune_data = _section(data, "finetune")
-    classifier_data = _section(data, "classifier")
-    finetune = _finetune(finetune_data, "finetune")
-    classifier = _classifier(classifier_data, pretrain.model, "classifier")
+    def attempt(key: str, build: Any, *args: Any, **kwargs: Any) -> Any:
+        """``build(...)``, or None with its problems recorded: one bad section does not hide
+        the problems of the others."""
+        try:
+            return build(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            problems.extend(problems_of(error, key))
+            return None
 
-    datasets_data = data.get("datasets") or {}
-    if not isinstance(datasets_data, Mapping) or not datasets_data:
-        raise ValueError("section 'datasets' must map at least one dataset name to its options")
+    for name in data:
+        if name not in SECTIONS:
+            problems.append(
+                Problem(str(name), f"unknown section; valid sections: {list(SECTIONS)}", _SPELL)
+            )
+    for name in ("wikipedia", "tokenizer", "pretrain", "datasets"):
+        if name not in data:
+            problems.append(Problem(name, "missing section", "add it (see profiles/default.yaml)"))
+    sections = {name: attempt(name, _section, data, name) or {} for name in SECTIONS}
+
+    tokenizer = attempt(
+        "tokenizer", from_dict, TokenizerConfig, sections["tokenizer"], where="tokenizer"
+    )
+    vocab_size = tokenizer.vocab_size if tokenizer else TokenizerConfig().vocab_size
+    pretrain = attempt("pretrain", _pretrain, sections["pretrain"], vocab_size)
+    # Without a valid pretrain.model, the default sizes stand in so the rest is still checked.
+    encoder = pretrain.model if pretrain else AWDLSTMConfig(vocab_size=vocab_size)
+    finetune = attempt("finetune", _finetune, sections["finetune"], "finetune")
+    classifier = attempt("classifier", _classifier, sections["classifier"], encoder, "classifier")
+
+    datasets_data = sections["datasets"]
+    if isinstance(data.get("datasets") or {}, Mapping) and not datasets_data:
+        problems.append(
+            Problem(
+                "datasets",
+                "got no dataset, expected at least one dataset name and its options",
+                "add a dataset, such as 'bbc_news: {}' (see profiles/default.yaml)",
+            )
+        )
     datasets = {}
     for name, entry in datasets_data.items():
-        datasets[name] = _dataset(
-            str(name), entry or {}, finetune_data, classifier_data, pretrain.model
+        datasets[name] = attempt(
+            f"datasets.{name}",
+            _dataset,
+            str(name),
+            entry or {},
+            sections["finetune"],
+            sections["classifier"],
+            encoder,
+            root,
         )
-    controls_data = data.get("controls") or {}
-    if not isinstance(controls_data, Mapping):
-        raise ValueError("section 'controls' must map control names to their options")
     controls = {
-        str(name): _control(str(name), entry or {}, datasets, data, pretrain.model)
-        for name, entry in controls_data.items()
+        str(name): attempt(
+            f"controls.{name}", _control, str(name), entry or {}, datasets_data, data, encoder
+        )
+        for name, entry in sections["controls"].items()
     }
+    if pretrain and pretrain.reuse:
+        attempt(
+            "pretrain.reuse",
+            _check_reuse,
+            pretrain,
+            {name: d for name, d in datasets.items() if d},
+            {name: c for name, c in controls.items() if c},
+        )
 
-    if pretrain.reuse:
-        _check_reuse(pretrain, datasets, controls)
+    def section(cls: type, name: str) -> Any:
+        return attempt(name, from_dict, cls, sections[name], where=name, root=root)
 
+    built = {
+        "wikipedia": section(WikipediaSource, "wikipedia"),
+        "tokenize": section(TokenizeParams, "tokenize"),
+        "evaluate": section(EvaluateParams, "evaluate"),
+        "report": section(ReportParams, "report"),
+        "mlflow": section(MlflowParams, "mlflow"),
+        "baseline": section(BaselineParams, "baseline"),
+    }
+    if problems:
+        raise ConfigError(_once(problems, data))
     return Params(
-        wikipedia=from_dict(WikipediaSource, _section(data, "wikipedia"), where="wikipedia"),
         tokenizer=tokenizer,
-        tokenize=from_dict(TokenizeParams, _section(data, "tokenize"), where="tokenize"),
         pretrain=pretrain,
         finetune=finetune,
         classifier=classifier,
         datasets=datasets,
-        evaluate=from_dict(EvaluateParams, _section(data, "evaluate"), where="evaluate"),
-        report=from_dict(ReportParams, _section(data, "report"), where="report"),
-        mlflow=from_dict(MlflowParams, _section(data, "mlflow"), where="mlflow"),
         controls=controls,
-        baseline=from_dict(BaselineParams, _section(data, "baseline"), where="baseline"),
+        **built,
     )
+
+
+_SPELL = "correct the spelling, or remove it"
+# Dataset names become DVC stage items (``finetune_lm@<name>-fwd``, where ``-`` separates the
+# direction), folder names and MLflow model names; control names become ``control@<name>``.
+DATASET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+CONTROL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _once(problems: list[Problem], data: Mapping[str, Any]) -> list[Problem]:
+    """Each problem once: a bad value of the shared ``finetune``/``classifier`` sections (or of
+    a dataset's override) is merged into every dataset and control; it is reported where it is
+    written, not again under each dataset or control that does not set the key itself."""
+    seen = {(p.key, p.message) for p in problems}
+    out = []
+    for problem in problems:
+        parts = problem.key.split(".")
+        if parts[0] in ("datasets", "controls") and len(parts) > 3:
+            written_here = _sets(data, re.sub(r"\[\d+\]", "", problem.key).split("."))
+            inherited = [".".join(parts[2:])]  # the shared section's key
+            if parts[0] == "controls":  # ... or a dataset's override
+                inherited += [k for k, _ in seen if k.endswith("." + ".".join(parts[2:]))]
+            if not written_here and any((k, problem.message) in seen for k in inherited):
+                continue
+        out.append(problem)
+    return list(dict.fromkeys(out))
+
+
+def _sets(data: Any, keys: list[str]) -> bool:
+    """Whether the raw YAML sets the key path ``keys``."""
+    for key in keys:
+        if not isinstance(data, Mapping) or key not in data:
+            return False
+        data = data[key]
+    return True
 
 
 def section_dict(params: Params, *names: str, dataset: str | None = None) -> dict[str, Any]:
@@ -412,59 +521,126 @@ def section_dict(params: Params, *names: str, dataset: str | None = None) -> dic
 # ------------------------------------------------------------------------------------ helpers
 
 
+def _problem(key: str, message: str, fix: str) -> ConfigError:
+    return ConfigError([Problem(key, message, fix)])
+
+
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
     value = data.get(name) or {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"section '{name}' must be a mapping, got {type(value).__name__}")
+        raise _problem(
+            name,
+            f"got {value!r}, expected a mapping of keys",
+            "write the section as 'key: value' lines indented under its name",
+        )
     return dict(value)
 
 
-def _split(data: dict[str, Any], where: str, allowed: tuple[str, ...]) -> None:
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in section '{where}'; valid keys: {sorted(allowed)}"
+def _split(data: Mapping[str, Any], where: str, allowed: tuple[str, ...]) -> list[Problem]:
+    return [
+        Problem(
+            f"{where}.{key}",
+            f"unknown key in section '{where}'; valid keys: {sorted(allowed)}",
+            _SPELL,
         )
+        for key in data
+        if key not in allowed
+    ]
+
+
+def _mapping(entry: Any, where: str) -> dict[str, Any]:
+    if not isinstance(entry, Mapping):
+        raise _problem(
+            where, f"got {entry!r}, expected a mapping of keys", "indent its keys under it"
+        )
+    return dict(entry)
+
+
+def _nested(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    return _mapping(data.get(key) or {}, f"{where}.{key}")
+
+
+def _scaled_dropouts(
+    encoder: AWDLSTMConfig, multipliers: tuple[float, ...], where: str
+) -> list[Problem]:
+    """Each phase multiplies the base dropouts by its multiplier: the products must stay < 1."""
+    names = [f.name for f in dataclasses.fields(encoder) if f.name.endswith("_dropout")]
+    worst = max(getattr(encoder, name) for name in names)
+    return [
+        Problem(
+            where,
+            f"got {m:g}, expected a multiplier that keeps every dropout below 1 (the largest, "
+            f"{worst:g}, becomes {worst * m:g})",
+            f"use a multiplier below {1 / worst:.3g}" if worst else "lower the multiplier",
+        )
+        for m in multipliers
+        if worst * m >= 1
+    ]
 
 
 def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
-    model = dict(data.get("model") or {})
+    model = _nested(data, "model", "pretrain")
     if "vocab_size" in model:
-        raise ValueError(
-            "key 'vocab_size' in section 'pretrain.model': the vocabulary size is "
-            "set once, in tokenizer.vocab_size"
+        raise _problem(
+            "pretrain.model.vocab_size",
+            "the vocabulary size is set once, in tokenizer.vocab_size",
+            "remove this key",
         )
     model["vocab_size"] = vocab_size
     reuse = _reuse(data.get("reuse") or {})
-    return from_dict(
+    params = from_dict(
         PretrainParams,
-        {**data, "model": model, "train": data.get("train") or {}, "reuse": reuse},
+        {**data, "model": model, "train": _nested(data, "train", "pretrain"), "reuse": {}},
         where="pretrain",
     )
+    params = dataclasses.replace(params, reuse=reuse)
+    problems = _scaled_dropouts(
+        params.model, (params.dropout_multiplier,), "pretrain.dropout_multiplier"
+    )
+    if problems:
+        raise ConfigError(problems)
+    return params
 
 
 def _reuse(data: Any) -> dict[str, PretrainedSource]:
     """``pretrain.reuse``: direction -> one source each (exactly one of path, url, model_uri;
     a url needs its sha256)."""
-    if not isinstance(data, Mapping):
-        raise ValueError("pretrain.reuse must map directions (fwd, bwd) to sources")
-    _split(dict(data), "pretrain.reuse", DIRECTIONS)
+    data = _mapping(data, "pretrain.reuse")
+    problems = _split(data, "pretrain.reuse", DIRECTIONS)
     out = {}
     for direction, entry in data.items():
         where = f"pretrain.reuse.{direction}"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where} must be a mapping (path:, url: + sha256:, or model_uri:)")
-        source = from_dict(PretrainedSource, dict(entry), where=where)
+        if direction not in DIRECTIONS:
+            continue
+        source = from_dict(PretrainedSource, _mapping(entry, where), where=where)
         given = [k for k in ("path", "url", "model_uri") if getattr(source, k)]
         if len(given) != 1:
-            raise ValueError(f"{where} needs exactly one of path, url, model_uri (got {given})")
+            problems.append(
+                Problem(
+                    where,
+                    f"got {given}, expected exactly one of path, url, model_uri",
+                    "keep the one origin of this LM",
+                )
+            )
         if source.url and not source.sha256:
-            raise ValueError(f"{where}.url needs its sha256 (sha256sum of the archive)")
+            problems.append(
+                Problem(f"{where}.sha256", "a url needs its sha256", "add the archive's sha256sum")
+            )
         if source.model_uri and not source.model_uri.startswith("models:/"):
-            raise ValueError(f"{where}.model_uri must read models:/<name>/<version> or @<alias>")
+            problems.append(
+                Problem(
+                    f"{where}.model_uri",
+                    f"got {source.model_uri!r}, expected a models:/ URI",
+                    "write models:/<name>/<version> or models:/<name>@<alias>",
+                )
+            )
         if source.tracking_uri and not source.model_uri:
-            raise ValueError(f"{where}.tracking_uri goes with model_uri only")
+            problems.append(
+                Problem(f"{where}.tracking_uri", "goes with model_uri only", "remove it")
+            )
         out[direction] = source
+    if problems:
+        raise ConfigError(problems)
     return out
 
 
@@ -475,49 +651,73 @@ def _check_reuse(
 ) -> None:
     """With reused LMs, every direction a dataset or control trains needs one, and no control
     can ask for a pretraining snapshot (no pretraining runs here)."""
+    problems = []
     for name, dataset in datasets.items():
         missing = sorted(set(dataset.directions) - set(pretrain.reuse))
         if missing:
-            raise ValueError(
-                f"datasets.{name} trains {missing} but pretrain.reuse gives no LM for it: add "
-                f"pretrain.reuse.{missing[0]}, or set datasets.{name}.directions: [fwd]"
+            problems.append(
+                Problem(
+                    f"datasets.{name}.directions",
+                    f"trains {missing} but pretrain.reuse gives no LM for it",
+                    f"add pretrain.reuse.{missing[0]}, or set datasets.{name}.directions: [fwd]",
+                )
             )
     for name, control in controls.items():
         if control.direction not in pretrain.reuse:
-            raise ValueError(f"controls.{name}: pretrain.reuse gives no {control.direction} LM")
-        if control.pretrain_step is not None:
-            raise ValueError(
-                f"controls.{name}.pretrain_step needs pretraining in this project; "
-                "pretrain.reuse is set"
+            problems.append(
+                Problem(
+                    f"controls.{name}.direction",
+                    f"pretrain.reuse gives no {control.direction} LM",
+                    f"add pretrain.reuse.{control.direction}",
+                )
             )
+        if control.pretrain_step is not None:
+            problems.append(
+                Problem(
+                    f"controls.{name}.pretrain_step",
+                    "needs pretraining in this project, and pretrain.reuse is set",
+                    "remove the control or pretrain.reuse",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
 
 
 def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
-    params = from_dict(FinetuneParams, {**data, "train": data.get("train") or {}}, where=where)
-    bad = sorted(set(params.splits) - set(LM_SPLITS))
-    if bad:
-        raise ValueError(f"{where}.splits: unknown split(s) {bad}; valid: {list(LM_SPLITS)}")
-    if not 0.0 < params.valid_fraction < 1.0:
-        raise ValueError(f"{where}.valid_fraction must be between 0 and 1")
-    return params
+    return from_dict(FinetuneParams, {**data, "train": _nested(data, "train", where)}, where=where)
 
 
 def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
-    model = dict(data.get("model") or {})
-    encoder_overrides = dict(model.pop("encoder", None) or {})
-    fixed = sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
-    if fixed:
-        raise ValueError(
-            f"key(s) {fixed} in section '{where}.model.encoder': the classifier's "
-            "encoder sizes come from pretrain.model; only dropouts may be set here"
+    model = _nested(data, "model", where)
+    encoder_overrides = _nested(model, "encoder", f"{where}.model")
+    model.pop("encoder", None)
+    problems = [
+        Problem(
+            f"{where}.model.encoder.{key}",
+            "the classifier's encoder sizes come from pretrain.model; only dropouts may be set "
+            "here",
+            "remove this key (set it in pretrain.model)",
         )
-    for key in ("num_classes",):
-        if key in model:
-            raise ValueError(f"key '{key}' in section '{where}.model' is set from the dataset")
+        for key in sorted(set(encoder_overrides) & set(_ENCODER_SIZE_KEYS))
+    ]
+    if "num_classes" in model:
+        problems.append(
+            Problem(f"{where}.model.num_classes", "is set from the dataset's labels", "remove it")
+        )
+    if problems:
+        raise ConfigError(problems)
     model["encoder"] = {**to_dict(encoder), **encoder_overrides}
-    return from_dict(
-        ClassifierParams, {**data, "model": model, "train": data.get("train") or {}}, where=where
+    params = from_dict(
+        ClassifierParams,
+        {**data, "model": model, "train": _nested(data, "train", where)},
+        where=where,
     )
+    multipliers = params.dropout_multipliers or (params.dropout_multiplier,)
+    key = f"{where}.dropout_multiplier{'s' if params.dropout_multipliers else ''}"
+    problems = _scaled_dropouts(params.model.encoder, multipliers, key)
+    if problems:
+        raise ConfigError(problems)
+    return params
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -533,85 +733,162 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
 
 def _dataset(
     name: str,
-    entry: Mapping[str, Any],
+    entry: Any,
     finetune: dict[str, Any],
     classifier: dict[str, Any],
     encoder: AWDLSTMConfig,
+    root: Path | None = None,
 ) -> DatasetParams:
+    """One dataset: every problem of its name, source, overrides and directions together."""
     where = f"datasets.{name}"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"section '{where}' must be a mapping")
-    _split(dict(entry), where, ("source", "finetune", "classifier", "directions"))
-    source = dict(entry.get("source") or {})
-    source.setdefault("name", name)
-    directions = tuple(entry.get("directions") or DIRECTIONS)
-    if directions not in (("fwd",), ("fwd", "bwd")):
-        raise ValueError(f"{where}.directions must be [fwd] or [fwd, bwd]")
-    return DatasetParams(
-        name=name,
-        source=from_dict(DatasetSource, source, where=f"{where}.source"),
-        finetune=_finetune(_merge(finetune, entry.get("finetune") or {}), f"{where}.finetune"),
-        classifier=_classifier(
-            _merge(classifier, entry.get("classifier") or {}), encoder, f"{where}.classifier"
+    entry = _mapping(entry, where)
+    problems = _split(entry, where, ("source", "finetune", "classifier", "directions"))
+    if not DATASET_NAME.fullmatch(name):
+        problems.append(
+            Problem(
+                where,
+                f"got the name {name!r}, expected a letter followed by letters, digits or _ "
+                "(it becomes stage, folder and model names; - separates the direction)",
+                "rename it, such as my_data",
+            )
+        )
+    parts = {}
+    for part, build in [
+        ("source", lambda: _source(name, _nested(entry, "source", where), where, root)),
+        (
+            "finetune",
+            lambda: _finetune(
+                _merge(finetune, _nested(entry, "finetune", where)), f"{where}.finetune"
+            ),
         ),
-        directions=directions,
-    )
+        (
+            "classifier",
+            lambda: _classifier(
+                _merge(classifier, _nested(entry, "classifier", where)),
+                encoder,
+                f"{where}.classifier",
+            ),
+        ),
+    ]:
+        try:
+            parts[part] = build()
+        except (ValueError, TypeError) as error:
+            problems.extend(problems_of(error, f"{where}.{part}"))
+    directions = entry.get("directions") or list(DIRECTIONS)
+    if not isinstance(directions, list) or directions not in (["fwd"], ["fwd", "bwd"]):
+        problems.append(
+            Problem(
+                f"{where}.directions",
+                f"got {directions!r}, expected [fwd] or [fwd, bwd]",
+                "write [fwd] to train the forward model only, or leave it unset for both",
+            )
+        )
+    if problems:
+        raise ConfigError(problems)
+    return DatasetParams(name=name, directions=tuple(directions), **parts)
+
+
+def _source(name: str, source: dict[str, Any], where: str, root: Path | None) -> DatasetSource:
+    source.setdefault("name", name)
+    built = from_dict(DatasetSource, source, where=f"{where}.source", root=root)
+    if built.layout is None and built.name not in DATASETS:
+        raise _problem(
+            f"{where}.source.layout",
+            f"got null for {built.name!r}, which is not a built-in dataset "
+            f"({', '.join(sorted(DATASETS))}); expected table or folder",
+            "for your own data set layout: table (a CSV, TSV, JSON Lines or Parquet file) or "
+            "layout: folder (one sub-folder per class), and path: (see docs/own-data.md)",
+        )
+    return built
 
 
 def _control(
     name: str,
-    entry: Mapping[str, Any],
-    datasets: Mapping[str, DatasetParams],
+    entry: Any,
+    datasets: Mapping[str, Any],
     data: Mapping[str, Any],
     encoder: AWDLSTMConfig,
 ) -> ControlParams:
     """A control: its dataset's finetune/classifier sections (global, then the dataset's
     overrides, then the control's own) and its options."""
     where = f"controls.{name}"
-    if not isinstance(entry, Mapping):
-        raise ValueError(f"section '{where}' must be a mapping")
-    keys = (
-        "dataset",
-        "encoder",
-        "labels",
-        "labels_seed",
-        "pretrain_step",
-        "direction",
-        "description",
+    entry = _mapping(entry, where)
+    keys = tuple(
+        f.name
+        for f in dataclasses.fields(ControlParams)
+        if f.name not in ("name", "classifier", "finetune")
     )
-    _split(dict(entry), where, (*keys, "finetune", "classifier"))
+    problems = _split(entry, where, (*keys, "finetune", "classifier"))
+    if not CONTROL_NAME.fullmatch(name):
+        problems.append(
+            Problem(
+                where,
+                f"got the name {name!r}, expected a letter followed by letters, digits, _ or - "
+                "(it becomes the stage control@<name>)",
+                "rename it, such as imdb-scratch",
+            )
+        )
     dataset = entry.get("dataset")
     if dataset not in datasets:
-        raise ValueError(f"{where}.dataset must be one of the datasets {sorted(datasets)}")
-    if entry.get("encoder", "finetuned") not in ENCODERS:
-        raise ValueError(f"{where}.encoder must be one of {list(ENCODERS)}")
-    if entry.get("direction", "fwd") not in DIRECTIONS:
-        raise ValueError(f"{where}.direction must be one of {list(DIRECTIONS)}")
-    if entry.get("labels") is not None and int(entry["labels"]) < 2:
-        raise ValueError(f"{where}.labels must be at least 2 (or null: the whole train split)")
+        problems.append(
+            Problem(
+                f"{where}.dataset",
+                f"got {dataset!r}, expected one of the datasets {sorted(map(str, datasets))}",
+                "name a dataset of the datasets section",
+            )
+        )
+        dataset = None
     step = entry.get("pretrain_step")
     if step is not None:
-        snapshots = (_section(data, "pretrain").get("train") or {}).get("snapshot_steps") or ()
+        pretrain = data.get("pretrain") if isinstance(data.get("pretrain"), Mapping) else {}
+        train = pretrain.get("train") if isinstance(pretrain.get("train"), Mapping) else {}
+        snapshots = train.get("snapshot_steps") or ()
         if entry.get("encoder", "finetuned") != "finetuned":
-            raise ValueError(f"{where}.pretrain_step needs encoder: finetuned")
-        if step not in snapshots:
-            raise ValueError(
-                f"{where}.pretrain_step {step} is not one of pretrain.train.snapshot_steps "
-                f"{list(snapshots)}: add it there so that pretraining saves that snapshot"
+            problems.append(
+                Problem(
+                    f"{where}.pretrain_step",
+                    f"got {step!r} with encoder {entry.get('encoder')!r}; a pretraining "
+                    "snapshot needs encoder: finetuned",
+                    "set encoder: finetuned, or remove pretrain_step",
+                )
             )
-    dataset_entry = (data.get("datasets") or {}).get(dataset) or {}
+        elif step not in snapshots:
+            problems.append(
+                Problem(
+                    f"{where}.pretrain_step",
+                    f"got {step!r}, which is not one of pretrain.train.snapshot_steps "
+                    f"{list(snapshots)}",
+                    "add it there so that pretraining saves that snapshot",
+                )
+            )
+    dataset_entry = (data.get("datasets") or {}).get(dataset) or {} if dataset else {}
+    if not isinstance(dataset_entry, Mapping):
+        dataset_entry = {}
     finetune = _merge(
-        _merge(_section(data, "finetune"), dataset_entry.get("finetune") or {}),
-        entry.get("finetune") or {},
+        _merge(
+            _section(data, "finetune"), _nested(dataset_entry, "finetune", f"datasets.{dataset}")
+        ),
+        _nested(entry, "finetune", where),
     )
-    classifier = _merge(_section(data, "classifier"), dataset_entry.get("classifier") or {})
+    classifier = _merge(
+        _section(data, "classifier"), _nested(dataset_entry, "classifier", f"datasets.{dataset}")
+    )
     if entry.get("encoder") == "scratch":
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
-    classifier = _merge(classifier, entry.get("classifier") or {})
+    classifier = _merge(classifier, _nested(entry, "classifier", where))
     options = {k: entry[k] for k in keys if k in entry}
-    return ControlParams(
-        name=name,
-        classifier=_classifier(classifier, encoder, f"{where}.classifier"),
-        finetune=_finetune(finetune, f"{where}.finetune"),
-        **options,
+    problems += check(
+        ControlParams, {k: v for k, v in options.items() if k != "dataset"}, where=where
     )
+    built = {}
+    for part, build in [
+        ("classifier", lambda: _classifier(classifier, encoder, f"{where}.classifier")),
+        ("finetune", lambda: _finetune(finetune, f"{where}.finetune")),
+    ]:
+        try:
+            built[part] = build()
+        except (ValueError, TypeError) as error:
+            problems.extend(problems_of(error, f"{where}.{part}"))
+    if problems:
+        raise ConfigError(problems)
+    return ControlParams(name=name, **options, **built)

@@ -27,6 +27,7 @@ class Layout:
     pretraining_budget = "reports/pretraining_budget.png"  # test error against pretraining tokens
     checkpoints = "runs/checkpoints"
     lock_file = "runs/ulmfit.lock"
+    repro_lock_file = "runs/repro.lock"
     cache_dir = "runs/cache"
     prefect_home = "runs/prefect"
 
@@ -61,7 +62,7 @@ class Layout:
 
 
 class WorkspaceBusy(RuntimeError):
-    """Another ``ulmfit`` stage command holds the workspace lock."""
+    """Another ``ulmfit`` stage command, or another ``ulmfit repro``, holds the workspace."""
 
 
 @contextlib.contextmanager
@@ -73,9 +74,27 @@ def workspace_lock(root: Path, stage: str) -> Iterator[Path]:
     outputs at once. The kernel drops the lock when the process dies, so a killed stage never
     leaves a stale lock behind.
     """
-    path = root / Layout.lock_file
+    with _flock(root, root / Layout.lock_file, f"stage {stage}") as path:
+        yield path
+
+
+@contextlib.contextmanager
+def repro_lock(root: Path) -> Iterator[Path]:
+    """``ulmfit repro``'s own lock, ``runs/repro.lock``, held for its whole run and taken before
+    it starts anything: a second ``ulmfit repro`` stops at once, not after starting a Prefect
+    server and an MLflow run and failing on DVC's lock. It also fails at once while a stage
+    command (run by hand, or left by a killed pipeline) holds the stage lock. The stages that
+    ``dvc repro`` runs take the stage lock as usual."""
+    with _flock(root, root / Layout.repro_lock_file, "ulmfit repro") as path:
+        with workspace_lock(root, "probe"):  # a stage running now: busy
+            pass
+        yield path
+
+
+@contextlib.contextmanager
+def _flock(root: Path, path: Path, what: str) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole stage
+    handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the whole command
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -90,7 +109,7 @@ def workspace_lock(root: Path, stage: str) -> Iterator[Path]:
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} running stage {stage}\n")
+        handle.write(f"pid {os.getpid()} running {what}\n")
         handle.flush()
         yield path
     finally:

@@ -286,7 +286,7 @@ def test_unknown_kind_or_documents_is_refused_before_any_work():
     assert message.startswith("wikipedia.kind: unknown kind 'txt'")
     for kind in ("dump", "wikitext103", "wikiextractor", "text", "jsonl", "parquet"):
         assert kind in message
-    with pytest.raises(InputError, match="wikipedia.kind: unknown kind 'csv'"):
+    with pytest.raises(ValueError, match="wikipedia.kind: got 'csv', expected one of dump"):
         from_dict(WikipediaSource, {"kind": "csv"}, where="wikipedia")  # as params.yaml is read
     with pytest.raises(InputError, match="unknown value 'sentences'; use lines or paragraphs"):
         WikipediaSource(kind="text", documents="sentences")

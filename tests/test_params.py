@@ -27,7 +27,7 @@ def test_params_yaml_is_the_default_profile():
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
 def test_every_profile_parses(path):
-    params = load_params(path)
+    params = load_params(path, root=ROOT)  # the profiles' paths start at the project root
     assert params.datasets, "a profile needs at least one dataset"
     for name, dataset in params.datasets.items():
         assert dataset.source.name  # the corpus kind: defaults to the entry's name

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Annotated, Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from ulmfit.config import from_dict
+from ulmfit.config import Dropout, NonNegativeInt, PositiveInt, Range, from_dict
 from ulmfit.cross_entropy import decoder_cross_entropy
 from ulmfit.errors import InputError
 
@@ -29,16 +29,16 @@ State = tuple[tuple[Tensor, Tensor], ...]  # per layer (h, c), each (1, B, H_lay
 class AWDLSTMConfig:
     """Sizes and dropouts of the AWD-LSTM (defaults: the AWD-LSTM paper's word-level model)."""
 
-    vocab_size: int
-    embed_size: int = 400
-    hidden_size: int = 1150  # fastai uses 1152; any size works
-    num_layers: int = 3
-    pad_id: int = 1
-    embed_dropout: float = 0.1  # whole words dropped from the embedding matrix
-    input_dropout: float = 0.6  # locked dropout on the embedded input
-    hidden_dropout: float = 0.2  # locked dropout between LSTM layers
-    weight_dropout: float = 0.5  # DropConnect on each layer's weight_hh
-    output_dropout: float = 0.1  # locked dropout before the decoder
+    vocab_size: PositiveInt
+    embed_size: PositiveInt = 400
+    hidden_size: PositiveInt = 1150  # fastai uses 1152; any size works
+    num_layers: PositiveInt = 3
+    pad_id: NonNegativeInt = 1
+    embed_dropout: Dropout = 0.1  # whole words dropped from the embedding matrix
+    input_dropout: Dropout = 0.6  # locked dropout on the embedded input
+    hidden_dropout: Dropout = 0.2  # locked dropout between LSTM layers
+    weight_dropout: Dropout = 0.5  # DropConnect on each layer's weight_hh
+    output_dropout: Dropout = 0.1  # locked dropout before the decoder
     tie_weights: bool = True
     out_bias: bool = True
 
@@ -55,11 +55,13 @@ class ClassifierConfig:
     """An AWD-LSTM encoder with the pooling head of ULMFiT section 3.2, run with BPT3C."""
 
     encoder: AWDLSTMConfig
-    num_classes: int
-    head_hidden: int = 50
-    head_dropouts: tuple[float, float] = (0.4, 0.1)
-    bptt: int = 70  # BPT3C chunk length
-    max_len: int = 1400  # gradients flow through (at least) each document's last max_len tokens
+    num_classes: Annotated[int, Range(2)]
+    head_hidden: PositiveInt = 50
+    head_dropouts: tuple[Dropout, Dropout] = (0.4, 0.1)
+    bptt: PositiveInt = 70  # BPT3C chunk length
+    max_len: PositiveInt = (
+        1400  # gradients flow through (at least) each document's last max_len tokens
+    )
 
 
 # ----------------------------------------------------------------------------- regularisers

@@ -21,10 +21,14 @@ import contextlib
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
+
+from ulmfit.config import Dropout, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat
+
+OPTIMIZERS = ("adam", "ntasgd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +43,16 @@ class OptimizerConfig:
     nonmono: NT-ASGD's patience ``n``, counted in validation checks.
     """
 
-    name: str = "adam"
-    betas: tuple[float, float] = (0.8, 0.99)
-    eps: float = 1e-8
-    weight_decay: float = 0.01
+    name: Annotated[str, OneOf(OPTIMIZERS)] = "adam"
+    betas: tuple[Dropout, Dropout] = (0.8, 0.99)  # each in [0, 1)
+    eps: PositiveFloat = 1e-8
+    weight_decay: NonNegativeFloat = 0.01
     decoupled_weight_decay: bool = True
-    momentum: float = 0.0
-    nonmono: int = 5
+    momentum: Dropout = 0.0
+    nonmono: NonNegativeInt = 5
 
     def __post_init__(self) -> None:
-        if self.name not in ("adam", "ntasgd"):
+        if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.name!r}")
 
 

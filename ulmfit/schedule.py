@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Annotated
+
+from ulmfit.config import Fraction, Range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +31,10 @@ class ScheduleConfig:
     """
 
     discriminative: bool = True
-    discriminative_factor: float = 2.6
+    discriminative_factor: Annotated[float, Range(1)] = 2.6
     stlr: bool = True
-    cut_frac: float = 0.1
-    stlr_ratio: float = 32.0
+    cut_frac: Fraction = 0.1
+    stlr_ratio: Annotated[float, Range(1)] = 32.0
 
     def group_lrs(self, lr: float, n_groups: int) -> list[float]:
         """Each layer group's peak rate, lowest group first; the top group gets ``lr``."""

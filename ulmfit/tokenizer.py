@@ -21,15 +21,18 @@ import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Annotated
 
 import sentencepiece as spm
 
+from ulmfit.config import NonNegativeInt, OneOf, PositiveInt, Range
 from ulmfit.errors import InputError
 from ulmfit.io import atomic_write, sha256_file
 from ulmfit.text import BOS, MARKERS, denormalize, normalize
 
 UNK_ID = 0
 PAD_ID = 1
+MODEL_TYPES = ("unigram", "bpe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,14 +53,15 @@ class TokenizerConfig:
         order): set it for the same tokenizer on machines with different core counts.
     """
 
-    vocab_size: int = 15000
-    model_type: str = "unigram"
-    sample_docs: int = 50_000
-    max_doc_chars: int = 20_000
-    character_coverage: float = 0.9999
-    seed: int = 42
-    max_sentence_chars: int = 4096
-    threads: int = 0
+    # Below ~300 the markers and the 256 byte pieces leave no room for subwords.
+    vocab_size: Annotated[int, Range(300)] = 15000
+    model_type: Annotated[str, OneOf(MODEL_TYPES)] = "unigram"
+    sample_docs: PositiveInt = 50_000
+    max_doc_chars: PositiveInt = 20_000
+    character_coverage: Annotated[float, Range(0, 1, open_low=True)] = 0.9999
+    seed: NonNegativeInt = 42
+    max_sentence_chars: PositiveInt = 4096
+    threads: NonNegativeInt = 0
 
 
 def _reservoir_sample(texts: Iterable[str], size: int, max_chars: int, seed: int) -> list[str]:

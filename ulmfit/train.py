@@ -20,11 +20,12 @@ and metrics are combined across ranks; only rank 0 writes checkpoints and calls 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from ulmfit.config import NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat, PositiveInt
 from ulmfit.evaluate import evaluate_classifier, evaluate_lm, recalibrate_batchnorm
 from ulmfit.loop import Callback, TrainEvent, TrainResult, fit
 from ulmfit.optim import OptimizerConfig
@@ -78,23 +79,23 @@ class TrainConfig:
     max_steps: stop after that many optimiser steps (0: no limit).
     """
 
-    epochs: int = 1
-    batch_size: int = 64
-    lr: float = 4e-3
+    epochs: PositiveInt = 1
+    batch_size: PositiveInt = 64
+    lr: PositiveFloat = 4e-3
     schedule: ScheduleConfig = ScheduleConfig()
     optim: OptimizerConfig = OptimizerConfig()
-    clip: float = 0.3
-    ar_alpha: float = 2.0
-    tar_beta: float = 1.0
+    clip: NonNegativeFloat = 0.3
+    ar_alpha: NonNegativeFloat = 2.0
+    tar_beta: NonNegativeFloat = 1.0
     backward: bool = False
-    eval_every: int = 0
-    eval_batch_size: int = 0
-    checkpoint_every: int = 0
-    keep_checkpoints: int = 2
-    amp: str = "auto"
-    seed: int = 42
+    eval_every: NonNegativeInt = 0
+    eval_batch_size: NonNegativeInt = 0
+    checkpoint_every: NonNegativeInt = 0
+    keep_checkpoints: NonNegativeInt = 2
+    amp: Annotated[str, OneOf(AMP_SETTINGS)] = "auto"
+    seed: NonNegativeInt = 42
     deterministic: bool = True
-    max_steps: int = 0
+    max_steps: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -118,9 +119,9 @@ class LMTrainConfig(TrainConfig):
         snapshots of the model along the way (the pretraining-budget curve reads them).
     """
 
-    bptt: int = 70
+    bptt: PositiveInt = 70
     variable_bptt: bool = True
-    snapshot_steps: tuple[int, ...] = ()
+    snapshot_steps: tuple[PositiveInt, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,14 +154,14 @@ class ClassifierTrainConfig(TrainConfig):
         See :func:`recalibrate_batchnorm` for why the running averages are wrong here.
     """
 
-    epochs: int = 6
-    lr: float = 0.01
+    epochs: PositiveInt = 6
+    lr: PositiveFloat = 0.01
     optim: OptimizerConfig = OptimizerConfig(betas=(0.7, 0.99))
-    clip: float = 25.0
+    clip: NonNegativeFloat = 25.0
     gradual_unfreezing: bool = True
-    patience: int = 0
+    patience: NonNegativeInt = 0
     keep_best: bool = False
-    bn_recalibration_docs: int = 1024
+    bn_recalibration_docs: NonNegativeInt = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()

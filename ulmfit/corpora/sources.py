@@ -8,13 +8,28 @@ BBC News (shipped in a PyPI package) as a small offline default.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlparse
 
+from ulmfit.config import (
+    Check,
+    Fraction,
+    LocalPath,
+    NonNegativeInt,
+    NotEmpty,
+    OneOf,
+    Pattern,
+    PositiveInt,
+    Range,
+    Sha256,
+    Text,
+)
 from ulmfit.corpora.archive import (
     ExtractLimits,
     check_format,
@@ -28,6 +43,32 @@ from ulmfit.io import sha256_file
 
 FASTAI_NLP = "https://s3.amazonaws.com/fast-ai-nlp"
 TREC_BASE = "https://cogcomp.seas.upenn.edu/Data/QA/QC"
+#: Your own data: a table file, or a folder with one sub-folder of ``.txt`` files per class.
+LAYOUTS = ("table", "folder")
+FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
+
+
+def is_url(value: str) -> bool:
+    return urlparse(value).scheme in ("http", "https")
+
+
+# Field types of the sources, checked when params.yaml is read (ulmfit.config.from_dict).
+InputPath = Annotated[str, LocalPath()]
+Url = Annotated[str, Check(is_url, "an http(s) URL")]
+Lang = Annotated[str, Pattern(r"[a-z][a-z0-9_-]*", "a Wikipedia language code such as en")]
+Positive = Annotated[float, Range(0, open_low=True)]
+RepairShare = Annotated[float, Range(0, 1)]
+
+
+def _is_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
+
+
+Encoding = Annotated[str, Check(_is_codec, "a Python codec name such as utf-8, latin-1 or cp1252")]
 
 
 @dataclass(frozen=True)
@@ -145,49 +186,49 @@ class DatasetSource:
     ``layout="folder"`` (one sub-folder of ``.txt`` files per class).
     """
 
-    name: str
-    path: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-    train_path: str | None = None
-    test_path: str | None = None
-    unsup_path: str | None = None
-    classes_path: str | None = None
+    name: Text
+    path: InputPath | None = None
+    url: Url | None = None
+    sha256: Sha256 | None = None
+    train_path: InputPath | None = None
+    test_path: InputPath | None = None
+    unsup_path: InputPath | None = None
+    classes_path: InputPath | None = None
     #: Fraction of the (full) training split held out, stratified, as ``valid.parquet``.
-    valid_fraction: float = 0.1
-    seed: int = 42
+    valid_fraction: Fraction = 0.1
+    seed: NonNegativeInt = 42
     #: Class-balanced subset of N training examples, drawn *after* the validation split is cut,
     #: so that runs with different ``train_limit`` are scored on the same validation set.
-    train_limit: int | None = None
-    test_limit: int | None = None
-    unsup_limit: int | None = None
+    train_limit: PositiveInt | None = None
+    test_limit: PositiveInt | None = None
+    unsup_limit: PositiveInt | None = None
     #: Drop the title column of 3-column Zhang CSVs (AG News, DBpedia) and keep the body only.
     drop_title: bool = False
     #: ``"fastai"`` joins title and body as fastai's ``tokenize_df`` does with several text
     #: columns (``xxfld 1 <title> xxfld 2 <body>``); ``"newline"`` as ``<title>\n\n<body>``.
-    title_join: str = "fastai"
+    title_join: Annotated[str, OneOf(("fastai", "newline"))] = "fastai"
     #: Turn the Zhang CSVs' escaped ``\n`` into newlines; ``None`` = per dataset (Yelp only:
     #: AG's backslashes are line-break debris from its source, as in ``social\network``).
     unescape_newlines: bool | None = None
     #: Only for data without a test split (``bbc_news``, your own data without ``test_path``).
-    test_fraction: float = 0.2
+    test_fraction: Fraction = 0.2
     #: ``True``: every repairable defect (invalid bytes, empty text) is fatal too.
     strict: bool = False
     #: Repairs beyond this fraction of a file's rows mean the file is wrong, not slightly dirty.
-    max_repair_fraction: float = 0.01
-    max_extract_bytes: int = ExtractLimits.max_total_bytes
-    max_extract_ratio: float = ExtractLimits.max_ratio
+    max_repair_fraction: RepairShare = 0.01
+    max_extract_bytes: PositiveInt = ExtractLimits.max_total_bytes
+    max_extract_ratio: Positive = ExtractLimits.max_ratio
     #: Your own data: ``"table"`` or ``"folder"``; ``None`` = the built-in layout of ``name``.
-    layout: str | None = None
+    layout: Annotated[str, OneOf(LAYOUTS)] | None = None
     #: ``"csv"``, ``"tsv"``, ``"jsonl"``, ``"json"`` or ``"parquet"``; ``None`` = by extension.
-    format: str | None = None
+    format: Annotated[str, OneOf(FORMATS)] | None = None
     #: Several columns are joined as the built-in title and body are (``title_join``).
-    text_columns: tuple[str, ...] = ("text",)
-    label_column: str = "label"
+    text_columns: Annotated[tuple[Text, ...], NotEmpty()] = ("text",)
+    label_column: Text = "label"
     #: The label order (label ``i`` is ``label_names[i]``); ``None`` = the data's labels, sorted.
-    label_names: tuple[str, ...] | None = None
+    label_names: tuple[Text, ...] | None = None
     #: Of your own text files (CSV, TSV, JSON Lines, ``.txt``); a UTF-8 byte order mark is fine.
-    encoding: str = "utf-8"
+    encoding: Encoding = "utf-8"
 
 
 def wikipedia_dump_url(lang: str) -> str:
@@ -221,33 +262,33 @@ class WikipediaSource:
     downloaded.
     """
 
-    kind: str | None = None
-    lang: str = "en"
-    path: str | None = None
-    url: str | None = None
-    sha256: str | None = None
-    max_articles: int | None = None
-    max_words: int | None = None
+    kind: Annotated[str, OneOf(CORPUS_KINDS)] | None = None
+    lang: Lang = "en"
+    path: InputPath | None = None
+    url: Url | None = None
+    sha256: Sha256 | None = None
+    max_articles: PositiveInt | None = None
+    max_words: PositiveInt | None = None
     #: Fraction of articles held out for validation (every kind but WikiText-103, which keeps
     #: its own valid/test split).
-    valid_fraction: float = 0.02
-    seed: int = 42
+    valid_fraction: Fraction = 0.02
+    seed: NonNegativeInt = 42
     #: Articles shorter than this after markup stripping (stubs, lists, disambiguation pages)
     #: are skipped and counted. The same default applies to your own text, where it drops every
     #: line under 200 characters: set it lower (even 0) for one sentence or short post per line.
-    min_chars: int = 200
+    min_chars: NonNegativeInt = 200
     #: Dumps only: processes stripping the markup (``None`` = all cores; 1 = in this process).
-    workers: int | None = None
+    workers: PositiveInt | None = None
     #: WikiText-103 only: undo its ``@-@``, ``@,@``, ``@.@`` number/hyphen splitting.
     detokenize: bool = True
     #: ``jsonl`` and ``parquet``: the key or column holding the text.
-    text_column: str = "text"
+    text_column: Text = "text"
     #: ``text`` only: ``"lines"`` (a document per line) or ``"paragraphs"`` (blank-line separated).
-    documents: str = "lines"
+    documents: Annotated[str, OneOf(TEXT_DOCUMENTS)] = "lines"
     strict: bool = False
-    max_repair_fraction: float = 0.01
-    max_extract_bytes: int = ExtractLimits.max_total_bytes
-    max_extract_ratio: float = ExtractLimits.max_ratio
+    max_repair_fraction: RepairShare = 0.01
+    max_extract_bytes: PositiveInt = ExtractLimits.max_total_bytes
+    max_extract_ratio: Positive = ExtractLimits.max_ratio
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in CORPUS_KINDS:
@@ -297,10 +338,6 @@ def tree_sha256(root: Path) -> tuple[str, int]:
         )
         total += path.stat().st_size
     return h.hexdigest(), total
-
-
-def is_url(value: str) -> bool:
-    return urlparse(value).scheme in ("http", "https")
 
 
 def resolve_package_path(value: str) -> Path:

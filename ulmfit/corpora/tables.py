@@ -29,11 +29,9 @@ import pyarrow.parquet as pq
 from ulmfit.corpora.archive import ExtractLimits, check_format, open_stream, sniff_format
 from ulmfit.corpora.download import Progress
 from ulmfit.corpora.readers import RawData, join_text_fields
-from ulmfit.corpora.sources import DatasetSource, InputLog, fetch, unpack
+from ulmfit.corpora.sources import FORMATS, LAYOUTS, DatasetSource, InputLog, fetch, unpack
 from ulmfit.errors import InputError
 
-LAYOUTS = ("table", "folder")
-FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 _EXTENSIONS = {
     ".csv": "csv",
     ".tsv": "tsv",
