@@ -29,6 +29,9 @@ ENV_DEFAULTS = {
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
     # The `ulmfit` logger (progress lines) goes through Prefect's handlers: console and UI.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ulmfit",
+    # A stage whose server is gone gives up after seconds (2 + 4 s of back-off per call), not
+    # minutes (5 retries: about a minute per call) while it holds the workspace lock.
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
 }
 
 

@@ -35,6 +35,9 @@ from tasks.workspace import Layout, repro_lock
 
 logger = logging.getLogger("ulmfit")
 SERVER_START_TIMEOUT = 300.0
+SERVER_STOP_GRACE = 20.0
+# How long a stage has, once signalled, to end its runs and exit before it is killed.
+STAGE_STOP_GRACE = 30.0
 
 
 def free_port() -> int:
@@ -49,22 +52,73 @@ def _executable(name: str) -> str:
     return str(beside) if beside.exists() else (shutil.which(name) or name)
 
 
+def supervised(
+    root: Path,
+    command: list[str],
+    *,
+    grace: float,
+    env: dict[str, str],
+    hold: tuple[int, ...] = (),
+    **popen,
+) -> tuple[subprocess.Popen, int]:
+    """Start ``command`` under ``tasks.lifeline`` in a session of its own; returns the
+    supervisor and the write end of its lifeline (close it, or die, and the command stops).
+    ``hold``: file descriptors the supervisor keeps open while it lives."""
+    read_end, write_end = os.pipe()  # both non-inheritable: only the supervisor gets read_end
+    holding = [arg for fd in hold for arg in ("--hold", str(fd))]
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "tasks.lifeline", "--grace", str(grace), *holding, "--"]
+            + command,
+            cwd=root,
+            env=env,
+            stdin=read_end,
+            pass_fds=hold,
+            start_new_session=True,  # a SIGKILL of our process group must not reach it
+            **popen,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return process, write_end
+
+
+def stop_supervised(process: subprocess.Popen, lifeline: int, timeout: float) -> int:
+    """Close the lifeline and wait for the supervisor (which stops its command); kill its
+    session if it has not ended within ``timeout`` seconds. Returns its exit code."""
+    with contextlib.suppress(OSError):
+        os.close(lifeline)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
 @contextlib.contextmanager
-def prefect_server(root: Path) -> Iterator[str]:
-    """Start ``prefect server start`` on a free local port; yield its API URL; stop it."""
+def prefect_server(root: Path, hold: list[int] | None = None) -> Iterator[str]:
+    """Start ``prefect server start`` on a free local port, under a lifeline so that it stops
+    with this process however it ends (SIGKILL included); yield its API URL; stop it.
+    ``hold`` receives the lifeline's write end, for a process that the server must outlive."""
     home = root / Layout.prefect_home
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     log_path = home / "server.log"
-    log = open(log_path, "ab")  # noqa: SIM115 - the server writes to it until it stops
-    process = subprocess.Popen(
-        [_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    with open(log_path, "ab") as log:
+        process, lifeline = supervised(
+            root,
+            [_executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            grace=SERVER_STOP_GRACE,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    if hold is not None:
+        hold.append(lifeline)
     url = f"http://127.0.0.1:{port}/api"
     try:
         started = time.monotonic()
@@ -93,17 +147,7 @@ def prefect_server(root: Path) -> Iterator[str]:
         )
         yield url
     finally:
-        if process.poll() is None:
-            # The server runs uvicorn workers in its own session: stop the whole group.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
+        stop_supervised(process, lifeline, SERVER_STOP_GRACE + 10)
 
 
 def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
@@ -119,6 +163,7 @@ def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
                 "ulmfit.pipeline_id": pipeline,
                 "ulmfit.stage": "pipeline",
                 "mlflow.source.git.commit": tracking.git_commit(root),
+                **tracking.process_tags(),
             },
         )
         return run.info.run_id
@@ -127,14 +172,21 @@ def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
         return None
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """``ulmfit repro`` received SIGTERM or SIGINT: exit with ``128 + signum``. A
+    ``BaseException``, like ``KeyboardInterrupt``: ``except Exception`` must not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
 
 
 def repro(root: Path, dvc_args: list[str]) -> int:
     """Check ``params.yaml`` and take the workspace lock, then run ``dvc repro <dvc_args>``;
     returns its exit code. Bad parameters raise ``InputError`` and a busy workspace
-    ``WorkspaceBusy`` before any server, MLflow run or DVC command is started."""
+    ``WorkspaceBusy`` before any server, MLflow run or DVC command is started. SIGTERM or
+    SIGINT stops DVC and its stage (each ends its runs as KILLED), then the server, and
+    returns ``128 + signal``."""
     from tasks.params import load_params
 
     params = load_params(root / "params.yaml")
@@ -145,30 +197,66 @@ def repro(root: Path, dvc_args: list[str]) -> int:
 def _repro(root: Path, dvc_args: list[str], experiment: str) -> int:
     from tasks import tracking
 
-    pipeline = os.environ.get(tracking.PIPELINE_ID_ENV) or (
-        time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    )
-    parent = _start_parent_run(root, pipeline, experiment)
-    env = {**os.environ, tracking.PIPELINE_ID_ENV: pipeline}
-    if parent:
-        env[tracking.PARENT_RUN_ENV] = parent
     command = [_executable("dvc"), "repro", *dvc_args]
     status = "FAILED"
-    # A plain `kill` must also stop the Prefect server and close the parent run.
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    parent = None
+    dvc: list[subprocess.Popen] = []
+    received: list[int] = []
+    starting: list[bool] = []
+
+    def on_signal(signum, frame) -> None:
+        received.append(signum)
+        if not starting:  # the server is stopped on the way out, if it was started
+            raise Interrupted(signum)
+        if not dvc:
+            return
+        # The stage gets it too: it ends its MLflow run KILLED, its flow run CRASHED.
+        with contextlib.suppress(ProcessLookupError):
+            dvc[0].send_signal(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        # Nothing of this workspace runs now (we hold its locks): runs left RUNNING by a
+        # process that is gone were killed. Their flow runs are marked once the server is up.
+        stale = tracking.clean_stale_runs(root)
+        pipeline = os.environ.get(tracking.PIPELINE_ID_ENV) or (
+            time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        )
+        parent = _start_parent_run(root, pipeline, experiment)
+        env = {**os.environ, tracking.PIPELINE_ID_ENV: pipeline}
+        if parent:
+            env[tracking.PARENT_RUN_ENV] = parent
         with contextlib.ExitStack() as stack:
+            hold: list[int] = []
             if not env.get("PREFECT_API_URL"):
-                env["PREFECT_API_URL"] = stack.enter_context(prefect_server(root))
+                env["PREFECT_API_URL"] = stack.enter_context(prefect_server(root, hold))
+            tracking.crash_flow_runs(stale, env["PREFECT_API_URL"])
             logger.info("pipeline %s: %s", pipeline, " ".join(command))
-            code = subprocess.run(command, cwd=root, env=env).returncode
+            starting.append(True)  # a signal now is held back, then forwarded to DVC
+            process, lifeline = supervised(
+                root, command, grace=STAGE_STOP_GRACE, env=env, hold=tuple(hold)
+            )
+            dvc.append(process)
+            if received:
+                process.send_signal(received[0])
+            try:
+                # Forwarded signals stop DVC's group; its supervisor kills what is left after
+                # STAGE_STOP_GRACE seconds, so this wait is bounded once a signal came.
+                code = process.wait()
+            finally:
+                os.close(lifeline)
+        if received:
+            status = "KILLED"
+            logger.warning("pipeline %s: stopped by %s", pipeline, signal.Signals(received[0]).name)
+            return 128 + received[0]
         status = "FINISHED" if code == 0 else "FAILED"
         return code
-    except KeyboardInterrupt:
+    except Interrupted as interrupted:
         status = "KILLED"
-        raise
+        return 128 + interrupted.signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         if parent:
             with contextlib.suppress(Exception):
                 tracking.end_run(root, parent, status)
