@@ -21,6 +21,7 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
+from prefect.exceptions import TerminationSignal
 
 from tasks import tracking
 from tasks.checkpoints import checkpoint_dir, clear_checkpoints, deps_md5, stage_key
@@ -143,6 +144,9 @@ def stage_run(
     """Open the stage's MLflow run around its work; on success write its run record and drop
     its resume checkpoints."""
     started = time.time()
+    # Runs left RUNNING by a process that is gone (a SIGKILL: nothing could end them then) end
+    # as KILLED, and their flow runs CRASHED.
+    tracking.crash_flow_runs(tracking.clean_stale_runs(root))
     deps = deps_md5(root, spec)
     key = stage_key(spec, dict(section), deps)
     run_id = tracking.start_stage_run(
@@ -157,8 +161,11 @@ def stage_run(
     ctx = StageContext(root, spec, params, section, deps, key, run_id)
     try:
         yield ctx
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal):
+        # SIGINT, or SIGTERM (Prefect's flow engine raises TerminationSignal, marks the flow
+        # run CRASHED, then lets the signal end the process: a non-zero exit).
         tracking.end_run(root, run_id, "KILLED")
+        logger.warning("%s: stopped by a signal; MLflow run %s KILLED", spec.stage, run_id)
         raise
     except BaseException:
         tracking.end_run(root, run_id, "FAILED")

@@ -17,8 +17,10 @@ run a task in another thread than its flow.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable, Mapping
@@ -29,6 +31,11 @@ from tasks.progress import Progress
 
 PIPELINE_ID_ENV = "ULMFIT_PIPELINE_ID"
 PARENT_RUN_ENV = "ULMFIT_PARENT_RUN_ID"
+# The process that owns a run: a run left RUNNING by a process that is gone was killed.
+PID_TAG, STARTED_TAG, HOST_TAG = "ulmfit.pid", "ulmfit.pid_started", "ulmfit.host"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+logger = logging.getLogger("ulmfit")
 
 
 def default_uri(root: Path) -> str:
@@ -158,7 +165,8 @@ def start_stage_run(
         "ulmfit.pipeline_id": pipeline_id(root),
         "mlflow.source.git.commit": git_commit(root),
         "mlflow.runName": stage,
-        "prefect.flow_run_id": prefect_flow_run_id(),
+        FLOW_RUN_TAG: prefect_flow_run_id(),
+        **process_tags(),
         **{f"dvc.dep.{path}": md5 for path, md5 in deps.items()},
         **(extra_tags or {}),
     }
@@ -177,6 +185,109 @@ def start_stage_run(
 
 def end_run(root: Path, run_id: str, status: str = "FINISHED") -> None:
     client(root).set_terminated(run_id, status=status)
+
+
+def _started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), None if there is none."""
+    import psutil  # a dependency of DVC
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.Error:  # another user's process: it exists
+        return float("nan")
+
+
+def process_tags() -> dict[str, str]:
+    """The tags naming this process: pid, its start time (a reused pid is another process)
+    and host."""
+    return {
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: f"{_started(os.getpid()):.2f}",
+        HOST_TAG: socket.gethostname(),
+    }
+
+
+def _owner_gone(tags: Mapping[str, str]) -> bool:
+    """True when the run's tags name a process of this host that no longer exists. A run
+    without them (made elsewhere, or by an older version) is never judged."""
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return False
+    started = _started(int(tags[PID_TAG]))
+    if started is None:
+        return True
+    try:
+        recorded = float(tags.get(STARTED_TAG, "nan"))
+    except ValueError:
+        return False
+    return math.isfinite(recorded) and math.isfinite(started) and abs(started - recorded) > 1
+
+
+def clean_stale_runs(root: Path) -> list[str]:
+    """End as KILLED every MLflow run left RUNNING by a process of this host that is gone (a
+    SIGKILL, a power cut: nothing could end it then), one log line each; returns the Prefect
+    flow run ids recorded on them, for :func:`crash_flow_runs`. Tracking problems are logged,
+    never raised: cleaning must not stop a pipeline from starting."""
+    flow_runs = []
+    try:
+        mlflow_client = client(root)
+        experiments = [e.experiment_id for e in mlflow_client.search_experiments()]
+        runs = (
+            mlflow_client.search_runs(
+                experiments, "attributes.status = 'RUNNING'", max_results=1000
+            )
+            if experiments
+            else []
+        )
+        for run in runs:
+            tags = run.data.tags
+            if not _owner_gone(tags):
+                continue
+            mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+            logger.warning(
+                "cleaned up: MLflow run %s (%s) was left RUNNING by process %s on %s, which is "
+                "gone: now KILLED",
+                run.info.run_id,
+                tags.get("ulmfit.stage", run.info.run_name),
+                tags[PID_TAG],
+                tags[HOST_TAG],
+            )
+            if tags.get(FLOW_RUN_TAG):
+                flow_runs.append(tags[FLOW_RUN_TAG])
+    except Exception as error:  # see the docstring
+        logger.warning("could not look for MLflow runs left RUNNING (%s)", error)
+    return flow_runs
+
+
+def crash_flow_runs(flow_run_ids: Iterable[str], api_url: str | None = None) -> None:
+    """Mark these Prefect flow runs CRASHED unless they already reached a final state (their
+    process was killed; Prefect's server does this by itself only for deployments' runs), one
+    log line each. ``api_url``: the server (default: the current settings)."""
+    flow_run_ids = list(flow_run_ids)
+    if not flow_run_ids:
+        return
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    settings = {PREFECT_API_URL: api_url} if api_url else {}
+    try:
+        with temporary_settings(settings), get_client(sync_client=True) as prefect_client:
+            for flow_run_id in flow_run_ids:
+                flow_run = prefect_client.read_flow_run(flow_run_id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    continue
+                message = "its process was killed (found at the next start)"
+                prefect_client.set_flow_run_state(flow_run_id, Crashed(message=message), force=True)
+                logger.warning(
+                    "cleaned up: Prefect flow run %s (%s) was left %s: now CRASHED",
+                    flow_run_id,
+                    flow_run.name,
+                    flow_run.state.name if flow_run.state else "without a state",
+                )
+    except Exception as error:  # the server may be another one, or gone
+        logger.warning("could not mark Prefect flow runs %s CRASHED (%s)", flow_run_ids, error)
 
 
 def log_metrics(root: Path, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
