@@ -12,7 +12,17 @@ pipeline id are passed to every stage (``ULMFIT_PARENT_RUN_ID``, ``ULMFIT_PIPELI
 Before any of that, in a second or two: the whole of ``params.yaml`` is checked (every bad value
 reported at once, as an ``InputError``: exit code 2), and ``repro_lock`` is taken for the
 whole run (a second ``ulmfit repro``, or one while a stage command runs, stops at once with
-``WorkspaceBusy``: exit code 75).
+``WorkspaceBusy``: exit code 75). Then MLflow runs (and their Prefect flow runs) left RUNNING
+by a process that is gone are ended as KILLED (CRASHED).
+
+Nothing it starts outlives it. The server and ``dvc repro`` each run under a supervisor
+(``tasks.lifeline``) in a session of its own, that stops its command's whole process group
+when our end of a pipe closes, which the kernel does however we end, SIGKILL included. The DVC
+supervisor also holds the server's pipe, so the server stops only after the stages have ended
+(they report their end to it). SIGTERM or SIGINT is forwarded to DVC's group (the running stage
+ends its MLflow run KILLED and its flow run CRASHED); what is left after ``STAGE_STOP_GRACE``
+seconds is killed; then the server stops, the parent run ends KILLED and ``ulmfit repro``
+returns ``128 + signal``.
 """
 
 from __future__ import annotations
