@@ -1,0 +1,88 @@
+"""The supervisor that keeps ``ulmfit repro``'s children from outliving it (``tasks.lifeline``),
+and how a run's owner is judged gone (``tasks.tracking``). Seconds each; the pipeline under
+fault injection is ``tests/test_faults.py``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from flows.repro import supervised
+from tasks import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+# A command whose group holds two processes: a background sleep and the shell's exec'd one.
+TWO_SLEEPS = ["sh", "-c", "sleep 300 & exec sleep 300"]
+
+
+def _start(command: list[str], grace: float = 5.0):
+    process, lifeline = supervised(ROOT, command, grace=grace, env=dict(os.environ))
+    deadline = time.monotonic() + 30
+    while len(psutil.Process(process.pid).children(recursive=True)) < 2:
+        assert time.monotonic() < deadline, "the supervised command did not start"
+        time.sleep(0.05)
+    return process, lifeline, psutil.Process(process.pid).children(recursive=True)
+
+
+def _gone(processes) -> bool:
+    return not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_closing_the_lifeline_stops_the_whole_group():
+    process, lifeline, children = _start(TWO_SLEEPS)
+    os.close(lifeline)  # what the kernel does when the starter dies, SIGKILL included
+    assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    assert _gone(children)
+
+
+def test_a_signal_is_forwarded_and_a_command_that_ignores_it_is_killed_after_the_grace():
+    process, lifeline, children = _start(["sh", "-c", "trap '' TERM; sleep 300 & wait"], 1.0)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=20) == 128 + signal.SIGKILL
+    assert 1.0 <= time.monotonic() - started < 15
+    assert _gone(children)
+    os.close(lifeline)
+
+
+def test_the_command_exit_code_is_passed_on():
+    process, lifeline = supervised(ROOT, ["sh", "-c", "exit 3"], grace=5, env=dict(os.environ))
+    assert process.wait(timeout=20) == 3
+    os.close(lifeline)
+
+
+def test_the_supervisor_is_out_of_its_starter_process_group():
+    process, lifeline, children = _start(TWO_SLEEPS)
+    try:
+        assert os.getpgid(process.pid) != os.getpgrp()
+        assert os.getsid(process.pid) == process.pid
+    finally:
+        os.close(lifeline)
+        process.wait(timeout=20)
+
+
+def _tags(pid: int, started: str, host: str | None = None) -> dict[str, str]:
+    return {
+        tracking.PID_TAG: str(pid),
+        tracking.STARTED_TAG: started,
+        tracking.HOST_TAG: host or socket.gethostname(),
+    }
+
+
+def test_a_run_owner_is_gone_only_when_its_process_of_this_host_is():
+    me = tracking.process_tags()
+    assert not tracking._owner_gone(me)  # alive
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    assert tracking._owner_gone(_tags(dead.pid, me[tracking.STARTED_TAG]))
+    # The same pid started at another time: a reused pid, so the owner is gone.
+    assert tracking._owner_gone(_tags(os.getpid(), "1000.00"))
+    # Another host, or no tags at all: never judged.
+    assert not tracking._owner_gone(_tags(dead.pid, "1000.00", host="elsewhere.invalid"))
+    assert not tracking._owner_gone({})
