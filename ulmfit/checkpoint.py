@@ -19,6 +19,7 @@ on load). Files are written through :func:`ulmfit.io.atomic_path` (temp file, fs
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -121,6 +122,23 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:09d}.pt"
 
 
+# Less free space than this after a failed torch.save: the disk is full.
+FULL_DISK_BYTES = 1 << 20
+
+
+def _save(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save``. Its zip writer reports a full disk as a bare ``RuntimeError`` ("unexpected
+    pos ..."), losing the errno; when the file system has (almost) no space left, that is
+    raised as the ``OSError(ENOSPC)`` it is, so the stage's error says what happened."""
+    try:
+        torch.save(payload, path)
+    except RuntimeError as error:
+        stat = os.statvfs(path.parent)
+        if stat.f_bavail * stat.f_frsize >= FULL_DISK_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+
+
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     """Write a training checkpoint atomically (temp file, fsync, ``os.replace``).
 
@@ -130,7 +148,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     payload = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, **to_plain(state)}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        _save(payload, tmp)
         # atomic_path only renames; flush the bytes to disk first so that a crash after the
         # rename cannot leave an empty or truncated file under the final name.
         with open(tmp, "rb+") as handle:
@@ -240,7 +258,7 @@ def save_model(
     }
     path = Path(path)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        _save(payload, tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
     return path
