@@ -330,9 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _split_repro(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``ulmfit [options] repro ARGS``: ARGS go to ``dvc repro`` as they are, options first
+    included (``--force``, ``--single-item``), which argparse's REMAINDER refuses; ``repro -h``
+    is still ours."""
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
+    if at is None or argv[at] != "repro" or set(argv[at + 1 : at + 2]) & {"-h", "--help"}:
+        return argv, None
+    return argv[: at + 1], argv[at + 1 :]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv, dvc_args = _split_repro(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
+    if dvc_args is not None:
+        args.dvc_args = dvc_args
     _set_environment(_project_root())
     _setup_logging(args.verbose, flow=args.func in (cmd_stage, cmd_retrain))
     from tasks.workspace import WorkspaceBusy

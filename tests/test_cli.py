@@ -133,3 +133,14 @@ def test_predict_reports_missing_model_and_input_without_traceback(tmp_path):
         assert needle in result.stderr and "Fix:" in result.stderr
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "o.csv").exists()
+
+
+def test_repro_passes_every_argument_to_dvc_options_first_included():
+    from flows.cli import _split_repro, build_parser
+
+    for given in (["--force", "report"], ["--single-item", "pretrain@fwd"], ["report"], []):
+        argv, dvc_args = _split_repro(["-v", "repro", *given])
+        assert dvc_args == given
+        assert build_parser().parse_args(argv).command == "repro"
+    assert _split_repro(["repro", "--help"])[1] is None
+    assert _split_repro(["predict", "--model", "x"])[1] is None
