@@ -147,6 +147,7 @@ def stage_run(
     # Runs left RUNNING by a process that is gone (a SIGKILL: nothing could end them then) end
     # as KILLED, and their flow runs CRASHED.
     tracking.crash_flow_runs(tracking.clean_stale_runs(root))
+    remove_leftovers(root, spec)
     deps = deps_md5(root, spec)
     key = stage_key(spec, dict(section), deps)
     run_id = tracking.start_stage_run(
@@ -184,6 +185,24 @@ def stage_run(
         )
     tracking.end_run(root, run_id, "FINISHED")
     clear_checkpoints(root, spec)
+
+
+def remove_leftovers(root: Path, spec: StageSpec) -> list[Path]:
+    """Delete what a SIGKILL in the middle of a write left of this stage's outputs: the
+    dot-named temporary files and staging folders (``ulmfit.io``, ``staged_directory``) beside
+    each output and inside an output folder. The stage holds the workspace lock, so no writer
+    of them is running; one log line each. Returns what was deleted."""
+    paths = [root / p for p in (*spec.outs, spec.metrics, spec.run_record, spec.curve, spec.figure)]
+    found = set()
+    for path in paths:
+        found.update(path.parent.glob(f".{path.name}.*.tmp"))
+        found.update(path.parent.glob(f".{path.name}.*.old"))
+        if path.is_dir():
+            found.update(path.glob(".*.tmp"))
+    for leftover in sorted(found):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        logger.warning("cleaned up: %s, left by an interrupted write", leftover)
+    return sorted(found)
 
 
 def skip_left_out(

@@ -1,6 +1,7 @@
 """The supervisor that keeps ``ulmfit repro``'s children from outliving it (``tasks.lifeline``),
-and how a run's owner is judged gone (``tasks.tracking``). Seconds each; the pipeline under
-fault injection is ``tests/test_faults.py``."""
+how a run's owner is judged gone (``tasks.tracking``) and what a stage removes of an interrupted
+write (``tasks.stage``). Seconds each; the pipeline under fault injection is
+``tests/test_faults.py``."""
 
 from __future__ import annotations
 
@@ -86,3 +87,31 @@ def test_a_run_owner_is_gone_only_when_its_process_of_this_host_is():
     # Another host, or no tags at all: never judged.
     assert not tracking._owner_gone(_tags(dead.pid, "1000.00", host="elsewhere.invalid"))
     assert not tracking._owner_gone({})
+
+
+def test_a_stage_removes_what_an_interrupted_write_left_of_its_outputs(tmp_path):
+    from tasks.pipeline import stage_spec
+    from tasks.stage import remove_leftovers
+
+    spec = stage_spec("pretrain", direction="fwd")
+    out = tmp_path / spec.outs[0]  # data/pretrained/fwd
+    (out / ".model.pt.x1.tmp").mkdir(parents=True)  # atomic_path's private folder
+    (out / "model.pt").write_bytes(b"complete")
+    (out.parent / ".fwd.x2.tmp").mkdir()  # a staging folder
+    metrics = tmp_path / spec.metrics
+    metrics.parent.mkdir(parents=True)
+    (metrics.parent / f".{metrics.name}.x3.tmp").write_text("{")  # atomic_write's temp file
+    (out.parent / "bwd").mkdir()  # another stage's output
+    (out.parent / ".bwd.x4.tmp").mkdir()  # another stage's: not ours to judge
+    assert len(remove_leftovers(tmp_path, spec)) == 3
+    remaining = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert remaining == [
+        "data",
+        "data/pretrained",
+        "data/pretrained/.bwd.x4.tmp",
+        "data/pretrained/bwd",
+        "data/pretrained/fwd",
+        "data/pretrained/fwd/model.pt",
+        "metrics",
+        "metrics/wikipedia",
+    ]
