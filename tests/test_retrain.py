@@ -542,9 +542,10 @@ def build_fleet_repository(root: Path, upstream: Path) -> Path:
     (repo / "stage.py").write_text(textwrap.dedent(TINY_STAGE).lstrip())
     (repo / "dvc.yaml").write_text(textwrap.dedent(TINY_DVC).lstrip())
     # The project's default parameters (the retrain flow validates them as the stages do),
-    # with one dataset whose source the tiny stage reads.
+    # with one dataset of the user's own (a text,label CSV) whose source the tiny stage reads.
     params = yaml.safe_load((REPO_ROOT / "profiles" / "default.yaml").read_text())
-    params["datasets"] = {"news": {"source": {"name": "news", "path": str(upstream)}}}
+    source = {"name": "news", "layout": "table", "path": str(upstream)}
+    params["datasets"] = {"news": {"source": source}}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".gitignore").write_text("__pycache__/\n/data/\n/mlflow.db\n")
     git(repo, "init", "-q", "-b", "main")
