@@ -17,6 +17,7 @@ from io import StringIO
 from pathlib import Path
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
 
 from tasks.params import load_params
 from tasks.workspace import Layout
@@ -104,14 +105,50 @@ def check_source(root: Path, name: str, entry: dict) -> dict:
         )
 
 
+def _round_trip() -> YAML:
+    """ruamel.yaml set to change nothing it was not asked to: no line wrapping, quotes and
+    ``null`` kept as written."""
+    yaml = YAML()
+    yaml.width = 4096
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null")
+    )
+    return yaml
+
+
+def _commented(value):
+    """``value`` as ruamel's commentable nodes, lists in flow style as the file writes them."""
+    if isinstance(value, dict):
+        return CommentedMap((key, _commented(item)) for key, item in value.items())
+    if isinstance(value, list):
+        seq = CommentedSeq(value)
+        seq.fa.set_flow_style()
+        return seq
+    return value
+
+
+def _last_key(node) -> tuple[CommentedMap | None, str | None]:
+    """The mapping and key of the last line of ``node``: ruamel keeps the comment lines that
+    follow a block (the next section's heading) on that key."""
+    while isinstance(node, CommentedMap) and node:
+        key = next(reversed(node))
+        if not (isinstance(node[key], CommentedMap) and node[key]):
+            return node, key
+        node = node[key]
+    return None, None
+
+
 def write_params(root: Path, name: str, entry: dict, *, only: bool) -> tuple[str, ...]:
     """Put ``entry`` at ``datasets.<name>.source`` (with ``only``: as the only dataset, dropping
     the controls of the others); validate; replace ``params.yaml``. Returns what was dropped."""
     params = root / "params.yaml"
-    yaml = YAML()  # round trip: comments and key order survive
-    yaml.width = 100
+    yaml = _round_trip()
     data = yaml.load(params.read_text(encoding="utf-8"))
-    datasets = data.setdefault("datasets", {})
+    datasets = data.setdefault("datasets", CommentedMap())
+    # The comment after the datasets section (the next section's heading) moves to its new end.
+    holder, key = _last_key(datasets)
+    trailing = holder.ca.items.pop(key, None) if holder is not None else None
     removed: list[str] = []
     if only:
         for other in [key for key in datasets if key != name]:
@@ -121,8 +158,12 @@ def write_params(root: Path, name: str, entry: dict, *, only: bool) -> tuple[str
         for control in [key for key, value in controls.items() if value.get("dataset") != name]:
             del controls[control]
             removed.append(f"controls.{control}")
-    existing = datasets.get(name) or {}
-    datasets[name] = {**existing, "source": entry}
+    existing = datasets.get(name) or CommentedMap()
+    existing["source"] = _commented(entry)
+    datasets[name] = existing
+    holder, key = _last_key(datasets)
+    if trailing is not None and holder is not None:
+        holder.ca.items[key] = trailing
     text = StringIO()
     yaml.dump(data, text)
     with tempfile.TemporaryDirectory(prefix="ulmfit-params-") as scratch:
