@@ -35,6 +35,7 @@ from ulmfit.corpora.sources import (
     InputLog,
     expand_folder,
     fetch,
+    fetch_given,
     unpack,
 )
 from ulmfit.corpora.splits import (
@@ -129,18 +130,6 @@ def _roots(
     return [unpack(local, cache_dir, limits)]
 
 
-def _explicit(
-    value: str | None,
-    role: str,
-    cache_dir: Path,
-    progress: Progress,
-    log: InputLog,
-) -> Path | None:
-    if value is None:
-        return None
-    return fetch(value, cache_dir, sha256=None, progress=progress, role=role, log=log)
-
-
 def _read_imdb(
     roots: list[Path], unsup: Path | None, spec: DatasetSpec, repairs: Repairs, log: InputLog
 ) -> RawData:
@@ -220,10 +209,10 @@ def read_dataset(
 ) -> RawData:
     limits = ExtractLimits(max_total_bytes=src.max_extract_bytes, max_ratio=src.max_extract_ratio)
     roots = _roots(src, spec, cache_dir, limits, progress, log)
-    train = _explicit(src.train_path, "train", cache_dir, progress, log)
-    test = _explicit(src.test_path, "test", cache_dir, progress, log)
-    unsup = _explicit(src.unsup_path, "unsup", cache_dir, progress, log)
-    classes = _explicit(src.classes_path, "classes", cache_dir, progress, log)
+    train = fetch_given(src.train_path, "train", cache_dir, progress, log)
+    test = fetch_given(src.test_path, "test", cache_dir, progress, log)
+    unsup = fetch_given(src.unsup_path, "unsup", cache_dir, progress, log)
+    classes = fetch_given(src.classes_path, "classes", cache_dir, progress, log)
     if spec.layout == "imdb":
         return _read_imdb(
             roots + ([unpack(train, cache_dir, limits)] if train else []), unsup, spec, repairs, log

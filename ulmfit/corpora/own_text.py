@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ulmfit.corpora.archive import open_stream
+from ulmfit.corpora.readers import open_parquet
 from ulmfit.corpora.repairs import Repairs, decode, decoded_lines
 from ulmfit.errors import InputError
 
@@ -233,14 +233,7 @@ def iter_parquet(
 ) -> Iterator[tuple[str, str]]:
     """Parquet: the string (or binary, decoded as UTF-8) column ``column``, read
     ``_PARQUET_BATCH_ROWS`` rows at a time; ids are ``<file>:<row>`` with rows counted from 1."""
-    try:
-        handle = pq.ParquetFile(file)
-    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
-        raise InputError(
-            file,
-            f"not a readable Parquet file ({err})",
-            fix="check the file, or set kind to what it is (text or jsonl)",
-        ) from err
+    handle = open_parquet(file, fix="check the file, or set kind to what it is (text or jsonl)")
     schema = handle.schema_arrow
     if column not in schema.names:
         raise InputError(

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from ulmfit.corpora.archive import open_stream
 from ulmfit.corpora.repairs import Repairs, decode, decoded_lines
 from ulmfit.errors import InputError
@@ -230,3 +232,12 @@ def read_label_names(path: Path, repairs: Repairs) -> tuple[str, ...]:
             path, "classes.txt is empty", fix="restore classes.txt from the dataset archive"
         )
     return names
+
+
+def open_parquet(path: Path, *, fix: str) -> pq.ParquetFile:
+    """``path`` as a Parquet file (its schema read, its rows not yet); a file that is not
+    Parquet is one :class:`InputError` ending with ``fix``."""
+    try:
+        return pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
+        raise InputError(path, f"not a readable Parquet file ({err})", fix=fix) from err

@@ -399,6 +399,21 @@ def fetch(
     return local
 
 
+def fetch_given(
+    value: str | None,
+    role: str,
+    cache_dir: Path,
+    progress: Progress | None,
+    log: InputLog,
+    *,
+    sha256: str | None = None,
+) -> Path | None:
+    """:func:`fetch` for an optional source key (``test_path``...): unset stays ``None``."""
+    if value is None:
+        return None
+    return fetch(value, cache_dir, sha256=sha256, progress=progress, role=role, log=log)
+
+
 def unpack(local: Path, cache_dir: Path, limits: ExtractLimits) -> Path:
     """An archive -> its safely extracted folder in the cache (keyed by content); else itself.
 

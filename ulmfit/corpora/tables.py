@@ -24,12 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from ulmfit.corpora.archive import ExtractLimits, check_format, open_stream, sniff_format
 from ulmfit.corpora.download import Progress
-from ulmfit.corpora.readers import RawData, join_text_fields
-from ulmfit.corpora.sources import FORMATS, LAYOUTS, DatasetSource, InputLog, fetch, unpack
+from ulmfit.corpora.readers import RawData, join_text_fields, open_parquet
+from ulmfit.corpora.sources import (
+    FORMATS,
+    LAYOUTS,
+    DatasetSource,
+    InputLog,
+    fetch_given,
+    unpack,
+)
 from ulmfit.errors import InputError
 
 _EXTENSIONS = {
@@ -227,16 +233,9 @@ def _read_json(path: Path, wanted: Sequence[str], encoding: str) -> Table:
 
 
 def _read_parquet(path: Path, wanted: Sequence[str]) -> Table:
-    try:
-        schema = pq.read_schema(path)
-    except Exception as err:  # pyarrow raises several types for a file that is not Parquet
-        raise InputError(
-            path,
-            f"not a readable Parquet file ({err})",
-            fix="check that the file is Parquet, or set format: to what it is",
-        ) from err
-    _check_columns(path, schema.names, wanted, None)
-    data = pq.read_table(path, columns=list(dict.fromkeys(wanted)))
+    handle = open_parquet(path, fix="check that the file is Parquet, or set format: to what it is")
+    _check_columns(path, handle.schema_arrow.names, wanted, None)
+    data = handle.read(columns=list(dict.fromkeys(wanted)))
     return Table(
         path,
         {column: data.column(column).to_pylist() for column in wanted},
@@ -472,20 +471,6 @@ def _text_columns(src: DatasetSource) -> tuple[str, ...]:
     return (columns,) if isinstance(columns, str) else tuple(columns)
 
 
-def _locate(
-    value: str | None,
-    role: str,
-    src: DatasetSource,
-    cache_dir: Path,
-    progress: Progress,
-    log: InputLog,
-) -> Path | None:
-    if value is None:
-        return None
-    sha256 = src.sha256 if value in (src.path, src.url) else None
-    return fetch(value, cache_dir, sha256=sha256, progress=progress, role=role, log=log)
-
-
 def _folder_tree(local: Path, cache_dir: Path, src: DatasetSource) -> Path:
     """A folder as given; an archive extracted, and its lone top folder entered."""
     if local.is_dir():
@@ -546,9 +531,10 @@ def read_own(
             f"layout {src.layout} needs the data's location",
             fix="set path: (one file or folder, cut into splits) or train_path: (and test_path:)",
         )
-    train = _locate(source, "train", src, cache_dir, progress, log)
-    test = _locate(src.test_path, "test", src, cache_dir, progress, log)
-    unsup = _locate(src.unsup_path, "unsup", src, cache_dir, progress, log)
+    sha256 = src.sha256 if source in (src.path, src.url) else None  # it checks path/url only
+    train = fetch_given(source, "train", cache_dir, progress, log, sha256=sha256)
+    test = fetch_given(src.test_path, "test", cache_dir, progress, log)
+    unsup = fetch_given(src.unsup_path, "unsup", cache_dir, progress, log)
     if src.layout == "folder":
         # train/, test/ and unsup/ above the class folders are found without test_path etc.
         tree = _folder_tree(train, cache_dir, src)
