@@ -8,6 +8,7 @@ agree and no temporary file may be left beside the output.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 from ulmfit.checkpoint import save_checkpoint, save_model
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import write_json, write_labelled
+from ulmfit.corpora.sources import InputLog
 from ulmfit.model import AWDLSTMConfig, LanguageModel
 from ulmfit.storage import TokenDocs, write_tokens
 from ulmfit.tokenizer import TokenizerConfig, train_tokenizer
@@ -183,3 +185,33 @@ def test_a_resumed_training_writes_the_same_stage_folder_as_an_uninterrupted_one
         )
         sums.append({p.name: md5(p) for p in out.iterdir()})
     assert sums[0] == sums[1] and "training.json" in sums[0]
+
+
+def test_the_default_tokenizer_does_not_depend_on_the_core_count(tmp_path, monkeypatch):
+    """SentencePiece's piece scores depend on its thread count: the default is a fixed one, so
+    a 2-core laptop and a 64-core server train the same tokenizer."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), size=int(n))) for n in rng.integers(2, 9, 800)]
+    texts = [" ".join(rng.choice(words, size=60)) for _ in range(400)]
+    for cores in (1, 8):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        train_tokenizer(texts, tmp_path / f"{cores}.model", TokenizerConfig(vocab_size=500))
+    assert md5(tmp_path / "1.model") == md5(tmp_path / "8.model")
+
+
+def test_sources_json_is_the_same_in_two_clones(tmp_path):
+    """``sources.json`` names inputs relative to the workspace: clones in different folders,
+    each with its data beside it, write the same bytes."""
+    written = []
+    for clone in ("a", "b/deeper"):
+        root, data = tmp_path / clone / "ws", tmp_path / clone / "shared" / "train.csv"
+        data.parent.mkdir(parents=True)
+        root.mkdir()
+        data.write_text("text,label\nfine,pos\n")
+        log = InputLog(base=root)
+        log.add("train", str(data), data)
+        log.add("package", "package:bbc/news.csv", data)
+        write_json(root / "sources.json", {"inputs": log.entries})
+        written.append(md5(root / "sources.json"))
+    assert written[0] == written[1]
+    assert log.entries[0]["path"] == log.entries[0]["origin"] == "../shared/train.csv"

@@ -313,18 +313,35 @@ class WikipediaSource:
 
 @dataclass
 class InputLog:
-    """Every input file used, with its origin and sha256: the content of ``sources.json``."""
+    """Every input file used, with its origin and sha256: the content of ``sources.json``.
+
+    Local paths are written relative to ``base`` (the stage's working folder, the workspace
+    root), so two clones of a workspace write the same bytes and DVC sees no change."""
 
     entries: list[dict] = field(default_factory=list)
+    base: Path = field(default_factory=Path.cwd)
+
+    def _shown(self, value: str | Path) -> str:
+        text = str(value)
+        if "://" in text or text.startswith("package:") or not Path(text).is_absolute():
+            return text
+        return os.path.relpath(text, self.base)
 
     def add(self, role: str, origin: str, local: Path) -> None:
-        if any(e["role"] == role and e["path"] == str(local) for e in self.entries):
+        path = self._shown(local)
+        if any(e["role"] == role and e["path"] == path for e in self.entries):
             return
         digest, size = (
             (sha256_file(local), local.stat().st_size) if local.is_file() else tree_sha256(local)
         )
         self.entries.append(
-            {"role": role, "origin": origin, "path": str(local), "sha256": digest, "bytes": size}
+            {
+                "role": role,
+                "origin": self._shown(origin),
+                "path": path,
+                "sha256": digest,
+                "bytes": size,
+            }
         )
 
 
