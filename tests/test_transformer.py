@@ -12,7 +12,14 @@ import torch.nn.functional as F
 
 from ulmfit.checkpoint import latest_checkpoint, load_model, save_model
 from ulmfit.config import ConfigError, from_dict, to_dict
-from ulmfit.model import AWDLSTMConfig, LanguageModel, build_model, layer_groups
+from ulmfit.model import (
+    AWDLSTMConfig,
+    LanguageModel,
+    SequenceClassifier,
+    build_model,
+    detach_state,
+    layer_groups,
+)
 from ulmfit.optim import OptimizerConfig
 from ulmfit.schedule import ScheduleConfig
 from ulmfit.storage import TokenDocs
@@ -356,7 +363,18 @@ def test_configs_are_validated_from_dicts():
         )
     with pytest.raises(ValueError, match="no 'lm' model with backbone 'frozen_features'"):
         build_model("lm", to_dict(frozen().cfg))
-    assert type(build_model("lm", to_dict(AWD))) is LanguageModel  # no backbone: AWD-LSTM
+
+
+def test_the_awd_lstm_paths_are_unchanged():
+    lm = build_model("lm", to_dict(AWD))  # no backbone key: an AWD-LSTM, as before
+    assert type(lm) is LanguageModel
+    assert len(layer_groups(lm)) == AWD.num_layers + 1
+    assert layer_groups(lm)[-1][0] is lm.encoder.embedding.weight  # embedding + decoder on top
+    clf_cfg = {"encoder": to_dict(AWD), "num_classes": 2}
+    assert type(build_model("classifier", clf_cfg)) is SequenceClassifier
+    state = lm(tokens()).state
+    assert all(not h.requires_grad for pair in detach_state(state) for h in pair)
+    assert detach_state(None) is None
 
 
 @pytest.mark.parametrize("name", list(all_models()))

@@ -222,8 +222,8 @@ def mlm_mask(
     candidates = allowed.nonzero().squeeze(1)
     pick = torch.randint(len(candidates), tokens.shape, generator=generator, device=draw_on)
     inputs = torch.where(selected & (action < 0.8), mask_id, tokens)
-    random = selected & (action >= 0.8) & (action < 0.9)
-    inputs = torch.where(random, candidates[pick.to(tokens.device)], inputs)
+    replaced = selected & (action >= 0.8) & (action < 0.9)
+    inputs = torch.where(replaced, candidates[pick.to(tokens.device)], inputs)
     return inputs, tokens.masked_fill(~selected, IGNORE)
 
 
