@@ -217,8 +217,11 @@ class AWDLSTM(nn.Module):
         return x, tuple(new_state)
 
 
-def detach_state(state: State) -> State:
-    """Cut the graph between two BPTT windows while keeping the values."""
+def detach_state(state: State | None) -> State | None:
+    """Cut the graph between two BPTT windows while keeping the values (None: a stateless model,
+    such as ``ulmfit.transformer.TransformerLM``)."""
+    if state is None:
+        return None
     return tuple((h.detach(), c.detach()) for h, c in state)
 
 
@@ -428,7 +431,10 @@ def layer_groups(model: nn.Module) -> list[list[nn.Parameter]]:
 
     LM: one group per LSTM layer, then embedding + decoder (fastai's ``awd_lstm_lm_split``).
     Classifier: embedding, one group per LSTM layer, then the head.
+    The other arms (``ulmfit.transformer``) give their own groups with a ``layer_groups`` method.
     """
+    if callable(getattr(model, "layer_groups", None)):
+        return model.layer_groups()
 
     def unique(params) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -474,7 +480,30 @@ def pad_id(model: nn.Module) -> int:
 
 
 def build_model(kind: str, config_dict: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from the config dict stored in a checkpoint (``to_dict(cfg)``)."""
+    """Rebuild a model from the config dict stored in a checkpoint (``to_dict(cfg)``).
+
+    A dict with a ``backbone`` key is one of the other arms of ``ulmfit.transformer``; without
+    one it is an AWD-LSTM (every checkpoint written before those arms existed).
+    """
+    backbone = config_dict.get("backbone")
+    if backbone is not None:
+        from ulmfit import transformer  # imports this module, so not at the top
+
+        arms = {
+            ("lm", "transformer"): (transformer.TransformerLM, transformer.TransformerConfig),
+            ("classifier", "transformer"): (
+                transformer.TransformerClassifier,
+                transformer.TransformerClassifierConfig,
+            ),
+            ("classifier", "frozen_features"): (
+                transformer.FrozenFeatureClassifier,
+                transformer.FrozenFeatureConfig,
+            ),
+        }
+        if (kind, backbone) not in arms:
+            raise ValueError(f"build_model: no {kind!r} model with backbone {backbone!r}")
+        model_type, config_type = arms[kind, backbone]
+        return model_type(from_dict(config_type, config_dict, where="model"))
     if kind == "lm":
         return LanguageModel(from_dict(AWDLSTMConfig, config_dict, where="model"))
     if kind == "classifier":
