@@ -8,13 +8,14 @@ MLflow) happen only inside the command that needs them, so ``ulmfit --help`` is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
 from pathlib import Path
 
-from tasks.pipeline import ARGUMENTS, EXIT_BUSY, EXIT_INPUT_ERROR, STAGES
+from tasks.pipeline import ARGUMENTS, EXIT_BUSY, EXIT_FULL_DISK, EXIT_INPUT_ERROR, STAGES
 
 # Environment defaults for every command (an explicit value in the environment wins).
 ENV_DEFAULTS = {
@@ -22,8 +23,8 @@ ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
-    # Prefect's ephemeral server (a bare `dvc repro`) can take well over 20 s to start on a
-    # loaded machine; the default timeout would fail the stage.
+    # Prefect's ephemeral server (a flow run with no server, as `ulmfit retrain` without one)
+    # can take well over 20 s to start on a loaded machine; the default timeout would fail it.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
     # DVC is the one cache: Prefect keeps no results.
     "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "false",
@@ -64,13 +65,15 @@ def _setup_logging(verbose: bool, flow: bool) -> None:
 
 
 class _NoInputErrorTraceback(logging.Filter):
-    """Prefect logs a failing task's traceback; for bad input the CLI's one-line message
-    (file, problem, fix) is the whole story, so the traceback is dropped from the console."""
+    """Prefect logs a failing task's traceback; for bad input or a full disk the CLI's
+    one-line message (file, problem, fix) is the whole story, so the traceback is dropped from
+    the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from ulmfit.errors import InputError
+        from ulmfit.errors import InputError, full_disk
 
-        if record.exc_info and isinstance(record.exc_info[1], InputError):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, InputError) or full_disk(error) is not None:
             record.exc_info = None
             record.exc_text = None
         return True
@@ -95,7 +98,13 @@ def _quiet_input_error_tracebacks() -> None:
 def cmd_stage(args: argparse.Namespace) -> int:
     """Check the whole of ``params.yaml`` (before Prefect starts), then run one stage's flow
     under the workspace lock; its arguments (dataset, direction or control name) also name the
-    stage item (``finetune_lm@imdb-fwd``)."""
+    stage item (``finetune_lm@imdb-fwd``). The flow reports to ``ulmfit repro``'s Prefect
+    server, or the configured one; failing both (a bare ``dvc repro``), to the workspace's own
+    server, started for the stage and stopped with it however it ends."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.repro import prefect_server
+    from tasks.lifeline import stop_with_dvc
     from tasks.params import load_params
     from tasks.pipeline import BY_GROUP
     from tasks.workspace import workspace_lock
@@ -104,8 +113,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
     items = {arg: getattr(args, arg) for arg in stage.args}
     root = _project_root()
     load_params(root / "params.yaml")  # every bad value at once, before any work
+    stop_with_dvc()  # under a bare `dvc repro`: end with it, not as an orphan
     item = "-".join(items.values())
-    with workspace_lock(root, f"{stage.group}@{item}" if item else stage.group):
+    lock = workspace_lock(root, f"{stage.group}@{item}" if item else stage.group)
+    with lock, contextlib.ExitStack() as stack:
+        if not PREFECT_API_URL.value():  # not under `ulmfit repro`, nor a configured server
+            # The workspace's own server, under a lifeline: Prefect's ephemeral one would
+            # outlive a stage killed by a signal.
+            url = stack.enter_context(prefect_server(root))
+            stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
         module, name = stage.flow.split(":")
         flow_fn = getattr(importlib.import_module(module), name)
         _quiet_input_error_tracebacks()
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_environment(_project_root())
     _setup_logging(args.verbose, flow=args.func in (cmd_stage, cmd_retrain))
     from tasks.workspace import WorkspaceBusy
-    from ulmfit.errors import InputError
+    from ulmfit.errors import InputError, full_disk
 
     try:
         return int(args.func(args) or 0)
@@ -359,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkspaceBusy as error:
         print(f"ulmfit {args.command}: {error}", file=sys.stderr)
         return EXIT_BUSY
+    except OSError as error:
+        if (message := full_disk(error)) is None:
+            raise
+        print(f"ulmfit {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_FULL_DISK
     except KeyboardInterrupt:
         print(f"ulmfit {args.command}: interrupted", file=sys.stderr)
         return 130

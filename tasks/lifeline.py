@@ -21,18 +21,25 @@ server stops only after the stages (which report their end to it) have stopped.
 
 It has to start in a session of its own (``start_new_session=True``): a SIGKILL sent to the
 starter's process group must not reach it.
+
+A stage run by a bare ``dvc repro`` has no such supervisor: :func:`stop_with_dvc` makes the
+stage itself stop (SIGTERM to itself: its runs end KILLED) once the DVC that started it is gone.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+logger = logging.getLogger("ulmfit")
 
 DEFAULT_GRACE = 30.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -124,6 +131,45 @@ class Supervisor:
                 # The command ended by itself; what it left in its group must not stay.
                 self.request(signal.SIGTERM)
             time.sleep(0.1)
+
+
+def _is_dvc(process) -> bool:
+    """``dvc ...``, ``python .../bin/dvc ...`` or ``python -m dvc ...``."""
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return any(Path(part).name == "dvc" for part in process.cmdline()[:3])
+    return False
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    return False
+
+
+def stop_with_dvc(poll: float = 1.0) -> int | None:
+    """Stop this process (SIGTERM to itself) when the ``dvc repro`` among its ancestors ends:
+    a DVC killed by SIGKILL or SIGTERM (it forwards neither) would otherwise leave its stage
+    running on, holding the workspace. A thread polls every ``poll`` seconds; psutil's
+    ``is_running`` also tells a reused pid apart. Returns the DVC pid watched, or ``None``
+    when DVC did not start this process."""
+    import psutil
+
+    dvc = next((p for p in psutil.Process().parents() if _is_dvc(p)), None)
+    if dvc is None:
+        return None
+
+    def watch() -> None:
+        while _alive(dvc):
+            time.sleep(poll)
+        logger.warning("dvc (pid %d), which started this stage, is gone: stopping", dvc.pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
+    return dvc.pid
 
 
 def _watch_lifeline(supervisor: Supervisor) -> None:

@@ -24,6 +24,7 @@ from tasks.workspace import Layout as L
 # Exit codes of the stage commands: bad input (retrying cannot help) and a busy workspace.
 EXIT_INPUT_ERROR = 2
 EXIT_BUSY = 75  # EX_TEMPFAIL: try again later
+EXIT_FULL_DISK = 74  # EX_IOERR: a write failed for want of space
 
 # The two reading directions (declared here, where `ulmfit --help` can read them without torch).
 DIRECTIONS = ("fwd", "bwd")

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
@@ -188,17 +189,23 @@ def stage_run(
 
 
 def remove_leftovers(root: Path, spec: StageSpec) -> list[Path]:
-    """Delete what a SIGKILL in the middle of a write left of this stage's outputs: the
+    """Clean up what a SIGKILL in the middle of a write left of this stage's outputs: the
     dot-named temporary files and staging folders (``ulmfit.io``, ``staged_directory``) beside
-    each output and inside an output folder. The stage holds the workspace lock, so no writer
-    of them is running; one log line each. Returns what was deleted."""
+    each output and inside an output folder are deleted. A moved-aside previous output
+    (``.<name>.*.old/<name>``, between ``staged_directory``'s two renames) is put back when
+    the output itself is missing, and deleted otherwise. The stage holds the workspace lock, so
+    no writer of them is running; one log line each. Returns what was removed."""
     paths = [root / p for p in (*spec.outs, spec.metrics, spec.run_record, spec.curve, spec.figure)]
     found = set()
     for path in paths:
         found.update(path.parent.glob(f".{path.name}.*.tmp"))
-        found.update(path.parent.glob(f".{path.name}.*.old"))
         if path.is_dir():
             found.update(path.glob(".*.tmp"))
+        for old in sorted(path.parent.glob(f".{path.name}.*.old")):
+            if not path.exists() and (old / path.name).exists():
+                os.replace(old / path.name, path)
+                logger.warning("restored: %s, moved aside by an interrupted write", path)
+            found.add(old)
     for leftover in sorted(found):
         shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         logger.warning("cleaned up: %s, left by an interrupted write", leftover)

@@ -13,7 +13,9 @@ Prefect server each time, as a user does:
 4. a full disk: a 64 KiB tmpfs mounted over ``runs/checkpoints`` (root only), so saving the first
    checkpoint fails with ENOSPC (a real full file system, not a simulated error);
 5. SIGTERM to ``ulmfit repro`` while ``pretrain@fwd`` runs;
-6. a crash inside the stage on a corrupt input (its token file overwritten).
+6. SIGKILL of a bare ``dvc repro`` (no ``ulmfit repro`` and no supervisor) while
+   ``pretrain@fwd`` resumes: the stage sees its DVC gone and stops itself;
+7. a crash inside the stage on a corrupt input (its token file overwritten).
 
 After each: no process started from the workspace is left, no MLflow run or Prefect flow run is
 left RUNNING (once the next start has cleaned up after a SIGKILL), no temporary file or staging
@@ -60,14 +62,14 @@ def workspace(tmp_path_factory) -> Path:
 
 
 class Repro:
-    """``ulmfit repro ARGS`` in a session of its own (its pid is its process group), output in
-    a file that the test polls."""
+    """``ulmfit repro ARGS`` (or a bare ``dvc repro ARGS``) in a session of its own (its pid is
+    its process group), output in a file that the test polls."""
 
-    def __init__(self, workspace: Path, *args: str, name: str) -> None:
+    def __init__(self, workspace: Path, *args: str, name: str, program: str = "ulmfit") -> None:
         self.log = workspace.parent / f"{name}.log"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(
-                [str(BIN / "ulmfit"), "repro", *args],
+                [str(BIN / program), "repro", *args],
                 cwd=workspace,
                 env=_env(workspace),
                 stdout=out,
@@ -254,8 +256,11 @@ def test_a_full_disk_fails_the_stage_cleanly(workspace):
         code = repro.finish()
         output = repro.output()
         assert code != 0, output[-3000:]
-        # torch's zip writer loses the errno; ulmfit.checkpoint raises it as OSError(ENOSPC).
-        assert "No space left on device" in output, output[-3000:]
+        # One line names the file and the fix; no traceback (torch's zip writer loses the
+        # errno, so ulmfit.checkpoint writes the bytes itself and gets the OSError(ENOSPC)).
+        line = "ulmfit pretrain: error: " + str(mount)
+        assert line in output and "no space left on device. Fix: free space" in output, output
+        assert "Traceback" not in output, output[-3000:]
         assert "cleaned up: MLflow run" in output and "(pipeline)" in output  # fault 3's parent
         assert not [p for p in mount.rglob("*") if p.is_file()]  # no partial checkpoint
     finally:
@@ -280,6 +285,20 @@ def test_sigterm_during_pretrain(workspace):
     runs = _runs(workspace)
     assert runs[-2:] == [("pipeline", "KILLED"), (STAGE, "KILLED")], runs
     assert _flow_runs(workspace)[-1] == ("pretrain", "CRASHED")
+    _handled(name)
+
+
+def test_sigkill_of_a_bare_dvc_repro(workspace):
+    name = "SIGKILL of a bare dvc repro (no ulmfit repro) during pretrain@fwd"
+    _injected(name)
+    dvc = Repro(workspace, "--single-item", STAGE, name="6-sigkill-bare-dvc", program="dvc")
+    dvc.wait_for_text("resuming from step")
+    dvc.process.kill()  # DVC alone: no supervisor; the stage notices and stops itself
+    assert dvc.finish(timeout=60) == -signal.SIGKILL
+    _assert_nothing_left(workspace)
+    _assert_no_partial_outputs(workspace)
+    assert _runs(workspace)[-1] == (STAGE, "KILLED"), _runs(workspace)
+    assert "which started this stage, is gone: stopping" in dvc.output(), dvc.output()[-3000:]
     _handled(name)
 
 

@@ -19,7 +19,7 @@ on load). Files are written through :func:`ulmfit.io.atomic_path` (temp file, fs
 
 from __future__ import annotations
 
-import errno
+import io
 import os
 import random
 import re
@@ -122,21 +122,25 @@ def checkpoint_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"step-{step:09d}.pt"
 
 
-# Less free space than this after a failed torch.save: the disk is full.
-FULL_DISK_BYTES = 1 << 20
-
-
 def _save(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save``. Its zip writer reports a full disk as a bare ``RuntimeError`` ("unexpected
-    pos ..."), losing the errno; when the file system has (almost) no space left, that is
-    raised as the ``OSError(ENOSPC)`` it is, so the stage's error says what happened."""
+    """``torch.save`` into memory, then one Python write and an fsync of ``path``.
+
+    torch's zip writer reports a failed write (a full disk) as a bare ``RuntimeError``
+    ("unexpected pos ..."), losing the errno; Python's write raises the ``OSError(ENOSPC)``
+    it is, so the stage's error says what happened. The fsync flushes the bytes before
+    ``atomic_path`` renames the file: a crash after the rename cannot leave a truncated file
+    under the final name. (In memory, the zip archive's root folder is always ``archive``.)"""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     try:
-        torch.save(payload, path)
-    except RuntimeError as error:
-        stat = os.statvfs(path.parent)
-        if stat.f_bavail * stat.f_frsize >= FULL_DISK_BYTES:
+        with open(path, "wb") as handle:
+            handle.write(buffer.getbuffer())
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        if error.filename is not None:
             raise
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+        raise OSError(error.errno, error.strerror, str(path)) from error  # name the file
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -149,10 +153,6 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     payload = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, **to_plain(state)}
     with atomic_path(path) as tmp:
         _save(payload, tmp)
-        # atomic_path only renames; flush the bytes to disk first so that a crash after the
-        # rename cannot leave an empty or truncated file under the final name.
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
     return path
 
 
@@ -259,8 +259,6 @@ def save_model(
     path = Path(path)
     with atomic_path(path) as tmp:
         _save(payload, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
     return path
 
 
