@@ -135,7 +135,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_repro(args: argparse.Namespace) -> int:
     from flows.repro import repro
 
-    return repro(_project_root(), list(args.dvc_args))
+    command = ("exp", "run") if args.command == "exp" else ("repro",)
+    return repro(_project_root(), list(args.dvc_args), command)
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
@@ -230,6 +231,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repro.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc repro")
     repro.set_defaults(func=cmd_repro)
+
+    exp = sub.add_parser(
+        "exp",
+        help="run an experiment (dvc exp run) the way 'repro' runs the pipeline",
+        description=(
+            "'ulmfit exp run ARGS' runs 'dvc exp run ARGS' with 'repro''s Prefect server, "
+            "supervisor and MLflow pipeline run, which gets the parameters set with -S as its "
+            "params and the headline figures as its metrics, e.g. "
+            "'ulmfit exp run -S classifier.train.lr=0.02'. Then 'dvc exp show' puts the "
+            "experiments side by side (docs/review.md)."
+        ),
+    )
+    exp.add_argument("action", choices=["run"], help="run: dvc exp run")
+    exp.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc exp run")
+    exp.set_defaults(func=cmd_repro)
 
     retrain = sub.add_parser(
         "retrain",
@@ -347,11 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_repro(argv: list[str]) -> tuple[list[str], list[str] | None]:
-    """``ulmfit [options] repro ARGS``: ARGS go to ``dvc repro`` as they are, options first
-    included (``--force``, ``--single-item``), which argparse's REMAINDER refuses; ``repro -h``
-    is still ours."""
+    """``ulmfit [options] repro ARGS`` (or ``exp run ARGS``): ARGS go to ``dvc repro`` (``dvc
+    exp run``) as they are, options first included (``--force``, ``--single-item``), which
+    argparse's REMAINDER refuses; ``repro -h`` and ``exp run -h`` are still ours."""
     at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), None)
-    if at is None or argv[at] != "repro" or set(argv[at + 1 : at + 2]) & {"-h", "--help"}:
+    if at is not None and argv[at : at + 2] == ["exp", "run"]:
+        at += 1  # `exp run ARGS`: ARGS go to `dvc exp run`
+    elif at is None or argv[at] != "repro":
+        return argv, None
+    if set(argv[at + 1 : at + 2]) & {"-h", "--help"}:
         return argv, None
     return argv[: at + 1], argv[at + 1 :]
 

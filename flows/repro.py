@@ -1,13 +1,17 @@
-"""``ulmfit repro``: ``dvc repro`` with one local Prefect server for every stage.
+"""``ulmfit repro``: ``dvc repro`` with one local Prefect server for every stage; ``ulmfit exp
+run``: ``dvc exp run`` (an experiment, e.g. ``-S classifier.train.lr=0.02``) the same way.
 
-A bare ``dvc repro`` works too, but then each stage's flow starts Prefect's ephemeral server
-of its own (20 s or more each here). ``ulmfit repro`` starts ``prefect server start`` once on
+A bare ``dvc repro`` works too, but then each stage starts a Prefect server of its own (20 s
+or more each here). ``ulmfit repro`` starts ``prefect server start`` once on
 127.0.0.1 (a free port, PREFECT_HOME under ``runs/prefect``), points every stage at it with
 ``PREFECT_API_URL``, runs ``dvc repro`` and stops the server. With ``PREFECT_API_URL`` already
 set (a shared server, a test harness) it uses that server and starts none.
 
 It also groups the pipeline's MLflow runs: one parent run ``pipeline`` whose id and a fresh
-pipeline id are passed to every stage (``ULMFIT_PARENT_RUN_ID``, ``ULMFIT_PIPELINE_ID``).
+pipeline id are passed to every stage (``ULMFIT_PARENT_RUN_ID``, ``ULMFIT_PIPELINE_ID``). When
+DVC succeeds, the parent run gets the headline figures (``results/<dataset>.json``, written by
+the report stage) and ``results.md``, so the runs table shows every execution's results on its
+own row; the parameters an experiment sets (``-S``) are its params.
 
 Before any of that, in a second or two: the whole of ``params.yaml`` is checked (every bad value
 reported at once, as an ``InputError``: exit code 2), and ``repro_lock`` is taken for the
@@ -28,6 +32,7 @@ returns ``128 + signal``.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -160,8 +165,21 @@ def prefect_server(root: Path, hold: list[int] | None = None) -> Iterator[str]:
         stop_supervised(process, lifeline, SERVER_STOP_GRACE + 10)
 
 
-def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
-    """The MLflow run grouping this execution's stage runs (None if MLflow is unreachable)."""
+def set_params(dvc_args: list[str]) -> dict[str, str]:
+    """The parameters an experiment sets: ``-S key=value`` / ``--set-param key=value``."""
+    found = {}
+    for flag, value in zip(dvc_args, dvc_args[1:], strict=False):
+        if flag in ("-S", "--set-param") and "=" in value:
+            key, _, setting = value.partition("=")
+            found[key.rpartition(":")[2]] = setting  # params.yaml:key -> key
+    return found
+
+
+def _start_parent_run(
+    root: Path, pipeline: str, experiment: str, dvc_args: list[str]
+) -> str | None:
+    """The MLflow run grouping this execution's stage runs (None if MLflow is unreachable),
+    with the DVC command and the parameters it sets."""
     from tasks import tracking
 
     try:
@@ -172,14 +190,34 @@ def _start_parent_run(root: Path, pipeline: str, experiment: str) -> str | None:
             tags={
                 "ulmfit.pipeline_id": pipeline,
                 "ulmfit.stage": "pipeline",
+                "ulmfit.dvc_command": " ".join(["dvc", *dvc_args]),
                 "mlflow.source.git.commit": tracking.git_commit(root),
                 **tracking.process_tags(),
             },
         )
+        for key, value in set_params(dvc_args).items():
+            client.log_param(run.info.run_id, key, value)
         return run.info.run_id
     except Exception as error:  # tracking must not stop the pipeline from starting
         logger.warning("no MLflow parent run (%s); stage runs are still tagged", error)
         return None
+
+
+def _log_headline(root: Path, run_id: str) -> None:
+    """The headline figures of every dataset (``<dataset>.<key>``) and ``results.md`` on the
+    pipeline's run: read from the report stage's files, so a run whose stages DVC skipped
+    shows the same figures as the run that made them."""
+    from tasks import tracking
+
+    figures: dict[str, float] = {}
+    files = sorted((root / Layout.headline).glob("*.json"))
+    try:
+        for path in files:
+            figures.update({f"{path.stem}.{k}": v for k, v in json.loads(path.read_text()).items()})
+        tracking.log_metrics(root, run_id, figures)
+        tracking.log_artifacts(root, run_id, [root / Layout.results, *files])
+    except Exception as error:  # the pipeline succeeded; its tracking must not fail it
+        logger.warning("the headline figures were not logged to the pipeline run: %s", error)
 
 
 class Interrupted(BaseException):
@@ -191,9 +229,9 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
-def repro(root: Path, dvc_args: list[str]) -> int:
-    """Check ``params.yaml`` and take the workspace lock, then run ``dvc repro <dvc_args>``;
-    returns its exit code. Bad parameters raise ``InputError`` and a busy workspace
+def repro(root: Path, dvc_args: list[str], dvc_command: tuple[str, ...] = ("repro",)) -> int:
+    """Check ``params.yaml`` and take the workspace lock, then run ``dvc repro <dvc_args>``
+    (``dvc_command``: ``("exp", "run")`` for an experiment); returns its exit code. Bad parameters raise ``InputError`` and a busy workspace
     ``WorkspaceBusy`` before any server, MLflow run or DVC command is started. SIGTERM or
     SIGINT stops DVC and its stage (each ends its runs as KILLED), then the server, and
     returns ``128 + signal``."""
@@ -201,13 +239,13 @@ def repro(root: Path, dvc_args: list[str]) -> int:
 
     params = load_params(root / "params.yaml")
     with repro_lock(root):
-        return _repro(root, dvc_args, params.mlflow.experiment)
+        return _repro(root, [*dvc_command, *dvc_args], params.mlflow.experiment)
 
 
 def _repro(root: Path, dvc_args: list[str], experiment: str) -> int:
     from tasks import tracking
 
-    command = [_executable("dvc"), "repro", *dvc_args]
+    command = [_executable("dvc"), *dvc_args]
     status = "FAILED"
     parent = None
     dvc: list[subprocess.Popen] = []
@@ -232,7 +270,7 @@ def _repro(root: Path, dvc_args: list[str], experiment: str) -> int:
         pipeline = os.environ.get(tracking.PIPELINE_ID_ENV) or (
             time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
         )
-        parent = _start_parent_run(root, pipeline, experiment)
+        parent = _start_parent_run(root, pipeline, experiment, dvc_args)
         env = {**os.environ, tracking.PIPELINE_ID_ENV: pipeline}
         if parent:
             env[tracking.PARENT_RUN_ENV] = parent
@@ -260,6 +298,8 @@ def _repro(root: Path, dvc_args: list[str], experiment: str) -> int:
             logger.warning("pipeline %s: stopped by %s", pipeline, signal.Signals(received[0]).name)
             return 128 + received[0]
         status = "FINISHED" if code == 0 else "FAILED"
+        if code == 0 and parent:
+            _log_headline(root, parent)
         return code
     except Interrupted as interrupted:
         status = "KILLED"

@@ -35,7 +35,8 @@ def _stage(stage: Stage) -> str:
 
 
 def _body(stage: Stage) -> list[str]:
-    """The cmd, deps, params, outs, metrics and plots lines of one stage (indent 0)."""
+    """The cmd, deps, params, outs, metrics and plots lines of one stage (indent 0). Only the
+    headline figures are DVC metrics; every stage's own metrics file is an uncached output."""
     items = {arg: ARGUMENTS[arg].placeholder for arg in stage.args}
     options = "".join(f" --{arg} {value}" for arg, value in items.items())
     if "name" in stage.args:  # a control's data are its dataset's
@@ -47,9 +48,13 @@ def _body(stage: Stage) -> list[str]:
     lines += [f"  - {param}" for param in spec.params]
     lines.append("outs:")
     lines += [f"  - {out}" for out in spec.outs]
-    if stage.metrics:
+    if stage.metrics:  # detailed counts and timings: outputs, not what `dvc metrics show` lists
+        lines += [f"  - {spec.metrics}:", "      cache: false"]
         lines += [f"  - {spec.run_record}:", "      cache: false"]
-        lines += ["metrics:", f"  - {spec.metrics}:", "      cache: false"]
+    if spec.headline:
+        lines.append("metrics:")
+        for path in spec.headline:
+            lines += [f"  - {path}:", "      cache: false"]
     if spec.plots:
         lines += ["plots:", f"  - {spec.curve}:", "      cache: false"]
         if stage.group == "evaluate":  # its curve is the confusion matrix

@@ -65,6 +65,7 @@ class StageSpec:
     outs: tuple[str, ...]  # cached outputs
     params: tuple[str, ...]  # params.yaml keys (dotted) the stage reads
     plots: bool = False  # writes a curve CSV (plots/<name>.csv) and a figure (reports/figures/)
+    headline: tuple[str, ...] = ()  # what DVC declares as metrics (uncached)
 
     @property
     def deps(self) -> tuple[str, ...]:
@@ -108,7 +109,8 @@ class Stage:
     params: tuple[str, ...]  # params.yaml keys DVC tracks (templates)
     sections: tuple[str, ...]  # params sections its MLflow run logs (tasks.params.section_dict)
     plots: bool = False
-    metrics: bool = True  # writes metrics/<name>.json and its run record
+    metrics: bool = True  # writes metrics/<name>.json and its run record (uncached outs)
+    headline: tuple[str, ...] = ()  # the headline figures: DVC's only declared metrics
 
     @property
     def command(self) -> str:
@@ -133,6 +135,7 @@ class Stage:
             fill(self.outs),
             fill(self.params),
             self.plots,
+            self.headline,
         )
 
 
@@ -387,7 +390,8 @@ STAGES = (
         "report",
         "flows.report:report_flow",
         "Stage 6: write reports/results.md (every dataset, ablation and baseline with the "
-        "MLflow run id of each figure) and reports/sample_efficiency.png.",
+        "MLflow run id of each figure), the headline figures results/<dataset>.json and "
+        "reports/sample_efficiency.png.",
         args=(),
         name="report",
         code=("flows/report.py", "tasks/report.py", "tasks/results.py"),
@@ -396,6 +400,7 @@ STAGES = (
         params=("report", "controls"),
         sections=("report",),
         metrics=False,
+        headline=(L.headline,),
     ),
 )
 BY_GROUP = {stage.group: stage for stage in STAGES}
@@ -413,7 +418,7 @@ def producer_of(path: str) -> str | None:
     """The stage item whose outputs hold ``path`` (relative to the project root), e.g.
     ``data/datasets/imdb/lm_fwd/model.pt`` -> ``finetune_lm@imdb-fwd`` (None: no stage)."""
     for stage in STAGES:
-        for out in stage.outs:
+        for out in (*stage.outs, *stage.headline):
             pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(out))
             match = re.fullmatch(pattern + r"(/.*)?", path)
             if match:

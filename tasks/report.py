@@ -7,6 +7,7 @@ The figures come from :func:`tasks.results.collect`; this module only writes the
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -32,11 +33,14 @@ from ulmfit.io import atomic_write
 
 @task(name="write-report", cache_policy=NONE, persist_result=False)
 def write_report_task(root: Path, params: Params) -> dict:
-    """Write ``reports/results.md`` and the two curve figures; returns the figures it
-    tabulated (for MLflow)."""
+    """Write ``reports/results.md``, the headline figures (``results/<dataset>.json``) and the
+    two curve figures; returns the figures it tabulated (for MLflow)."""
     results = collect(root, params)
     with atomic_write(root / Layout.results, "w") as handle:
         handle.write("\n".join(render(results, params)) + "\n")
+    for dataset, figures in results.headline.items():
+        with atomic_write(root / Layout.headline_file(dataset), "w") as handle:
+            handle.write(json.dumps(figures, indent=2) + "\n")
     error_curves_figure(root / Layout.sample_efficiency, results.sample_efficiency)
     error_curves_figure(
         root / Layout.pretraining_budget,

@@ -113,6 +113,7 @@ class Results:
     # {panel: {method: [(x, test error)]}}: the sample-efficiency and pretraining-budget curves
     sample_efficiency: dict[str, dict[str, list]]
     pretraining_budget: dict[str, dict[str, list]]
+    headline: dict[str, dict[str, float]]  # {dataset: {key: value}}: results/<dataset>.json
     figures: dict[str, float]  # what the report stage logs to MLflow
 
     @property
@@ -148,6 +149,7 @@ def collect(root: Path, params: Params) -> Results:
         [],
         sample_efficiency_points(root, params),
         pretraining_budget_points(root, params),
+        {dataset.name: headline(dataset) for dataset in datasets},
         {},
     )
     results.bars.extend(_bars(results, params))
@@ -207,22 +209,42 @@ def _bars(results: Results, params: Params) -> list[Bar]:
     return bars
 
 
+# The headline figures of a dataset: (key, stage, its metric); the direction fills ``{d}``.
+HEADLINE = (
+    ("error_fwd", "evaluate", "test_error_fwd"),
+    ("error_bwd", "evaluate", "test_error_bwd"),
+    ("error_ensemble", "evaluate", "test_error_ensemble"),
+    ("error_tfidf", "baseline", "test_error"),
+    ("ppl_fwd", "finetune_lm_fwd", "valid_perplexity"),
+    ("ppl_bwd", "finetune_lm_bwd", "valid_perplexity"),
+)
+
+
+def headline(dataset: DatasetResult) -> dict[str, float]:
+    """What a newcomer looks at first, per dataset: test error of each classifier, of their
+    ensemble and of TF-IDF (fractions), and the fine-tuned LMs' validation perplexity. What
+    did not run is left out. ``dvc metrics show`` and the pipeline's MLflow run show these."""
+    stages = {
+        "evaluate": dataset.evaluate,
+        "baseline": dataset.baseline,
+        **{f"finetune_lm_{d}": lm for d, lm in dataset.finetuned.items()},
+    }
+    values = ((key, stages[stage].metrics.get(metric)) for key, stage, metric in HEADLINE)
+    return {key: float(value) for key, value in values if _is_number(value)}
+
+
 def _figures(results: Results) -> dict[str, float]:
     """The figures logged to the report's MLflow run."""
     figures = {}
-    keys = ("test_error_fwd", "test_error_bwd", "test_error_ensemble", "test_error_majority")
     for dataset in results.datasets:
-        for key in keys:
-            if _is_number(dataset.evaluate.metrics.get(key)):
-                figures[f"{dataset.name}.{key}"] = float(dataset.evaluate.metrics[key])
+        for key, value in results.headline[dataset.name].items():
+            figures[f"{dataset.name}.{key}"] = value
+        if _is_number(majority := dataset.evaluate.metrics.get("test_error_majority")):
+            figures[f"{dataset.name}.error_majority"] = float(majority)
     for _, lm in language_models(results):
         if _is_number(lm.metrics.get("valid_perplexity")):
             figures[f"{lm.spec.name}.valid_perplexity"] = float(lm.metrics["valid_perplexity"])
     if results.benchmark:
-        for dataset in results.datasets:
-            value = dataset.baseline.metrics.get("test_error")
-            if _is_number(value):
-                figures[f"{dataset.name}.baseline.test_error"] = float(value)
         for control in results.controls:
             value = control.result.metrics.get("test_error")
             if _is_number(value):

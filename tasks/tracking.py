@@ -66,23 +66,41 @@ def use_store(root: Path) -> str:
     return uri
 
 
+# MLflow 3's UI opens an experiment by its kind: without this tag it guesses and shows the
+# GenAI traces page; a model-training experiment opens on its runs.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "ULMFiT pipeline runs. Each `pipeline ...` run carries the headline figures of its "
+        "stages (per dataset: test error fwd / bwd / ensemble and TF-IDF, fine-tuned LM "
+        "perplexity) and results.md; expand it for the stage runs. Compare two executions by "
+        "selecting their pipeline runs and clicking Compare (docs/review.md)."
+    ),
+}
+
+
 def experiment_id(root: Path, name: str) -> str:
-    """The experiment's id, created on first use (artifacts under ``<project>/mlruns`` when the
-    store is the local SQLite file)."""
+    """The experiment's id, created on first use as a model-training experiment (artifacts
+    under ``<project>/mlruns`` when the store is the local SQLite file); an experiment made
+    by an older version gets its kind tag."""
     mlflow_client = client(root)
     experiment = mlflow_client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if tracking_uri(root) == default_uri(root):  # a server decides its own artifact store
-        location = (Path(root).resolve() / "mlruns").as_uri()
-    try:
-        return mlflow_client.create_experiment(name, artifact_location=location)
-    except Exception:  # another stage created it between the two calls
-        experiment = mlflow_client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        location = None
+        if tracking_uri(root) == default_uri(root):  # a server decides its own artifact store
+            location = (Path(root).resolve() / "mlruns").as_uri()
+        try:
+            return mlflow_client.create_experiment(
+                name, artifact_location=location, tags=EXPERIMENT_TAGS
+            )
+        except Exception:  # another stage created it between the two calls
+            experiment = mlflow_client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    for key, value in EXPERIMENT_TAGS.items():
+        if key not in experiment.tags:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def git_commit(root: Path) -> str:

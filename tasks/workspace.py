@@ -23,6 +23,9 @@ class Layout:
     tokenizer_dir = "data/tokenizer"
     wikipedia_tokens = "data/wikipedia_tokens"
     results = "reports/results.md"
+    # The headline figures, one small JSON per dataset: the only files DVC declares as metrics,
+    # so `dvc metrics show` and `dvc exp show` list them first (docs/review.md).
+    headline = "results"
     sample_efficiency = "reports/sample_efficiency.png"  # the paper's Figure 3, from the runs
     pretraining_budget = "reports/pretraining_budget.png"  # test error against pretraining tokens
     checkpoints = "runs/checkpoints"
@@ -30,6 +33,10 @@ class Layout:
     repro_lock_file = "runs/repro.lock"
     cache_dir = "runs/cache"
     prefect_home = "runs/prefect"
+
+    @staticmethod
+    def headline_file(dataset: str) -> str:
+        return f"results/{dataset}.json"
 
     @staticmethod
     def pretrained(direction: str) -> str:

@@ -74,6 +74,31 @@ def test_the_report_lists_the_directions_a_dataset_trains_and_cites_each_run(tmp
     assert [bar.kind for bar in results.bars] == ["scratch", "tfidf"]  # no ensemble trained
     for run_id in ("evaluate-run", "lm-fwd-run", "scratch-run", "baseline-run"):
         assert f"`{run_id}`" in text, run_id
-    assert results.figures["bbc_news.test_error_fwd"] == 0.10
+    assert results.figures["bbc_news.error_fwd"] == 0.10
     assert results.figures["controls.bbc-scratch.test_error"] == 0.12
     assert results.sample_efficiency["bbc_news"]["TF-IDF + LR"] == [(300, 0.2), (20, 0.4)]
+
+
+def test_the_headline_holds_each_dataset_s_test_errors_and_perplexities(tmp_path):
+    """results/<dataset>.json: what `dvc metrics show` and the pipeline's MLflow run show;
+    what did not run (the backward direction here) is left out, not shown as 0."""
+    from tasks.report import write_report_task
+
+    params = _params(["fwd"])
+    _workspace(tmp_path, ["fwd"])
+    assert collect(tmp_path, params).headline == {
+        "bbc_news": {"error_fwd": 0.10, "error_tfidf": 0.2, "ppl_fwd": 43.0}
+    }
+    params = _params(["fwd", "bwd"])
+    _workspace(tmp_path, ["fwd", "bwd"])
+    figures = write_report_task.fn(tmp_path, params)
+    written = json.loads((tmp_path / "results" / "bbc_news.json").read_text())
+    assert written == {
+        "error_fwd": 0.10,
+        "error_bwd": 0.12,
+        "error_ensemble": 0.09,
+        "error_tfidf": 0.2,
+        "ppl_fwd": 43.0,
+        "ppl_bwd": 43.0,
+    }
+    assert {key: figures[f"bbc_news.{key}"] for key in written} == written
