@@ -28,13 +28,7 @@ from ulmfit.model import (
 VOCAB, EMBED, HIDDEN, BATCH, SEQ = 99, 16, 24, 3, 7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_seed():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_and_seed")
 
 
 def tiny_config(**changes) -> AWDLSTMConfig:

@@ -51,13 +51,7 @@ MLM = dataclasses.replace(CAUSAL, objective="mlm", mask_id=MASK, special_ids=(BO
 AWD = AWDLSTMConfig(vocab_size=VOCAB, embed_size=8, hidden_size=12, num_layers=2).scaled(0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_seed():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_and_seed")
 
 
 def tokens(batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:

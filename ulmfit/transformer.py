@@ -27,6 +27,7 @@ from ulmfit.config import Dropout, Fraction, NonNegativeInt, OneOf, PositiveInt,
 from ulmfit.cross_entropy import decoder_cross_entropy
 from ulmfit.model import (
     AWDLSTMConfig,
+    ClassifierConfig,
     ClassifierOutput,
     LanguageModel,
     LMLoss,
@@ -87,8 +88,8 @@ class TransformerClassifierConfig:
     encoder: TransformerConfig
     num_classes: Annotated[int, Range(2)]
     pooling: Annotated[str, OneOf(("last", "mean", "first"))] = "last"
-    head_hidden: PositiveInt = 50
-    head_dropouts: tuple[Dropout, Dropout] = (0.4, 0.1)
+    head_hidden: PositiveInt = ClassifierConfig.head_hidden
+    head_dropouts: tuple[Dropout, Dropout] = ClassifierConfig.head_dropouts
     backbone: Annotated[str, OneOf(("transformer",))] = "transformer"
 
     def __post_init__(self) -> None:
@@ -367,8 +368,8 @@ class FrozenFeatureConfig:
 
     encoder: AWDLSTMConfig
     num_classes: Annotated[int, Range(2)]
-    head_hidden: PositiveInt = 50
-    head_dropouts: tuple[Dropout, Dropout] = (0.4, 0.1)
+    head_hidden: PositiveInt = ClassifierConfig.head_hidden
+    head_dropouts: tuple[Dropout, Dropout] = ClassifierConfig.head_dropouts
     backbone: Annotated[str, OneOf(("frozen_features",))] = "frozen_features"
 
 
