@@ -1,0 +1,126 @@
+"""The GPT-, BERT- and ELMo-style arms in ``params.yaml`` (issue 13): ``pretrain.model.backbone``
+parses into the right model config for every stage, AWD-LSTM stays the default, and a value that
+does not fit the backbone is refused with its key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.params import MASK_ID, TransformerClassifierModelParams, load_params
+from ulmfit.errors import InputError
+from ulmfit.model import AWDLSTMConfig, ClassifierConfig
+from ulmfit.tokenizer import UNK_ID
+from ulmfit.transformer import TransformerClassifierConfig, TransformerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"dim": 16, "num_layers": 2, "heads": 2, "ff_mult": 2, "max_len": 96, "dropout": 0.1}
+
+
+def transformer_profile(backbone: str) -> dict:
+    """The default profile with a tiny transformer and a classifier section of its own."""
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["pretrain"]["model"] = {"backbone": backbone, **TINY}
+    data["classifier"]["model"] = {"head_hidden": 8, "encoder": {"dropout": 0.2}}
+    return data
+
+
+def _load(tmp_path: Path, data: dict):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_params(path, check_paths=False)
+
+
+def _refusal(tmp_path: Path, data: dict) -> str:
+    with pytest.raises(InputError) as info:
+        _load(tmp_path, data)
+    return "\n".join(info.value.details)
+
+
+def test_awd_lstm_is_the_default_and_builds_the_same_configs():
+    params = load_params(ROOT / "profiles" / "default.yaml", check_paths=False)
+    assert params.pretrain.backbone == "awd_lstm"
+    assert isinstance(params.pretrain.model, AWDLSTMConfig)
+    assert type(params.classifier.build(600, 5, 0.5)) is ClassifierConfig
+
+
+@pytest.mark.parametrize(
+    ("backbone", "objective", "pooling"),
+    [("transformer_causal", "causal", "last"), ("transformer_mlm", "mlm", "mean")],
+)
+def test_a_transformer_backbone_reaches_every_stage(tmp_path, backbone, objective, pooling):
+    params = _load(tmp_path, transformer_profile(backbone))
+    model = params.pretrain.model
+    assert isinstance(model, TransformerConfig)
+    assert (params.pretrain.backbone, model.objective, model.dim) == (backbone, objective, 16)
+    assert model.mask_id == (MASK_ID if objective == "mlm" else None)
+    assert model.vocab_size == params.tokenizer.vocab_size
+    classifier = params.dataset("bbc_news").classifier
+    assert isinstance(classifier.model, TransformerClassifierModelParams)
+    built = classifier.build(600, 5, 0.5)
+    assert isinstance(built, TransformerClassifierConfig)
+    assert (built.pooling, built.encoder.dropout, built.encoder.dim) == (pooling, 0.1, 16)
+    assert built.encoder.vocab_size == 600
+    assert model.scaled(0.5).dropout == 0.05
+
+
+def test_the_mask_token_is_unk_which_byte_fallback_never_emits():
+    assert MASK_ID == UNK_ID == 0
+
+
+def test_first_token_pooling_for_mlm_only(tmp_path):
+    data = transformer_profile("transformer_mlm")
+    data["classifier"]["model"]["pooling"] = "first"
+    assert _load(tmp_path, data).classifier.model.pooling == "first"
+    data = transformer_profile("transformer_causal")
+    data["classifier"]["model"]["pooling"] = "first"
+    assert "classifier.model.pooling: got 'first' with a causal encoder" in _refusal(tmp_path, data)
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        (lambda d: d["pretrain"]["model"].update(backbone="lstm"), "pretrain.model.backbone"),
+        (lambda d: d["pretrain"]["model"].update(hidden_size=32), "pretrain.model.hidden_size"),
+        (lambda d: d["pretrain"]["model"].update(heads=3), "pretrain.model"),
+        (lambda d: d["classifier"]["model"].update(bptt=70), "classifier.model.bptt"),
+        (
+            lambda d: d["classifier"]["model"]["encoder"].update(input_dropout=0.4),
+            "classifier.model.encoder.input_dropout",
+        ),
+        (lambda d: d["pretrain"]["train"].update(bptt=90), "pretrain.train.bptt"),
+        (
+            lambda d: d["pretrain"]["train"]["optim"].update(name="ntasgd"),
+            "pretrain.train.optim.name",
+        ),
+    ],
+)
+def test_values_that_do_not_fit_a_transformer_name_their_key(tmp_path, change, key):
+    data = transformer_profile("transformer_mlm")
+    change(data)
+    assert f"{key}: " in _refusal(tmp_path, data)
+
+
+def test_pooling_is_refused_for_the_awd_lstm(tmp_path):
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["classifier"]["model"]["pooling"] = "mean"
+    assert "classifier.model.pooling: is for the transformer backbones" in _refusal(tmp_path, data)
+
+
+def test_frozen_features_control_needs_the_awd_lstm_lms_of_both_directions(tmp_path):
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["controls"] = {"elmo": {"dataset": "bbc_news", "encoder": "frozen_features"}}
+    control = _load(tmp_path, data).control("elmo")
+    assert control.encoder == "frozen_features"
+    assert not control.classifier.train.gradual_unfreezing
+    data["datasets"]["bbc_news"]["directions"] = ["fwd"]
+    assert "controls.elmo.encoder: frozen_features needs the dataset's fwd and bwd" in (
+        _refusal(tmp_path, data)
+    )
+    data = transformer_profile("transformer_causal")
+    data["controls"] = {"elmo": {"dataset": "bbc_news", "encoder": "frozen_features"}}
+    assert "controls.elmo.encoder: frozen_features reads the dataset's AWD-LSTM LMs" in (
+        _refusal(tmp_path, data)
+    )
