@@ -4,16 +4,27 @@ does not fit the backbone is refused with its key path."""
 
 from __future__ import annotations
 
+import logging
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
 from tasks.params import MASK_ID, TransformerClassifierModelParams, load_params
 from ulmfit.errors import InputError
-from ulmfit.model import AWDLSTMConfig, ClassifierConfig
+from ulmfit.model import AWDLSTMConfig, ClassifierConfig, LanguageModel
+from ulmfit.predict import TextClassifier
 from ulmfit.tokenizer import UNK_ID
-from ulmfit.transformer import TransformerClassifierConfig, TransformerConfig
+from ulmfit.transformer import (
+    FrozenFeatureClassifier,
+    TransformerClassifier,
+    TransformerClassifierConfig,
+    TransformerConfig,
+    TransformerLM,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"dim": 16, "num_layers": 2, "heads": 2, "ff_mult": 2, "max_len": 96, "dropout": 0.1}
@@ -124,3 +135,66 @@ def test_frozen_features_control_needs_the_awd_lstm_lms_of_both_directions(tmp_p
     assert "controls.elmo.encoder: frozen_features reads the dataset's AWD-LSTM LMs" in (
         _refusal(tmp_path, data)
     )
+
+
+# ------------------------------------------------------------------------ models of each backbone
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from ulmfit.tokenizer import TokenizerConfig, train_tokenizer
+
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "movie", "Film", "great", "awful", "plot", "acting", "the", "was"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(3, 12))) + "!" for _ in range(300)]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "spm.model", TokenizerConfig())
+
+
+def _classifiers(vocab_size: int) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    encoder = TransformerConfig(vocab_size, **TINY, objective="mlm", mask_id=MASK_ID)
+    lm = AWDLSTMConfig(vocab_size, embed_size=8, hidden_size=12, num_layers=2)
+    return {
+        "transformer_mlm": TransformerClassifier(
+            TransformerClassifierConfig(encoder, 2, pooling="first", head_hidden=4)
+        ),
+        "frozen_features": FrozenFeatureClassifier.from_language_models(
+            LanguageModel(lm), LanguageModel(lm), 2, head_hidden=4
+        ),
+    }
+
+
+TEXTS = ["A great film, good acting.", "", "Bad plot. AWFUL movie!!!", "the film was good"]
+
+
+@pytest.mark.parametrize("backbone", ["transformer_mlm", "frozen_features"])
+def test_text_classifier_saves_loads_and_names_each_backbone(tokenizer, tmp_path, caplog, backbone):
+    model = _classifiers(tokenizer.vocab_size)[backbone]
+    classifier = TextClassifier(tokenizer, model, label_names=["neg", "pos"])
+    assert classifier.backbone == backbone
+    probs = classifier.predict_proba(TEXTS)
+    loaded = TextClassifier.load(classifier.save(tmp_path / "clf"))
+    assert loaded.backbone == backbone
+    np.testing.assert_allclose(loaded.predict_proba(TEXTS), probs, rtol=1e-5, atol=1e-6)
+    with caplog.at_level(logging.WARNING, logger="ulmfit.predict"):
+        quantized = TextClassifier.load(tmp_path / "clf", quantize=True)
+    assert (
+        f"int8 quantisation skipped: it exists for the AWD-LSTM only, and this model's "
+        f"backbone is {backbone}" in caplog.text
+    )
+    np.testing.assert_allclose(quantized.predict_proba(TEXTS), probs, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_lm_evaluation_scores_the_same_masks_every_time():
+    from ulmfit.evaluate import evaluate_mlm
+    from ulmfit.storage import TokenDocs
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(50, **TINY, objective="mlm", mask_id=MASK_ID))
+    ids = np.random.default_rng(0).integers(2, 50, size=400).astype(np.int32)
+    docs = TokenDocs(ids=ids, offsets=np.array([0, 150, 400]), labels=None)
+    first = evaluate_mlm(model, docs, batch_size=2, bptt=20, seed=3)
+    assert first == evaluate_mlm(model, docs, batch_size=2, bptt=20, seed=3)
+    assert 0 < first["masked_tokens"] < 0.3 * 400  # about 15 % of the tokens
+    assert first["masked_loss"] == pytest.approx(math.log(50), rel=0.2)  # an untrained model
+    assert set(first) == {"masked_loss", "masked_perplexity", "masked_accuracy", "masked_tokens"}
