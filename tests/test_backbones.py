@@ -4,6 +4,8 @@ does not fit the backbone is refused with its key path."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -150,6 +152,19 @@ def tokenizer(tmp_path_factory):
     return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "spm.model", TokenizerConfig())
 
 
+@contextlib.contextmanager
+def _captured(caplog, name: str):
+    """caplog for logger ``name``, also when Prefect's logging set-up keeps ``ulmfit`` from
+    propagating to the root logger."""
+    logger = logging.getLogger(name)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=name):
+            yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def _classifiers(vocab_size: int) -> dict[str, torch.nn.Module]:
     torch.manual_seed(0)
     encoder = TransformerConfig(vocab_size, **TINY, objective="mlm", mask_id=MASK_ID)
@@ -176,7 +191,7 @@ def test_text_classifier_saves_loads_and_names_each_backbone(tokenizer, tmp_path
     loaded = TextClassifier.load(classifier.save(tmp_path / "clf"))
     assert loaded.backbone == backbone
     np.testing.assert_allclose(loaded.predict_proba(TEXTS), probs, rtol=1e-5, atol=1e-6)
-    with caplog.at_level(logging.WARNING, logger="ulmfit.predict"):
+    with _captured(caplog, "ulmfit.predict"):
         quantized = TextClassifier.load(tmp_path / "clf", quantize=True)
     assert (
         f"int8 quantisation skipped: it exists for the AWD-LSTM only, and this model's "
@@ -198,3 +213,88 @@ def test_masked_lm_evaluation_scores_the_same_masks_every_time():
     assert 0 < first["masked_tokens"] < 0.3 * 400  # about 15 % of the tokens
     assert first["masked_loss"] == pytest.approx(math.log(50), rel=0.2)  # an untrained model
     assert set(first) == {"masked_loss", "masked_perplexity", "masked_accuracy", "masked_tokens"}
+
+
+# ------------------------------------------------------------------ the training tasks, MLM arm
+
+
+class _Logger:
+    """What a training task needs of ``TrainLogger``, without an MLflow run."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+
+    def __call__(self, event) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _token_file(path: Path, tokenizer, texts: list[str], labels: list[int]) -> Path:
+    from ulmfit.storage import TokenDocs, write_tokens
+
+    encoded = tokenizer.encode(texts)
+    offsets = np.cumsum([0, *map(len, encoded)])
+    ids = np.concatenate(encoded).astype(np.int32)
+    docs = TokenDocs(ids=ids, offsets=offsets, labels=np.asarray(labels, dtype=np.int64))
+    write_tokens(path, docs, tokenizer.identity, tokenizer.vocab_size)
+    return path
+
+
+def test_mlm_stages_validate_masked_tokens_and_the_classifier_starts_from_the_lm(
+    tokenizer, tmp_path, monkeypatch, caplog
+):
+    from tasks.training import TrainingRun, train_classifier_task, train_lm_task
+    from ulmfit.checkpoint import load_model
+    from ulmfit.train import LMTrainConfig
+
+    monkeypatch.setattr(TrainingRun, "logger", lambda self, total_steps, name="": _Logger())
+    texts = [f"{w} film was {v} and the plot {w}" for w in ("good", "bad") for v in TEXTS] * 4
+    labels = [0, 1] * (len(texts) // 2)
+    train = _token_file(tmp_path / "train.parquet", tokenizer, texts, labels)
+    valid = _token_file(tmp_path / "valid.parquet", tokenizer, texts[:6], labels[:6])
+
+    def run(name: str) -> TrainingRun:
+        return TrainingRun(
+            tmp_path,
+            "run",
+            tokenizer.path,
+            tmp_path / name,
+            tmp_path / f"{name}-ckpt",
+            "cpu",
+            1,
+            name,
+        )
+
+    params = _load(tmp_path, transformer_profile("transformer_mlm"))
+    lm_cfg = LMTrainConfig(batch_size=4, bptt=16, max_steps=3, ar_alpha=2.0, tar_beta=1.0)
+    with _captured(caplog, "ulmfit"):
+        lm = train_lm_task.fn(
+            run("lm"), params.pretrain.model, lm_cfg, token_files=[train], holdout=(0.25, 0, None)
+        )
+    assert "ar_alpha 2 and tar_beta 1 set to 0" in caplog.text
+    assert "valid_perplexity" not in lm["metrics"]
+    assert lm["metrics"]["valid_masked_tokens"] > 0
+    assert 0 <= lm["metrics"]["valid_masked_accuracy"] <= 1
+    lm_model, _ = load_model(lm["model"])
+    assert isinstance(lm_model, TransformerLM) and lm_model.cfg.objective == "mlm"
+
+    classifier = params.classifier
+    one_step = dataclasses.replace(classifier.train, max_steps=1, batch_size=4)
+    classifier = dataclasses.replace(classifier, train=one_step, lrs=())
+    result = train_classifier_task.fn(
+        run("clf"),
+        classifier,
+        backward=False,
+        train_file=train,
+        valid_file=valid,
+        label_names=["neg", "pos"],
+        lm_file=Path(lm["model"]),
+    )
+    model, _ = load_model(result["model"])
+    assert isinstance(model, TransformerClassifier) and model.cfg.pooling == "mean"
+    # Gradual unfreezing: the first step trains the top group alone, the rest is the LM's.
+    for key, value in lm_model.encoder.blocks.state_dict().items():
+        assert torch.equal(model.encoder.blocks.state_dict()[key], value), key
