@@ -9,6 +9,12 @@ Dropouts follow the ULMFiT scripts (paper section 3): the AWD-LSTM's base dropou
 once (``pretrain.model``) and each phase scales them by its own multiplier (``pretrain``: 0.1
 in the fastai v1 WikiText-103 recipe, ``finetune``: 0.7, the paper's LM fine-tuning value);
 the classifier has its own base dropouts (fastai's ``awd_lstm_clas_config``) and multiplier.
+
+``pretrain.model.backbone`` picks the model of every stage: ``awd_lstm`` (the default: a file
+without the key parses exactly as before), ``transformer_causal`` (GPT-style) or
+``transformer_mlm`` (BERT-style), whose sizes are keys of the same section
+(:class:`~ulmfit.transformer.TransformerConfig`); the classifier section then takes the
+transformer's ``pooling`` and base ``dropout`` (docs/pipeline.md, "Choosing a backbone").
 """
 
 from __future__ import annotations
