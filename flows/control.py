@@ -32,6 +32,8 @@ def control_flow(name: str, root: str = ".") -> str:
     control = params.control(name)
     of, direction = control.dataset, control.direction
     own_lm = control.encoder == "finetuned" and control.pretrain_step is None
+    # The ELMo-style control reads both directions' fine-tuned LMs (params checks they exist).
+    frozen = control.encoder == "frozen_features"
     if own_lm and direction not in params.dataset(of).directions:
         raise InputError(
             Path(root).resolve() / "params.yaml",
@@ -50,7 +52,12 @@ def control_flow(name: str, root: str = ".") -> str:
         metrics: dict = {}
         lm_file: Path | None = None
         pretrained = Layout.pretrained(direction)
-        if own_lm:
+        frozen_lms = None
+        if frozen:
+            frozen_lms = tuple(
+                ctx.require(f"{Layout.finetuned(of, d)}/{MODEL_FILE}") for d in ("fwd", "bwd")
+            )
+        elif own_lm:
             lm_file = ctx.require(f"{Layout.finetuned(of, direction)}/{MODEL_FILE}")
         elif control.encoder == "pretrained":
             lm_file = ctx.require(f"{pretrained}/{MODEL_FILE}")
@@ -90,6 +97,7 @@ def control_flow(name: str, root: str = ".") -> str:
             checkpoint_dir=ctx.checkpoint_dir("classifier"),
             description=f"control {name}",
             train_indices=indices,
+            frozen_lms=frozen_lms,
         )
         test = test_classifier_task(
             Path(result["model"]),

@@ -72,6 +72,7 @@ def evaluate_flow(dataset: str, root: str = ".") -> str:
                 {
                     "ulmfit.registered_model": registered["name"],
                     "ulmfit.registered_version": registered["version"],
+                    "ulmfit.backbone": registered["backbone"],
                 },
             )
     return str(out)

@@ -88,6 +88,7 @@ def pretrain_flow(direction: str, root: str = ".") -> str:
                 name=lm_model_name(ctx.params.mlflow.model_name_prefix, direction),
                 direction=direction,
                 metrics=result["metrics"],
+                backbone=pretrain.backbone,
             )
             tracking.set_tags(
                 ctx.root,

@@ -9,6 +9,12 @@ Dropouts follow the ULMFiT scripts (paper section 3): the AWD-LSTM's base dropou
 once (``pretrain.model``) and each phase scales them by its own multiplier (``pretrain``: 0.1
 in the fastai v1 WikiText-103 recipe, ``finetune``: 0.7, the paper's LM fine-tuning value);
 the classifier has its own base dropouts (fastai's ``awd_lstm_clas_config``) and multiplier.
+
+``pretrain.model.backbone`` picks the model of every stage: ``awd_lstm`` (the default: a file
+without the key parses exactly as before), ``transformer_causal`` (GPT-style) or
+``transformer_mlm`` (BERT-style), whose sizes are keys of the same section
+(:class:`~ulmfit.transformer.TransformerConfig`); the classifier section then takes the
+transformer's ``pooling`` and base ``dropout`` (docs/pipeline.md, "Choosing a backbone").
 """
 
 from __future__ import annotations
@@ -44,14 +50,43 @@ from ulmfit.config import (
 from ulmfit.corpora import DATASETS, DatasetSource, WikipediaSource
 from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig
-from ulmfit.tokenizer import TokenizerConfig
+from ulmfit.tokenizer import UNK_ID, TokenizerConfig
 from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
+from ulmfit.transformer import TransformerClassifierConfig, TransformerConfig
 
 LM_SPLITS = ("train", "valid", "test", "unsup")
 # What a classifier's encoder takes from the pretrained LM: every field but the dropouts.
 _ENCODER_SIZE_KEYS = tuple(
     f.name for f in dataclasses.fields(AWDLSTMConfig) if not f.name.endswith("_dropout")
 )
+# pretrain.model.backbone: the AWD-LSTM of ULMFiT (the default), or a transformer trained as
+# GPT (next token) or as BERT (masked tokens) - ulmfit.transformer, docs/model.md.
+BACKBONES = ("awd_lstm", "transformer_causal", "transformer_mlm")
+# The keys of pretrain.model for a transformer backbone; TransformerConfig's other fields follow
+# from the backbone (objective, mask_id) and the tokenizer (vocab_size).
+_TRANSFORMER_KEYS = ("dim", "num_layers", "heads", "ff_mult", "max_len", "dropout", "pad_id")
+# The byte-fallback tokenizer has no mask piece and never emits UNK (every byte has a piece),
+# so UNK's id serves as BERT's [MASK]: the tokenizer, and so every AWD-LSTM result, is unchanged.
+MASK_ID = UNK_ID
+POOLINGS = ("last", "mean", "first")
+
+
+def backbone_of(model: AWDLSTMConfig | TransformerConfig) -> str:
+    """The ``pretrain.model.backbone`` value of a parsed model config."""
+    if isinstance(model, TransformerConfig):
+        return f"transformer_{model.objective}"
+    return "awd_lstm"
+
+
+def describe_model(model: AWDLSTMConfig | TransformerConfig) -> str:
+    """One line naming the backbone and its sizes (for reports and logs)."""
+    if isinstance(model, TransformerConfig):
+        kind = {"causal": "GPT-style causal", "mlm": "BERT-style masked"}[model.objective]
+        return (
+            f"{kind} transformer {model.dim}x{model.num_layers} ({model.heads} heads, "
+            f"max_len {model.max_len})"
+        )
+    return f"AWD-LSTM {model.embed_size}/{model.hidden_size}x{model.num_layers}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +123,18 @@ class PretrainParams:
     ``<mlflow.model_name_prefix>-lm-<direction>`` in the MLflow registry.
     """
 
-    model: AWDLSTMConfig  # vocab_size comes from the tokenizer at run time
+    # By pretrain.model.backbone; vocab_size comes from the tokenizer at run time.
+    model: AWDLSTMConfig | TransformerConfig
     train: LMTrainConfig
     dropout_multiplier: NonNegativeFloat = 1.0
     device: Device = "auto"
     threads: NonNegativeInt = 0  # CPU threads for PyTorch; 0: its default (one per core)
     register: bool = True
     reuse: Mapping[str, PretrainedSource] = dataclasses.field(default_factory=dict)
+
+    @property
+    def backbone(self) -> str:
+        return backbone_of(self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +173,21 @@ class ClassifierModelParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransformerClassifierModelParams:
+    """``classifier.model`` for a transformer backbone: :class:`TransformerClassifierConfig`
+    without the run-time sizes. ``encoder``: the pretrained LM's sizes with the classifier's
+    base ``dropout``; ``pooling``: the document summary, default ``last`` (the last real token)
+    for a causal encoder and ``mean`` for an MLM one (``first``, the ``xxbos`` token, is
+    BERT's ``[CLS]`` and needs an MLM encoder). No BPT3C: a document is cut to its first
+    ``max_len`` tokens."""
+
+    encoder: TransformerConfig
+    pooling: Annotated[str, OneOf(POOLINGS)] = "last"
+    head_hidden: PositiveInt = _default(TransformerClassifierConfig, "head_hidden")
+    head_dropouts: tuple[Dropout, Dropout] = _default(TransformerClassifierConfig, "head_dropouts")
+
+
+@dataclasses.dataclass(frozen=True)
 class ClassifierParams:
     """Stage ``train_classifier``: classifier fine-tuning (paper section 3.3).
 
@@ -140,7 +195,7 @@ class ClassifierParams:
     dropouts; the encoder's sizes always come from the pretrained LM.
     """
 
-    model: ClassifierModelParams
+    model: ClassifierModelParams | TransformerClassifierModelParams  # by the backbone
     train: ClassifierTrainConfig
     dropout_multiplier: NonNegativeFloat = 0.5
     device: Device = "auto"
@@ -159,11 +214,20 @@ class ClassifierParams:
 
     def build(
         self, vocab_size: int, num_classes: int, dropout_multiplier: float
-    ) -> ClassifierConfig:
-        """The library's :class:`ClassifierConfig` once the sizes are known: the tokenizer's
-        vocabulary, the dataset's classes, the encoder's dropouts times ``dropout_multiplier``."""
+    ) -> ClassifierConfig | TransformerClassifierConfig:
+        """The library's :class:`ClassifierConfig` (or :class:`TransformerClassifierConfig`)
+        once the sizes are known: the tokenizer's vocabulary, the dataset's classes, the
+        encoder's dropouts times ``dropout_multiplier``."""
         model = self.model
         encoder = dataclasses.replace(model.encoder, vocab_size=vocab_size)
+        if isinstance(model, TransformerClassifierModelParams):
+            return TransformerClassifierConfig(
+                encoder=encoder.scaled(dropout_multiplier),
+                num_classes=num_classes,
+                pooling=model.pooling,
+                head_hidden=model.head_hidden,
+                head_dropouts=model.head_dropouts,
+            )
         return ClassifierConfig(
             encoder=encoder.scaled(dropout_multiplier),
             num_classes=num_classes,
@@ -197,8 +261,8 @@ class BaselineParams:
     seed: NonNegativeInt = 42
 
 
-ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch")
-# How a classifier with a random encoder trains unless its control says otherwise.
+ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch", "frozen_features")
+# How a classifier with a random (or frozen) encoder trains unless its control says otherwise.
 SCRATCH_TRAINING = {"gradual_unfreezing": False, "schedule": {"discriminative": False}}
 
 
@@ -211,11 +275,17 @@ class ControlParams:
     encoder: where the classifier's encoder starts. ``finetuned``: the dataset's fine-tuned LM
         (full ULMFiT); ``pretrained``: the Wikipedia LM (no LM fine-tuning); ``lm_from_scratch``:
         an LM fine-tuned on the dataset from random weights (no pretraining); ``scratch``:
-        random weights (no LM at all). A ``scratch`` classifier trains every layer from the
-        first step at one learning rate (``gradual_unfreezing`` and ``discriminative`` default
-        to false for it): those two protect what a pretrained encoder knows (paper section
-        3.3), and a random encoder has nothing to protect; frozen, its random layers only pass
-        noise to the head. The control's own ``classifier`` section can still set them.
+        random weights (no LM at all); ``frozen_features``: the ELMo-style control, the
+        dataset's fine-tuned forward and backward AWD-LSTM LMs frozen, their layers mixed by a
+        learned softmax-weighted sum with a scale, read by a small head (needs
+        ``pretrain.model.backbone: awd_lstm`` and both directions; the encoder never trains,
+        so the control reads text forward and ``direction`` stays ``fwd``). A ``scratch`` or
+        ``frozen_features`` classifier trains every layer from the first step at one learning
+        rate (``gradual_unfreezing`` and ``discriminative`` default to false for it): those two
+        protect what a pretrained encoder knows (paper section 3.3), and a random encoder has
+        nothing to protect; frozen, its random layers only pass noise to the head (a frozen
+        encoder's two trainable groups, mix and head, gain nothing from them either). The
+        control's own ``classifier`` section can still set them.
     labels: train on a seeded class-balanced subset of this many training documents (nested:
         a smaller subset is part of a larger one); None: the whole train split.
     pretrain_step: with ``encoder: finetuned``, start the LM fine-tuning from the pretraining
@@ -440,6 +510,16 @@ def parse_params(data: Mapping[str, Any], *, root: Path | None = None) -> Params
             {name: c for name, c in controls.items() if c},
         )
 
+    if pretrain and isinstance(pretrain.model, TransformerConfig):
+        trainings = {"pretrain.train": pretrain.train}
+        if finetune:
+            trainings["finetune.train"] = finetune.train
+        for group, entries in (("datasets", datasets), ("controls", controls)):
+            for name, entry in entries.items():
+                if entry:
+                    trainings[f"{group}.{name}.finetune.train"] = entry.finetune.train
+        attempt("pretrain.model", _check_transformer_training, pretrain.model, trainings)
+
     def section(cls: type, name: str) -> Any:
         return attempt(name, from_dict, cls, sections[name], where=name, root=root)
 
@@ -561,10 +641,10 @@ def _nested(data: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
 
 
 def _scaled_dropouts(
-    encoder: AWDLSTMConfig, multipliers: tuple[float, ...], where: str
+    encoder: AWDLSTMConfig | TransformerConfig, multipliers: tuple[float, ...], where: str
 ) -> list[Problem]:
     """Each phase multiplies the base dropouts by its multiplier: the products must stay < 1."""
-    names = [f.name for f in dataclasses.fields(encoder) if f.name.endswith("_dropout")]
+    names = [f.name for f in dataclasses.fields(encoder) if f.name.endswith("dropout")]
     worst = max(getattr(encoder, name) for name in names)
     return [
         Problem(
@@ -587,10 +667,11 @@ def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
             "remove this key",
         )
     model["vocab_size"] = vocab_size
+    built = _model(model, "pretrain.model")
     reuse = _reuse(data.get("reuse") or {})
     params = from_dict(
         PretrainParams,
-        {**data, "model": model, "train": _nested(data, "train", "pretrain"), "reuse": {}},
+        {**data, "model": built, "train": _nested(data, "train", "pretrain"), "reuse": {}},
         where="pretrain",
     )
     params = dataclasses.replace(params, reuse=reuse)
@@ -600,6 +681,36 @@ def _pretrain(data: dict[str, Any], vocab_size: int) -> PretrainParams:
     if problems:
         raise ConfigError(problems)
     return params
+
+
+def _model(model: dict[str, Any], where: str) -> AWDLSTMConfig | TransformerConfig:
+    """``pretrain.model`` by its ``backbone``: an :class:`AWDLSTMConfig` (the default, every
+    key as before) or a :class:`TransformerConfig` of the keys ``_TRANSFORMER_KEYS``."""
+    backbone = model.pop("backbone", "awd_lstm")
+    if backbone not in BACKBONES:
+        raise _problem(
+            f"{where}.backbone",
+            f"got {backbone!r}, expected one of {', '.join(BACKBONES)}",
+            "write awd_lstm (ULMFiT), transformer_causal (GPT-style) or transformer_mlm "
+            "(BERT-style)",
+        )
+    if backbone == "awd_lstm":
+        return from_dict(AWDLSTMConfig, model, where=where)
+    objective = backbone.removeprefix("transformer_")
+    allowed = (*_TRANSFORMER_KEYS, "mask_rate") if objective == "mlm" else _TRANSFORMER_KEYS
+    problems = [
+        Problem(
+            f"{where}.{key}",
+            f"not a key of backbone {backbone}; valid keys: {sorted(allowed)}",
+            "remove it (the AWD-LSTM's sizes and dropouts are for backbone awd_lstm)",
+        )
+        for key in model
+        if key not in (*allowed, "vocab_size")
+    ]
+    if problems:
+        raise ConfigError(problems)
+    fixed = {"objective": objective, "mask_id": MASK_ID if objective == "mlm" else None}
+    return from_dict(TransformerConfig, {**model, **fixed}, where=where)
 
 
 def _reuse(data: Any) -> dict[str, PretrainedSource]:
@@ -683,14 +794,66 @@ def _check_reuse(
         raise ConfigError(problems)
 
 
+def _check_transformer_training(
+    model: TransformerConfig, trainings: Mapping[str, LMTrainConfig]
+) -> None:
+    """A transformer LM reads windows of at most ``max_len`` tokens (variable BPTT draws up to
+    ``bptt + 20``), and an MLM has no next-token validation perplexity for NT-ASGD to watch."""
+    problems = []
+    for where, train in trainings.items():
+        longest = train.bptt + (20 if train.variable_bptt else 0)
+        if longest > model.max_len:
+            problems.append(
+                Problem(
+                    f"{where}.bptt",
+                    f"got {train.bptt}, whose longest window ({longest} tokens) exceeds "
+                    f"pretrain.model.max_len {model.max_len}",
+                    "lower bptt (by 20 more with variable_bptt) or raise pretrain.model.max_len",
+                )
+            )
+        if model.objective == "mlm" and train.optim.name == "ntasgd":
+            problems.append(
+                Problem(
+                    f"{where}.optim.name",
+                    "got 'ntasgd', which switches on validation perplexity; a masked LM has "
+                    "none (it is validated by its masked-token loss)",
+                    "use adam",
+                )
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
 def _finetune(data: dict[str, Any], where: str) -> FinetuneParams:
     return from_dict(FinetuneParams, {**data, "train": _nested(data, "train", where)}, where=where)
 
 
-def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> ClassifierParams:
+def _classifier(
+    data: dict[str, Any], encoder: AWDLSTMConfig | TransformerConfig, where: str
+) -> ClassifierParams:
     model = _nested(data, "model", where)
     encoder_overrides = _nested(model, "encoder", f"{where}.model")
     model.pop("encoder", None)
+    if isinstance(encoder, TransformerConfig):
+        built = _transformer_classifier_model(model, encoder_overrides, encoder, where)
+    else:
+        built = _awd_lstm_classifier_model(model, encoder_overrides, encoder, where)
+    params = from_dict(
+        ClassifierParams,
+        {**data, "model": built, "train": _nested(data, "train", where)},
+        where=where,
+    )
+    multipliers = params.dropout_multipliers or (params.dropout_multiplier,)
+    key = f"{where}.dropout_multiplier{'s' if params.dropout_multipliers else ''}"
+    problems = _scaled_dropouts(params.model.encoder, multipliers, key)
+    if problems:
+        raise ConfigError(problems)
+    return params
+
+
+def _awd_lstm_classifier_model(
+    model: dict[str, Any], encoder_overrides: dict[str, Any], encoder: AWDLSTMConfig, where: str
+) -> ClassifierModelParams:
     problems = [
         Problem(
             f"{where}.model.encoder.{key}",
@@ -704,20 +867,103 @@ def _classifier(data: dict[str, Any], encoder: AWDLSTMConfig, where: str) -> Cla
         problems.append(
             Problem(f"{where}.model.num_classes", "is set from the dataset's labels", "remove it")
         )
+    if "pooling" in model:
+        problems.append(
+            Problem(
+                f"{where}.model.pooling",
+                "is for the transformer backbones; the AWD-LSTM classifier concat-pools "
+                "(last, max, mean)",
+                "remove it, or set pretrain.model.backbone",
+            )
+        )
     if problems:
         raise ConfigError(problems)
     model["encoder"] = {**to_dict(encoder), **encoder_overrides}
-    params = from_dict(
-        ClassifierParams,
-        {**data, "model": model, "train": _nested(data, "train", where)},
-        where=where,
-    )
-    multipliers = params.dropout_multipliers or (params.dropout_multiplier,)
-    key = f"{where}.dropout_multiplier{'s' if params.dropout_multipliers else ''}"
-    problems = _scaled_dropouts(params.model.encoder, multipliers, key)
+    return from_dict(ClassifierModelParams, model, where=f"{where}.model")
+
+
+def _transformer_classifier_model(
+    model: dict[str, Any],
+    encoder_overrides: dict[str, Any],
+    encoder: TransformerConfig,
+    where: str,
+) -> TransformerClassifierModelParams:
+    """``classifier.model`` of a transformer: pooling, the head and the encoder's dropout."""
+    backbone = backbone_of(encoder)
+    problems = [
+        Problem(
+            f"{where}.model.encoder.{key}",
+            f"with backbone {backbone} only the encoder's dropout may be set here (its sizes "
+            "come from pretrain.model)",
+            "remove this key",
+        )
+        for key in encoder_overrides
+        if key != "dropout"
+    ]
+    problems += [
+        Problem(
+            f"{where}.model.{key}",
+            f"BPT3C's {key} is for backbone awd_lstm; a transformer classifier reads each "
+            "document's first pretrain.model.max_len tokens",
+            "remove it",
+        )
+        for key in ("bptt", "max_len")
+        if key in model
+    ]
+    if "num_classes" in model:
+        problems.append(
+            Problem(f"{where}.model.num_classes", "is set from the dataset's labels", "remove it")
+        )
+    if model.get("pooling") == "first" and encoder.objective == "causal":
+        problems.append(
+            Problem(
+                f"{where}.model.pooling",
+                "got 'first' with a causal encoder, whose first position sees no other token",
+                "use last or mean (first, BERT's [CLS], is for transformer_mlm)",
+            )
+        )
     if problems:
         raise ConfigError(problems)
-    return params
+    model.setdefault("pooling", "last" if encoder.objective == "causal" else "mean")
+    model["encoder"] = {**to_dict(encoder), **encoder_overrides}
+    return from_dict(TransformerClassifierModelParams, model, where=f"{where}.model")
+
+
+def _frozen_features(
+    where: str,
+    entry: Mapping[str, Any],
+    dataset_entry: Mapping[str, Any],
+    encoder: AWDLSTMConfig | TransformerConfig,
+) -> list[Problem]:
+    """An ELMo-style control reads the dataset's forward and backward AWD-LSTM LMs."""
+    problems = []
+    if not isinstance(encoder, AWDLSTMConfig):
+        problems.append(
+            Problem(
+                f"{where}.encoder",
+                f"frozen_features reads the dataset's AWD-LSTM LMs, and pretrain.model.backbone "
+                f"is {backbone_of(encoder)}",
+                "run this control in a workspace with backbone awd_lstm (docs/pipeline.md)",
+            )
+        )
+    if dataset_entry.get("directions") not in (None, list(DIRECTIONS)):
+        problems.append(
+            Problem(
+                f"{where}.encoder",
+                "frozen_features needs the dataset's fwd and bwd LMs, and its directions leave "
+                "one out",
+                f"train both: remove datasets.{entry.get('dataset')}.directions",
+            )
+        )
+    if entry.get("direction", "fwd") != "fwd":
+        problems.append(
+            Problem(
+                f"{where}.direction",
+                "frozen_features reads both directions itself; the classifier reads text forward",
+                "remove direction",
+            )
+        )
+    return problems
 
 
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -736,7 +982,7 @@ def _dataset(
     entry: Any,
     finetune: dict[str, Any],
     classifier: dict[str, Any],
-    encoder: AWDLSTMConfig,
+    encoder: AWDLSTMConfig | TransformerConfig,
     root: Path | None = None,
 ) -> DatasetParams:
     """One dataset: every problem of its name, source, overrides and directions together."""
@@ -807,7 +1053,7 @@ def _control(
     entry: Any,
     datasets: Mapping[str, Any],
     data: Mapping[str, Any],
-    encoder: AWDLSTMConfig,
+    encoder: AWDLSTMConfig | TransformerConfig,
 ) -> ControlParams:
     """A control: its dataset's finetune/classifier sections (global, then the dataset's
     overrides, then the control's own) and its options."""
@@ -873,8 +1119,10 @@ def _control(
     classifier = _merge(
         _section(data, "classifier"), _nested(dataset_entry, "classifier", f"datasets.{dataset}")
     )
-    if entry.get("encoder") == "scratch":
+    if entry.get("encoder") in ("scratch", "frozen_features"):
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
+    if entry.get("encoder") == "frozen_features":
+        problems += _frozen_features(where, entry, dataset_entry, encoder)
     classifier = _merge(classifier, _nested(entry, "classifier", where))
     options = {k: entry[k] for k in keys if k in entry}
     problems += check(

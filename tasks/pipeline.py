@@ -157,6 +157,7 @@ COMMON_CODE = (
 )
 MODEL_CODE = (
     "ulmfit/model.py",
+    "ulmfit/transformer.py",
     "ulmfit/cross_entropy.py",
     "ulmfit/train.py",
     "ulmfit/loop.py",

@@ -35,6 +35,7 @@ from tasks.params import PretrainedSource
 from tasks.tokens import TOKENIZER_FILE
 from tasks.training import MODEL_FILE, TRAINING_FILE
 from ulmfit.checkpoint import load_model
+from ulmfit.config import to_dict
 from ulmfit.corpora.archive import ExtractLimits, is_archive
 from ulmfit.corpora.download import ConsoleProgress
 from ulmfit.corpora.output import staged_directory
@@ -43,6 +44,7 @@ from ulmfit.errors import InputError
 from ulmfit.io import sha256_file
 from ulmfit.model import AWDLSTMConfig
 from ulmfit.tokenizer import Tokenizer
+from ulmfit.transformer import TransformerConfig
 
 LM_FILES = (MODEL_FILE, TOKENIZER_FILE, TRAINING_FILE)
 SOURCES_FILE = "sources.json"
@@ -91,9 +93,11 @@ def register_lm_task(
     name: str,
     direction: str,
     metrics: Mapping[str, float],
+    backbone: str = "awd_lstm",
 ) -> dict:
     """``lm_dir``'s files as the artifacts of an MLflow logged model of the stage's run,
-    registered as a new version of ``name``; returns ``{"name", "version", "uri"}``."""
+    registered as a new version of ``name`` and tagged with its ``backbone``
+    (``pretrain.model.backbone``); returns ``{"name", "version", "uri"}``."""
     from mlflow.exceptions import MlflowException
 
     client = tracking.client(root)
@@ -102,6 +106,7 @@ def register_lm_task(
     perplexity = metrics.get("valid_perplexity")
     tags = {
         "ulmfit.direction": direction,
+        "ulmfit.backbone": backbone,
         "ulmfit.vocab_size": str(tokenizer.vocab_size),
         "ulmfit.tokenizer_sha256": tokenizer.identity,
         "ulmfit.tokens_seen": str(int(metrics.get("tokens_trained", 0))),
@@ -291,13 +296,15 @@ def check_lm(folder: Path, origin: str, sha256: str, details: Mapping) -> Import
 _FIX_ORIGIN = "point pretrain.reuse at a language model written by the pretrain stage"
 
 
-def check_architecture(lm: ImportedLM, model: AWDLSTMConfig, direction: str) -> None:
-    """The LM's sizes must be ``pretrain.model``'s: fine-tuning and the classifier build their
-    encoder from those."""
+def check_architecture(
+    lm: ImportedLM, model: AWDLSTMConfig | TransformerConfig, direction: str
+) -> None:
+    """The LM's backbone and sizes must be ``pretrain.model``'s: fine-tuning and the classifier
+    build their encoder from those."""
     sizes = {
-        f.name: getattr(model, f.name)
-        for f in dataclasses.fields(model)
-        if not f.name.endswith("_dropout") and f.name != "vocab_size"
+        name: value
+        for name, value in to_dict(model).items()
+        if not name.endswith("dropout") and name not in ("vocab_size", "mask_rate")
     }
     differ = {k: (lm.config.get(k), v) for k, v in sizes.items() if lm.config.get(k) != v}
     if differ:

@@ -92,10 +92,12 @@ def fit_classifier(
     checkpoint_dir: Path,
     description: str,
     train_indices=None,
+    frozen_lms: tuple[Path, Path] | None = None,
 ) -> dict:
     """Classifier fine-tuning (paper section 3.3) on the train split (or ``train_indices`` of
     it), tuned on the valid split with ``classifier.lrs``, ``classifier.dropout_multipliers``
-    and early stopping."""
+    and early stopping; ``frozen_lms`` (forward, backward LM files): the ELMo-style classifier
+    over those LMs, frozen."""
     return train_classifier_task(
         TrainingRun.in_stage(
             ctx,
@@ -112,4 +114,5 @@ def fit_classifier(
         label_names=label_names,
         lm_file=lm_file,
         train_indices=train_indices,
+        frozen_lms=frozen_lms,
     )

@@ -40,8 +40,9 @@ def register_classifier_task(
     metrics: Mapping[str, float],
     examples: list[str],
 ) -> dict:
-    """Log ``model_dir`` as a pyfunc model in the stage's run and register it; returns
-    ``{"name", "version", "uri", "champion"}``."""
+    """Log ``model_dir`` as a pyfunc model in the stage's run and register it, tagged with the
+    backbone it holds (``ulmfit.backbone``); returns ``{"name", "version", "uri", "champion",
+    "backbone"}``."""
     import mlflow
     import pandas as pd
     import sentencepiece
@@ -80,6 +81,7 @@ def register_classifier_task(
     error = metrics.get("test_error_ensemble")
     tags = {
         "ulmfit.dataset": dataset,
+        "ulmfit.backbone": classifier.backbone,
         "ulmfit.pipeline_id": tracking.pipeline_id(root),
         "ulmfit.stage_run_id": run_id,
         "ulmfit.test_error": "" if error is None else repr(float(error)),
@@ -96,4 +98,5 @@ def register_classifier_task(
         "version": version,
         "uri": f"models:/{name}/{version}",
         "champion": str(champion),
+        "backbone": classifier.backbone,
     }

@@ -7,12 +7,18 @@ Each task reads token files, builds and trains its model with ``ulmfit.train`` (
 from ``checkpoint_dir`` if a killed run left a checkpoint there), writes the model file into a
 staged output folder that replaces the DVC out only when complete, and returns plain values:
 no tensor or model ever leaves a task.
+
+The model follows ``pretrain.model.backbone`` (docs/model.md, "Choosing a backbone"): the
+AWD-LSTM's ``LanguageModel``/``SequenceClassifier``, or ``ulmfit.transformer``'s
+``TransformerLM``/``TransformerClassifier``, trained by the same loop; the ELMo-style control is
+a ``FrozenFeatureClassifier`` over the dataset's two fine-tuned AWD-LSTM LMs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -28,16 +34,49 @@ from ulmfit.checkpoint import checkpoint_path, load_checkpoint, load_model, save
 from ulmfit.config import to_dict
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
-from ulmfit.evaluate import evaluate_lm
+from ulmfit.evaluate import evaluate_lm, evaluate_mlm
 from ulmfit.io import atomic_write
 from ulmfit.model import AWDLSTMConfig, LanguageModel, SequenceClassifier, layer_groups
 from ulmfit.runtime import seed_everything
 from ulmfit.storage import TokenDocs, read_tokens
 from ulmfit.tokenizer import Tokenizer
 from ulmfit.train import LMTrainConfig, train_classifier, train_language_model
+from ulmfit.transformer import (
+    FrozenFeatureClassifier,
+    TransformerClassifier,
+    TransformerClassifierConfig,
+    TransformerConfig,
+    TransformerLM,
+)
 
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training.json"
+log = logging.getLogger("ulmfit")
+
+
+def language_model(config: AWDLSTMConfig | TransformerConfig) -> LanguageModel | TransformerLM:
+    """The LM of ``config``'s backbone."""
+    return TransformerLM(config) if isinstance(config, TransformerConfig) else LanguageModel(config)
+
+
+def classifier_model(config) -> SequenceClassifier | TransformerClassifier:
+    """The classifier of ``config``'s backbone (``ClassifierParams.build``'s result)."""
+    if isinstance(config, TransformerClassifierConfig):
+        return TransformerClassifier(config)
+    return SequenceClassifier(config)
+
+
+def transformer_lm_training(cfg: LMTrainConfig, config) -> LMTrainConfig:
+    """AR and TAR off for a transformer LM: on its final LayerNorm's output they only shrink
+    the norm's gain (docs/model.md). The AWD-LSTM's ``cfg`` is returned as it is."""
+    if not isinstance(config, TransformerConfig) or (cfg.ar_alpha, cfg.tar_beta) == (0, 0):
+        return cfg
+    log.info(
+        "transformer LM: ar_alpha %g and tar_beta %g set to 0 (AR/TAR fit the AWD-LSTM only)",
+        cfg.ar_alpha,
+        cfg.tar_beta,
+    )
+    return dataclasses.replace(cfg, ar_alpha=0.0, tar_beta=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +244,7 @@ def _result_summary(result) -> dict:
 @task(name="train-language-model", cache_policy=NONE, persist_result=False)
 def train_lm_task(
     run: TrainingRun,
-    model_cfg: AWDLSTMConfig,
+    model_cfg: AWDLSTMConfig | TransformerConfig,
     train_cfg: LMTrainConfig,
     *,
     token_files: list[Path],
@@ -221,6 +260,10 @@ def train_lm_task(
     the out folder also holds a copy of the tokenizer, so that it can be reused on its own
     (docs/pretrained.md). Returns the final validation metrics, the curves, and the model
     file's path.
+
+    A masked LM (``TransformerConfig`` with objective ``"mlm"``) trains without next-token
+    validation (its perplexity means nothing); after training, the held-out documents give its
+    masked-token loss and accuracy instead (``valid_masked_*``, :func:`evaluate_mlm`).
     """
     tokenizer = Tokenizer.load(run.tokenizer)
     docs = concat_docs([read_tokens(path, tokenizer) for path in token_files])
@@ -236,8 +279,10 @@ def train_lm_task(
             fix="check the source of this corpus in params.yaml",
         )
     config = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    train_cfg = transformer_lm_training(train_cfg, config)
+    masked = isinstance(config, TransformerConfig) and config.objective == "mlm"
     seed_everything(train_cfg.seed)
-    model = LanguageModel(config)
+    model = language_model(config)
     if init_model is not None:
         pretrained = load_for(
             init_model,
@@ -251,7 +296,7 @@ def train_lm_task(
         result = train_language_model(
             model,
             train_docs,
-            valid_docs,
+            None if masked else valid_docs,
             train_cfg,
             checkpoint_dir=run.checkpoint_dir,
             callback=logger,
@@ -261,7 +306,18 @@ def train_lm_task(
     finally:
         logger.close()
     final = {k: v for k, v in result.metrics.items() if k not in ("step", "epoch")}
-    if valid_docs is not None and len(valid_docs) and "perplexity" not in final:
+    if masked and valid_docs is not None and len(valid_docs):
+        final = evaluate_mlm(
+            model,
+            valid_docs,
+            batch_size=train_cfg.eval_batch_size or train_cfg.batch_size,
+            bptt=train_cfg.bptt,
+            backward=train_cfg.backward,
+            device=run.device,
+            seed=train_cfg.seed,
+        )
+        logger.evals.append({"step": result.steps, "epoch": result.epochs, **final})
+    elif valid_docs is not None and len(valid_docs) and "perplexity" not in final:
         # The loop validates at epoch ends; a run cut short by max_steps ends between them.
         final = evaluate_lm(
             model,
@@ -327,9 +383,12 @@ def train_classifier_task(
     label_names: list[str],
     lm_file: Path | None,
     train_indices: np.ndarray | None = None,
+    frozen_lms: tuple[Path, Path] | None = None,
 ) -> dict:
     """Classifier on the encoder of ``lm_file`` (random weights when None): gradual unfreezing,
-    discriminative LRs, STLR and BPT3C inside ``ulmfit.train.train_classifier``.
+    discriminative LRs, STLR and BPT3C inside ``ulmfit.train.train_classifier``. The encoder is
+    the backbone's (``classifier.build``); ``frozen_lms`` (forward, backward LM files) makes
+    it the ELMo-style ``FrozenFeatureClassifier`` instead, whose LMs never train.
 
     A search over ``classifier.grid()`` (learning rate x the encoder's dropouts scaled): one
     classifier per pair, each resumable in its own checkpoint folder and kept once finished,
@@ -344,6 +403,9 @@ def train_classifier_task(
     encoder_state = None
     if lm_file is not None:
         encoder_state = load_for(lm_file, tokenizer, "the language model").encoder.state_dict()
+    frozen = None
+    if frozen_lms is not None:
+        frozen = [load_for(path, tokenizer, "the language model") for path in frozen_lms]
     grid = classifier.grid()
     search = []
     for lr, mult in grid:
@@ -357,7 +419,16 @@ def train_classifier_task(
         done = folder / "done.json"
         if not done.is_file():
             seed_everything(cfg.seed)
-            model = SequenceClassifier(config)
+            if frozen is not None:
+                model = FrozenFeatureClassifier.from_language_models(
+                    *frozen,
+                    len(label_names),
+                    head_hidden=classifier.model.head_hidden,
+                    head_dropouts=classifier.model.head_dropouts,
+                )
+                config = model.cfg
+            else:
+                model = classifier_model(config)
             if encoder_state is not None:
                 model.encoder.load_state_dict(encoder_state)
             logger = run.logger(
@@ -429,7 +500,7 @@ def train_classifier_task(
     }
 
 
-def _classifier_steps(model: SequenceClassifier, documents: int, cfg) -> int:
+def _classifier_steps(model, documents: int, cfg) -> int:
     """Optimiser steps of a classifier training, for its progress bar."""
     per_epoch = math.ceil(documents / cfg.batch_size)
     # Gradual unfreezing runs at least one epoch per layer group.

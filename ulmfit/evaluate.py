@@ -2,6 +2,8 @@
 
 * :func:`evaluate_lm`: loss, perplexity and next-token accuracy, with the documents joined into
   streams read in fixed ``bptt`` windows and the recurrent state carried over, as in training.
+* :func:`evaluate_mlm`: a masked LM's loss and accuracy at masked positions (BERT's masking
+  with a fixed seed), in the same windows: next-token perplexity means nothing for it.
 * :func:`evaluate_classifier`: loss, accuracy and error rate (the paper's figure, section 4),
   and the probabilities in input order.
 * :func:`recalibrate_batchnorm`: the classifier head's batch-norm statistics set to the exact
@@ -107,6 +109,70 @@ def evaluate_lm(
     )
     sums = _lm_sums(model, stream, device, precision(amp, device, training=False))
     return _lm_metrics(sums)
+
+
+@torch.no_grad()
+def evaluate_mlm(
+    model: nn.Module,
+    docs: TokenDocs,
+    *,
+    batch_size: int,
+    bptt: int,
+    backward: bool = False,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """Masked-token loss and accuracy of a masked LM (``TransformerLM`` with objective
+    ``"mlm"``) on ``docs``: each fixed ``bptt`` window masked by ``mlm_mask`` with a generator
+    seeded by ``seed`` (the same masks on every call), scored at the selected positions only.
+    Keys: ``masked_loss``, ``masked_perplexity`` (``exp(masked_loss)``, not comparable with a
+    next-token perplexity), ``masked_accuracy``, ``masked_tokens``. Runs in fp32 on one rank."""
+    from ulmfit.transformer import mlm_mask  # imports ulmfit.model, like this module's users
+
+    device = torch.device(device)
+    bare = unwrap_model(model)
+    cfg = bare.cfg
+    stream = LMStream(docs, batch_size, bptt, backward=backward, variable_bptt=False, seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = bare.training
+    bare.eval()
+    loss_sum = correct = count = 0.0
+    try:
+        for batch in stream:
+            x = batch.x.to(device)  # (B, T)
+            inputs, targets = mlm_mask(
+                x,
+                mask_id=cfg.mask_id,
+                vocab_size=cfg.vocab_size,
+                special_ids=(cfg.pad_id, *cfg.special_ids),
+                generator=generator,
+                rate=cfg.mask_rate,
+            )
+            selected = targets != -100  # (B, T)
+            if not bool(selected.any()):
+                continue
+            raw, _ = bare.encoder(inputs)  # (B, T, D)
+            logits = bare.decoder(raw[selected]).float()  # (n, V)
+            loss_sum += float(F.cross_entropy(logits, targets[selected], reduction="sum"))
+            correct += float((logits.argmax(dim=1) == targets[selected]).sum())
+            count += float(selected.sum())
+    finally:
+        bare.train(was_training)
+    if count == 0:
+        nan = float("nan")
+        return {
+            "masked_loss": nan,
+            "masked_perplexity": nan,
+            "masked_accuracy": nan,
+            "masked_tokens": 0.0,
+        }
+    loss = loss_sum / count
+    return {
+        "masked_loss": loss,
+        "masked_perplexity": math.exp(min(loss, 700.0)),
+        "masked_accuracy": correct / count,
+        "masked_tokens": count,
+    }
 
 
 def _in_order(

@@ -18,6 +18,7 @@ ensemble of section 3.3 "BPT3C" / 4 "Bidirectional language model").
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from ulmfit.model import SequenceClassifier
 from ulmfit.model import pad_id as classifier_pad_id
 from ulmfit.quantize import InferenceClassifier, model_device, quantize_dynamic_int8
 from ulmfit.storage import TokenDocs
+from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier
 
 CLASSIFIER_FORMAT = "ulmfit-text-classifier"
 FORMAT_VERSION = 1
@@ -42,6 +44,21 @@ MANIFEST_NAME = "classifier.json"
 TOKENIZER_NAME = "tokenizer.model"
 FORWARD_NAME = "forward.pt"
 BACKWARD_NAME = "backward.pt"
+# The classifiers a TextClassifier saves and loads: the AWD-LSTM's and the other arms'.
+SAVED_TYPES = (SequenceClassifier, TransformerClassifier, FrozenFeatureClassifier)
+_log = logging.getLogger("ulmfit.predict")
+
+
+def backbone_name(model: nn.Module) -> str:
+    """The backbone a classifier holds, as ``params.yaml`` names it: ``awd_lstm``,
+    ``transformer_causal``, ``transformer_mlm`` or ``frozen_features`` (the ELMo-style control).
+    Quantised and inference copies are AWD-LSTMs (only those are made)."""
+    bare = unwrap_model(model)
+    if isinstance(bare, TransformerClassifier):
+        return f"transformer_{bare.cfg.encoder.objective}"
+    if isinstance(bare, FrozenFeatureClassifier):
+        return "frozen_features"
+    return "awd_lstm"
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,13 +257,31 @@ class TextClassifier:
         labels = [self.label_names[i] for i in probs.argmax(axis=1)] if len(probs) else []
         return labels, probs
 
+    @property
+    def backbone(self) -> str:
+        """The backbone of the forward model (:func:`backbone_name`)."""
+        return backbone_name(self.forward_model)
+
     def quantized(self) -> TextClassifier:
-        """The same classifier with int8 dynamically quantised models (CPU only)."""
+        """The same classifier with int8 dynamically quantised models (CPU only). Only the
+        AWD-LSTM has an int8 version (:mod:`ulmfit.quantize`); the other backbones stay fp32,
+        with a log line saying so."""
+
+        def int8(model: nn.Module) -> nn.Module:
+            if isinstance(unwrap_model(model), SequenceClassifier):
+                return quantize_dynamic_int8(model)
+            _log.warning(
+                "int8 quantisation skipped: it exists for the AWD-LSTM only, and this model's "
+                "backbone is %s; predicting in fp32",
+                backbone_name(model),
+            )
+            return model.cpu()
+
         backward = self.backward_model
         return TextClassifier(
             self.tokenizer,
-            quantize_dynamic_int8(self.forward_model),
-            None if backward is None else quantize_dynamic_int8(backward),
+            int8(self.forward_model),
+            None if backward is None else int8(backward),
             label_names=self.label_names,
             device="cpu",
         )
@@ -264,10 +299,10 @@ class TextClassifier:
         identity = self.tokenizer.identity
         models = {FORWARD_NAME: self.forward_model, BACKWARD_NAME: self.backward_model}
         for model in models.values():
-            if model is not None and not isinstance(unwrap_model(model), SequenceClassifier):
+            if model is not None and not isinstance(unwrap_model(model), SAVED_TYPES):
                 raise TypeError(
-                    "only SequenceClassifier models can be saved (quantised or inference copies "
-                    "are rebuilt at load time)"
+                    "only SequenceClassifier, TransformerClassifier or FrozenFeatureClassifier "
+                    "models can be saved (quantised or inference copies are rebuilt at load time)"
                 )
         with atomic_path(directory / TOKENIZER_NAME) as tmp:
             shutil.copyfile(self.tokenizer.path, tmp)

@@ -16,6 +16,7 @@ stores state (the transformers' ``state`` is always None).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -73,6 +74,11 @@ class TransformerConfig:
         )
         if max(ids) >= self.vocab_size:
             raise ValueError(f"token ids {ids} must be below vocab_size {self.vocab_size}")
+
+    def scaled(self, multiplier: float) -> TransformerConfig:
+        """The dropout times ``multiplier``: each phase's ``dropout_multiplier``, as for the
+        AWD-LSTM's five dropouts (:meth:`ulmfit.model.AWDLSTMConfig.scaled`)."""
+        return dataclasses.replace(self, dropout=self.dropout * multiplier)
 
 
 @dataclass(frozen=True)

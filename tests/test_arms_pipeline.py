@@ -1,0 +1,129 @@
+"""The arms of issue 13 end to end: ``ulmfit repro`` on the micro config of
+``tests/test_pipeline.py`` with a tiny GPT-style transformer as ``pretrain.model.backbone``, and
+with the AWD-LSTM and the ELMo-style ``frozen_features`` control (which reads the dataset's
+AWD-LSTM LMs, so it runs in a workspace of that backbone). Each checks what the stages wrote:
+the models of its backbone, the tokens and wall time of each training, the registered model's
+backbone tag and prediction from the served model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_pipeline import BIN, make_workspace, micro_params, run  # noqa: E402
+
+from tasks.pipeline import stage_spec  # noqa: E402
+from tasks.workspace import Layout  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+TEXTS = ["The team won the match in the final minute.", "Shares fell after the bank's report."]
+
+
+def _repro(workspace: Path, *targets: str) -> None:
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=300):
+        run(
+            [str(BIN / "ulmfit"), "repro", *targets],
+            workspace,
+            PREFECT_API_URL=PREFECT_API_URL.value(),
+        )
+
+
+def _json(workspace: Path, path: str) -> dict:
+    return json.loads((workspace / path).read_text(encoding="utf-8"))
+
+
+def _model(workspace: Path, folder: str):
+    from ulmfit.checkpoint import load_model
+
+    return load_model(workspace / folder / "model.pt")
+
+
+def _registry_tags(workspace: Path, name: str) -> dict:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return client.get_model_version(name, "1").tags
+
+
+def test_a_gpt_style_backbone_runs_every_stage_to_a_served_model(tmp_path):
+    from ulmfit.predict import TextClassifier
+    from ulmfit.transformer import TransformerClassifier, TransformerLM
+
+    params = micro_params()
+    params["pretrain"]["model"] = {
+        "backbone": "transformer_causal",
+        "dim": 16,
+        "num_layers": 2,
+        "heads": 2,
+        "ff_mult": 2,
+        "max_len": 64,
+    }
+    params["classifier"]["model"] = {"head_hidden": 8}
+    params["controls"] = {"gpt-20": {"dataset": "bbc_news", "labels": 20}}
+    workspace = make_workspace(tmp_path / "ws", params)
+    _repro(workspace, "evaluate@bbc_news", "control@gpt-20")
+
+    for direction in ("fwd", "bwd"):
+        for folder in (Layout.pretrained(direction), Layout.finetuned("bbc_news", direction)):
+            model, meta = _model(workspace, folder)
+            assert isinstance(model, TransformerLM) and model.cfg.objective == "causal", folder
+            assert meta["extra"]["backward"] == (direction == "bwd")
+        classifier, _ = _model(workspace, Layout.classifier("bbc_news", direction))
+        assert isinstance(classifier, TransformerClassifier)
+        assert classifier.cfg.pooling == "last"
+    # Equal compute is stated per arm: tokens seen and wall time of each training.
+    spec = stage_spec("pretrain", direction="fwd")
+    metrics = _json(workspace, spec.metrics)
+    assert metrics["tokens_trained"] > 0 and metrics["valid_perplexity"] > 1
+    assert _json(workspace, spec.run_record)["wall_seconds"] > 0
+    # The served ensemble and the registered models say which backbone they hold.
+    served = TextClassifier.load(workspace / Layout.model("bbc_news"))
+    assert served.backbone == "transformer_causal" and served.backward_model is not None
+    labels, probs = served.predict(TEXTS)
+    assert len(labels) == 2 and abs(probs.sum(axis=1) - 1).max() < 1e-5
+    assert _registry_tags(workspace, "ulmfit-bbc_news")["ulmfit.backbone"] == "transformer_causal"
+    assert _registry_tags(workspace, "ulmfit-lm-fwd")["ulmfit.backbone"] == "transformer_causal"
+    control, _ = _model(workspace, f"{Layout.control('gpt-20')}/classifier")
+    assert isinstance(control, TransformerClassifier)
+    assert (
+        0
+        <= _json(workspace, stage_spec("control", name="gpt-20", dataset="bbc_news").metrics)[
+            "test_error"
+        ]
+        <= 1
+    )
+
+
+def test_the_elmo_style_control_trains_a_head_on_the_frozen_awd_lstm_lms(tmp_path):
+    import torch
+
+    from ulmfit.transformer import FrozenFeatureClassifier
+
+    params = micro_params()
+    params["controls"] = {
+        "elmo-20": {"dataset": "bbc_news", "encoder": "frozen_features", "labels": 20}
+    }
+    workspace = make_workspace(tmp_path / "ws", params)
+    _repro(workspace)
+
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())["stages"]
+    assert {"control@elmo-20", "evaluate@bbc_news", "report"} <= set(lock)
+    control, _ = _model(workspace, f"{Layout.control('elmo-20')}/classifier")
+    assert isinstance(control, FrozenFeatureClassifier)
+    for name, lm in (("fwd", control.forward_lm), ("bwd", control.backward_lm)):
+        finetuned, _ = _model(workspace, Layout.finetuned("bbc_news", name))
+        for key, value in finetuned.state_dict().items():  # never updated by the training
+            assert torch.equal(lm.state_dict()[key], value), (name, key)
+    assert not torch.equal(control.mix.weights, torch.zeros_like(control.mix.weights))
+    metrics = _json(workspace, stage_spec("control", name="elmo-20", dataset="bbc_news").metrics)
+    assert metrics["encoder"] == "frozen_features" and 0 <= metrics["test_error"] <= 1
+    assert _registry_tags(workspace, "ulmfit-bbc_news")["ulmfit.backbone"] == "awd_lstm"
