@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.params import DIRECTIONS, Params
+from tasks.params import DIRECTIONS, Params, describe_model
 from tasks.plots import error_curves_figure
 from tasks.results import (
     PAPER_ABLATION_VALID_ERROR,
@@ -153,12 +153,12 @@ def _language_models(results: Results, decimals: int) -> list[str]:
 
 def _setting(results: Results, params: Params) -> list[str]:
     """The model, and the data, tokens seen and wall time of every LM training."""
-    model, pretrain = params.pretrain.model, params.pretrain.train
+    pretrain = params.pretrain.train
     lines = [
         "",
         "## Setting",
         "",
-        f"AWD-LSTM {model.embed_size}/{model.hidden_size}x{model.num_layers}, "
+        f"{describe_model(params.pretrain.model)}, "
         f"{params.tokenizer.vocab_size:,}-piece SentencePiece {params.tokenizer.model_type} "
         f"vocabulary. Times are each stage's wall time in its last execution (a resumed stage "
         f"counts only its last part).",

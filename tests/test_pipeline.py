@@ -139,7 +139,14 @@ def prefect_api_url():
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, prefect_api_url) -> dict:
     """``ulmfit repro`` on the micro config, timed."""
-    workspace = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", micro_params())
+    params = micro_params()
+    # The ELMo-style control (issue 13): a head on the frozen fwd and bwd AWD-LSTM LMs.
+    params["controls"]["bbc_news-elmo-20"] = {
+        "dataset": "bbc_news",
+        "encoder": "frozen_features",
+        "labels": 20,
+    }
+    workspace = make_workspace(tmp_path_factory.mktemp("pipeline") / "ws", params)
     started = time.monotonic()
     result = run(
         [str(BIN / "ulmfit"), "repro"],
@@ -186,6 +193,7 @@ def test_every_stage_ran_and_wrote_its_outputs(pipeline):
         "control@bbc_news-ulmfit-20",
         "control@bbc_news-no_pretraining",
         "control@bbc_news-no_lm_finetuning",
+        "control@bbc_news-elmo-20",
         "report",
     }
     assert expected == set(stages)
@@ -222,6 +230,25 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_elmo_style_control_trains_a_head_on_the_frozen_awd_lstm_lms(pipeline):
+    import torch
+
+    from ulmfit.checkpoint import load_model
+    from ulmfit.transformer import FrozenFeatureClassifier
+
+    workspace = pipeline["workspace"]
+    control, _ = load_model(workspace / Layout.control("bbc_news-elmo-20") / "classifier/model.pt")
+    assert isinstance(control, FrozenFeatureClassifier)
+    for name, lm in (("fwd", control.forward_lm), ("bwd", control.backward_lm)):
+        finetuned, _ = load_model(workspace / Layout.finetuned("bbc_news", name) / "model.pt")
+        for key, value in finetuned.state_dict().items():  # never updated by the training
+            assert torch.equal(lm.state_dict()[key], value), (name, key)
+    assert not torch.equal(control.mix.weights, torch.zeros_like(control.mix.weights))
+    metrics = json.loads((workspace / "metrics/controls/bbc_news-elmo-20.json").read_text())
+    assert metrics["encoder"] == "frozen_features" and 0 <= metrics["test_error"] <= 1
+
+
 @pytest.mark.slow
 def test_best_epoch_is_the_epoch_of_the_lowest_validation_error(pipeline):
     """The early-stopping epoch a control reports is the epoch-end validation its MLflow run

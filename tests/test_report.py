@@ -102,3 +102,16 @@ def test_the_headline_holds_each_dataset_s_test_errors_and_perplexities(tmp_path
         "ppl_bwd": 43.0,
     }
     assert {key: figures[f"bbc_news.{key}"] for key in written} == written
+
+
+def test_the_setting_names_a_transformer_backbone(tmp_path):
+    """The report of a GPT-style arm (issue 13) describes its model instead of failing on the
+    AWD-LSTM's sizes."""
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["pretrain"]["model"] = {"backbone": "transformer_causal", "dim": 16, "num_layers": 2}
+    data["pretrain"]["model"].update(heads=2, max_len=128)
+    data["classifier"]["model"] = {}
+    params = parse_params(data)
+    _workspace(tmp_path, ["fwd"])
+    text = "\n".join(render(collect(tmp_path, params), params))
+    assert "GPT-style causal transformer 16x2 (2 heads, max_len 128)" in text
