@@ -266,33 +266,55 @@ def language_models(results: Results) -> list[tuple[str, StageResult]]:
 # ---------------------------------------------------------------------------------- curves
 
 
+# The encoders whose label-subset controls are points of the sample-efficiency curves.
+CURVES = {
+    "finetuned": "ULMFiT",
+    "scratch": "from scratch",
+    "frozen_features": "frozen features (ELMo-style)",
+}
+
+
 def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
     """{dataset: {"ULMFiT": [(labels, test error)], "from scratch": [...], "TF-IDF + LR": [...]}}
-    for every dataset with label-subset controls. A control is a point of a curve when its
-    encoder is ``finetuned`` or ``scratch`` and it trains like the dataset's classifier apart
-    from the epoch budget (an ablation such as "no STLR" is not)."""
+    for every dataset with label-subset controls, and "frozen features (ELMo-style)" where a
+    control uses that encoder. A control is a point of a curve when its encoder is one of
+    :data:`CURVES` and it trains like the dataset's classifier apart from the epoch budget (an
+    ablation such as "no STLR" is not)."""
     out: dict[str, dict[str, list]] = {}
     for name, dataset in params.datasets.items():
         if not any(c.dataset == name and c.labels is not None for c in params.controls.values()):
             continue
         curves: dict[str, list] = {"ULMFiT": [], "from scratch": [], "TF-IDF + LR": []}
+        if any(
+            c.dataset == name and c.encoder == "frozen_features" for c in params.controls.values()
+        ):
+            curves[CURVES["frozen_features"]] = []
         evaluation = _read(root / stage_spec("evaluate", dataset=name).metrics)
         if _is_number(evaluation.get("test_error_fwd")):
             curves["ULMFiT"].append((evaluation["train_documents"], evaluation["test_error_fwd"]))
         budget = {"epochs": 1, "patience": 0}  # the fields a curve may vary per label count
         standard = dataclasses.replace(dataset.classifier.train, **budget)
+        # A random or frozen encoder trains without gradual unfreezing or discriminative LRs
+        # by default (tasks.params.SCRATCH_TRAINING): that is its standard, not an ablation.
+        unprotected = dataclasses.replace(
+            standard,
+            gradual_unfreezing=False,
+            schedule=dataclasses.replace(standard.schedule, discriminative=False),
+        )
         for key, control in params.controls.items():
             if (
                 control.dataset != name
-                or control.encoder not in ("finetuned", "scratch")
+                or control.encoder not in CURVES
                 or control.pretrain_step is not None
-                or dataclasses.replace(control.classifier.train, **budget) != standard
+                or dataclasses.replace(control.classifier.train, **budget)
+                != (standard if control.encoder == "finetuned" else unprotected)
             ):
                 continue
             metrics = _read(root / stage_spec("control", name=key, dataset=name).metrics)
             if _is_number(metrics.get("test_error")):
-                label = "ULMFiT" if control.encoder == "finetuned" else "from scratch"
-                curves[label].append((metrics["train_documents"], metrics["test_error"]))
+                curves[CURVES[control.encoder]].append(
+                    (metrics["train_documents"], metrics["test_error"])
+                )
         baseline = _read(root / stage_spec("baseline", dataset=name).metrics)
         for run in baseline.get("runs", []):
             curves["TF-IDF + LR"].append((run["train_documents"], run["test_error"]))

@@ -115,3 +115,32 @@ def test_the_setting_names_a_transformer_backbone(tmp_path):
     _workspace(tmp_path, ["fwd"])
     text = "\n".join(render(collect(tmp_path, params), params))
     assert "GPT-style causal transformer 16x2 (2 heads, max_len 128)" in text
+
+
+def test_frozen_features_and_scratch_controls_are_curves_of_the_sample_efficiency_table(tmp_path):
+    """The ELMo-style arm (issue 13) at a label count is its own curve beside ULMFiT's, and
+    from-scratch points are not dropped for training without gradual unfreezing."""
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["controls"] = {
+        "bbc-ulmfit-20": {"dataset": "bbc_news", "labels": 20},
+        "bbc-elmo-20": {"dataset": "bbc_news", "labels": 20, "encoder": "frozen_features"},
+        "bbc-scratch-20": {"dataset": "bbc_news", "labels": 20, "encoder": "scratch"},
+        "bbc-no_stlr-20": {
+            "dataset": "bbc_news",
+            "labels": 20,
+            "classifier": {"train": {"schedule": {"stlr": False}}},
+        },
+    }
+    params = parse_params(data)
+    _workspace(tmp_path, ["fwd", "bwd"])
+    for name, error in (("bbc-elmo-20", 0.35), ("bbc-scratch-20", 0.5), ("bbc-no_stlr-20", 0.9)):
+        spec = stage_spec("control", name=name, dataset="bbc_news")
+        _write(tmp_path, spec, {"test_error": error, "train_documents": 20}, f"{name}-run")
+    curves = collect(tmp_path, params).sample_efficiency["bbc_news"]
+    assert curves["frozen features (ELMo-style)"] == [(20, 0.35)]
+    # A scratch classifier's default training (no gradual unfreezing) is its curve's standard;
+    # an ablation at a label count is no point of any curve.
+    assert curves["from scratch"] == [(20, 0.5)]
+    assert curves["ULMFiT"] == [(300, 0.10), (20, 0.30)]
+    text = "\n".join(render(collect(tmp_path, params), params))
+    assert "| labels | ULMFiT | from scratch | TF-IDF + LR | frozen features (ELMo-style) |" in text
