@@ -306,28 +306,19 @@ def train_lm_task(
     finally:
         logger.close()
     final = {k: v for k, v in result.metrics.items() if k not in ("step", "epoch")}
-    if masked and valid_docs is not None and len(valid_docs):
-        final = evaluate_mlm(
-            model,
-            valid_docs,
-            batch_size=train_cfg.eval_batch_size or train_cfg.batch_size,
-            bptt=train_cfg.bptt,
-            backward=train_cfg.backward,
-            device=run.device,
-            seed=train_cfg.seed,
-        )
-        logger.evals.append({"step": result.steps, "epoch": result.epochs, **final})
-    elif valid_docs is not None and len(valid_docs) and "perplexity" not in final:
-        # The loop validates at epoch ends; a run cut short by max_steps ends between them.
-        final = evaluate_lm(
-            model,
-            valid_docs,
-            batch_size=train_cfg.eval_batch_size or train_cfg.batch_size,
-            bptt=train_cfg.bptt,
-            backward=train_cfg.backward,
-            device=run.device,
-            amp=train_cfg.amp,
-        )
+    # The loop validates at epoch ends: a run cut short by max_steps ends between them, and a
+    # masked LM is validated on masked tokens, after training only.
+    if valid_docs is not None and len(valid_docs) and (masked or "perplexity" not in final):
+        options = {
+            "batch_size": train_cfg.eval_batch_size or train_cfg.batch_size,
+            "bptt": train_cfg.bptt,
+            "backward": train_cfg.backward,
+            "device": run.device,
+        }
+        if masked:
+            final = evaluate_mlm(model, valid_docs, **options, seed=train_cfg.seed)
+        else:
+            final = evaluate_lm(model, valid_docs, **options, amp=train_cfg.amp)
         logger.evals.append({"step": result.steps, "epoch": result.epochs, **final})
     summary = _result_summary(result)
     summary["metrics"] = final

@@ -633,13 +633,30 @@ def test_classifier_from_scratch_learns_long_documents() -> None:
     assert all(abs(measured - learned) <= 0.02 for measured, learned in pairs), pairs
 
 
+def running_variance_ratio(model: SequenceClassifier, docs: TokenDocs) -> float:
+    """Median over the varying features of the head's first batch norm's running variance
+    divided by the variance of the pooled features of ``docs``: 1 when eval mode normalises
+    them as training did."""
+    model = copy.deepcopy(model).eval()
+    batch = next(iter(ClassifierBatches(docs, len(docs), shuffle=False)))
+    with torch.no_grad():
+        features = model.pooled_features(batch.tokens, batch.lengths)
+    norm = next(m for m in model.head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    variance = features.var(dim=0, unbiased=False)
+    alive = variance > 1e-12  # a feature that never varies has no scale to misread
+    return float((norm.running_var[alive] / variance[alive]).median())
+
+
 def test_running_batchnorm_averages_misread_long_documents_and_recalibration_fixes_them() -> None:
-    # PyTorch's running averages alone (bn_recalibration_docs=0): at some validation the
-    # weights had learned more than eval mode could read.
+    # PyTorch's running averages alone (bn_recalibration_docs=0) lag far behind the pooled
+    # features' tiny spread: eval mode divides them by a variance tens of times too large.
+    # (Whether that also costs error at a given validation depends on the float trajectory,
+    # which differs between CPUs; the variance does not: 20x to 110x seen on two.)
     model, valid, pairs = _train_from_scratch_on_keywords(bn_recalibration_docs=0)
-    assert max(measured - learned for measured, learned in pairs) >= 0.2, pairs
+    assert running_variance_ratio(model, valid) >= 10, pairs
     used = recalibrate_batchnorm(model, keyword_docs(400, seed=0), batch_size=64)
     assert used == 400
+    assert 0.5 <= running_variance_ratio(model, valid) <= 2
     measured, _ = evaluate_classifier(model, valid, batch_size=64)
     assert abs(measured["error_rate"] - batch_statistics_error(model, valid)) <= 0.02
 
