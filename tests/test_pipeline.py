@@ -757,13 +757,16 @@ def test_corrupt_input_stops_cleanly_and_keeps_earlier_outputs(workspace_copy, p
 
 
 @pytest.mark.slow
-def test_report_flow_runs_under_prefect_and_links_its_flow_run(pipeline, prefect_api_url):
+def test_report_flow_runs_under_prefect_and_links_its_flow_run(
+    pipeline, prefect_api_url, monkeypatch
+):
     from prefect import get_client
 
     from flows.report import report_flow
 
     workspace = pipeline["workspace"]
-    os.environ["PREFECT_API_URL"] = prefect_api_url
+    # For this test only: a later module's `ulmfit repro` must not inherit this harness's URL.
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api_url)
     state = report_flow(root=str(workspace), return_state=True)
     assert state.is_completed()
     client, _ = _mlflow_client(workspace)
