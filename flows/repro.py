@@ -1,8 +1,8 @@
 """``ulmfit repro``: ``dvc repro`` with one local Prefect server for every stage; ``ulmfit exp
 run``: ``dvc exp run`` (an experiment, e.g. ``-S classifier.train.lr=0.02``) the same way.
 
-A bare ``dvc repro`` works too, but then each stage starts a Prefect server of its own (20 s
-or more each here). ``ulmfit repro`` starts ``prefect server start`` once on
+A bare ``dvc repro`` works too, but then each stage starts a Prefect server of its own (3 to
+11 s each here). ``ulmfit repro`` starts ``prefect server start`` once on
 127.0.0.1 (a free port, PREFECT_HOME under ``runs/prefect``), points every stage at it with
 ``PREFECT_API_URL``, runs ``dvc repro`` and stops the server. With ``PREFECT_API_URL`` already
 set (a shared server, a test harness) it uses that server and starts none.
@@ -231,10 +231,10 @@ class Interrupted(BaseException):
 
 def repro(root: Path, dvc_args: list[str], dvc_command: tuple[str, ...] = ("repro",)) -> int:
     """Check ``params.yaml`` and take the workspace lock, then run ``dvc repro <dvc_args>``
-    (``dvc_command``: ``("exp", "run")`` for an experiment); returns its exit code. Bad parameters raise ``InputError`` and a busy workspace
-    ``WorkspaceBusy`` before any server, MLflow run or DVC command is started. SIGTERM or
-    SIGINT stops DVC and its stage (each ends its runs as KILLED), then the server, and
-    returns ``128 + signal``."""
+    (``dvc_command``: ``("exp", "run")`` for an experiment); returns its exit code. Bad
+    parameters raise ``InputError`` and a busy workspace ``WorkspaceBusy`` before any server,
+    MLflow run or DVC command is started. SIGTERM or SIGINT stops DVC and its stage (each ends
+    its runs as KILLED), then the server, and returns ``128 + signal``."""
     from tasks.params import load_params
 
     params = load_params(root / "params.yaml")

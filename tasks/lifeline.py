@@ -39,6 +39,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 logger = logging.getLogger("ulmfit")
 
 DEFAULT_GRACE = 30.0
@@ -84,12 +86,9 @@ class Supervisor:
     def _kill_all(self) -> None:
         """SIGKILL the group and every descendant (one that left the group included)."""
         self._signal_group(signal.SIGKILL)
-        with contextlib.suppress(ImportError):
-            import psutil
-
-            for process in psutil.Process().children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
+        for process in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
     def _reap(self) -> tuple[int | None, bool]:
         """Reap every child that has ended; returns (the command's status if it ended now,
@@ -135,16 +134,12 @@ class Supervisor:
 
 def _is_dvc(process) -> bool:
     """``dvc ...``, ``python .../bin/dvc ...`` or ``python -m dvc ...``."""
-    import psutil
-
     with contextlib.suppress(psutil.Error):
         return any(Path(part).name == "dvc" for part in process.cmdline()[:3])
     return False
 
 
 def _alive(process) -> bool:
-    import psutil
-
     with contextlib.suppress(psutil.Error):
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     return False
@@ -156,8 +151,6 @@ def stop_with_dvc(poll: float = 1.0) -> int | None:
     running on, holding the workspace. A thread polls every ``poll`` seconds; psutil's
     ``is_running`` also tells a reused pid apart. Returns the DVC pid watched, or ``None``
     when DVC did not start this process."""
-    import psutil
-
     dvc = next((p for p in psutil.Process().parents() if _is_dvc(p)), None)
     if dvc is None:
         return None

@@ -52,7 +52,12 @@ from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig
 from ulmfit.tokenizer import UNK_ID, TokenizerConfig
 from ulmfit.train import ClassifierTrainConfig, LMTrainConfig
-from ulmfit.transformer import TransformerClassifierConfig, TransformerConfig
+from ulmfit.transformer import (
+    POOLINGS,
+    TransformerClassifierConfig,
+    TransformerConfig,
+    backbone_name,
+)
 
 LM_SPLITS = ("train", "valid", "test", "unsup")
 # What a classifier's encoder takes from the pretrained LM: every field but the dropouts.
@@ -68,14 +73,6 @@ _TRANSFORMER_KEYS = ("dim", "num_layers", "heads", "ff_mult", "max_len", "dropou
 # The byte-fallback tokenizer has no mask piece and never emits UNK (every byte has a piece),
 # so UNK's id serves as BERT's [MASK]: the tokenizer, and so every AWD-LSTM result, is unchanged.
 MASK_ID = UNK_ID
-POOLINGS = ("last", "mean", "first")
-
-
-def backbone_of(model: AWDLSTMConfig | TransformerConfig) -> str:
-    """The ``pretrain.model.backbone`` value of a parsed model config."""
-    if isinstance(model, TransformerConfig):
-        return f"transformer_{model.objective}"
-    return "awd_lstm"
 
 
 def describe_model(model: AWDLSTMConfig | TransformerConfig) -> str:
@@ -134,7 +131,7 @@ class PretrainParams:
 
     @property
     def backbone(self) -> str:
-        return backbone_of(self.model)
+        return backbone_name(self.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,22 +217,14 @@ class ClassifierParams:
         encoder's dropouts times ``dropout_multiplier``."""
         model = self.model
         encoder = dataclasses.replace(model.encoder, vocab_size=vocab_size)
+        sized = {
+            **{f.name: getattr(model, f.name) for f in dataclasses.fields(model)},
+            "encoder": encoder.scaled(dropout_multiplier),
+            "num_classes": num_classes,
+        }
         if isinstance(model, TransformerClassifierModelParams):
-            return TransformerClassifierConfig(
-                encoder=encoder.scaled(dropout_multiplier),
-                num_classes=num_classes,
-                pooling=model.pooling,
-                head_hidden=model.head_hidden,
-                head_dropouts=model.head_dropouts,
-            )
-        return ClassifierConfig(
-            encoder=encoder.scaled(dropout_multiplier),
-            num_classes=num_classes,
-            head_hidden=model.head_hidden,
-            head_dropouts=model.head_dropouts,
-            bptt=model.bptt,
-            max_len=model.max_len,
-        )
+            return TransformerClassifierConfig(**sized)
+        return ClassifierConfig(**sized)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -889,7 +878,7 @@ def _transformer_classifier_model(
     where: str,
 ) -> TransformerClassifierModelParams:
     """``classifier.model`` of a transformer: pooling, the head and the encoder's dropout."""
-    backbone = backbone_of(encoder)
+    backbone = backbone_name(encoder)
     problems = [
         Problem(
             f"{where}.model.encoder.{key}",
@@ -942,7 +931,7 @@ def _frozen_features(
             Problem(
                 f"{where}.encoder",
                 f"frozen_features reads the dataset's AWD-LSTM LMs, and pretrain.model.backbone "
-                f"is {backbone_of(encoder)}",
+                f"is {backbone_name(encoder)}",
                 "run this control in a workspace with backbone awd_lstm (docs/pipeline.md)",
             )
         )

@@ -36,34 +36,16 @@ from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
 from ulmfit.evaluate import evaluate_lm, evaluate_mlm
 from ulmfit.io import atomic_write
-from ulmfit.model import AWDLSTMConfig, LanguageModel, SequenceClassifier, layer_groups
+from ulmfit.model import AWDLSTMConfig, layer_groups, model_for
 from ulmfit.runtime import seed_everything
 from ulmfit.storage import TokenDocs, read_tokens
 from ulmfit.tokenizer import Tokenizer
 from ulmfit.train import LMTrainConfig, train_classifier, train_language_model
-from ulmfit.transformer import (
-    FrozenFeatureClassifier,
-    TransformerClassifier,
-    TransformerClassifierConfig,
-    TransformerConfig,
-    TransformerLM,
-)
+from ulmfit.transformer import FrozenFeatureClassifier, TransformerConfig
 
 MODEL_FILE = "model.pt"
 TRAINING_FILE = "training.json"
 log = logging.getLogger("ulmfit")
-
-
-def language_model(config: AWDLSTMConfig | TransformerConfig) -> LanguageModel | TransformerLM:
-    """The LM of ``config``'s backbone."""
-    return TransformerLM(config) if isinstance(config, TransformerConfig) else LanguageModel(config)
-
-
-def classifier_model(config) -> SequenceClassifier | TransformerClassifier:
-    """The classifier of ``config``'s backbone (``ClassifierParams.build``'s result)."""
-    if isinstance(config, TransformerClassifierConfig):
-        return TransformerClassifier(config)
-    return SequenceClassifier(config)
 
 
 def transformer_lm_training(cfg: LMTrainConfig, config) -> LMTrainConfig:
@@ -282,7 +264,7 @@ def train_lm_task(
     train_cfg = transformer_lm_training(train_cfg, config)
     masked = isinstance(config, TransformerConfig) and config.objective == "mlm"
     seed_everything(train_cfg.seed)
-    model = language_model(config)
+    model = model_for(config)
     if init_model is not None:
         pretrained = load_for(
             init_model,
@@ -419,7 +401,7 @@ def train_classifier_task(
                 )
                 config = model.cfg
             else:
-                model = classifier_model(config)
+                model = model_for(config)
             if encoder_state is not None:
                 model.encoder.load_state_dict(encoder_state)
             logger = run.logger(

@@ -97,7 +97,15 @@ def evaluate_lm(
     its rows and the sums are reduced across ranks.
     """
     device = torch.device(device)
-    stream = LMStream(
+    stream = _windows(docs, batch_size, bptt, backward)
+    sums = _lm_sums(model, stream, device, precision(amp, device, training=False))
+    return _lm_metrics(sums)
+
+
+def _windows(docs: TokenDocs, batch_size: int, bptt: int, backward: bool) -> LMStream:
+    """The fixed ``bptt`` windows an LM is evaluated on; under ``torch.distributed`` each rank
+    reads its own rows."""
+    return LMStream(
         docs,
         batch_size,
         bptt,
@@ -107,8 +115,6 @@ def evaluate_lm(
         rank=distributed.rank(),
         world_size=distributed.world_size(),
     )
-    sums = _lm_sums(model, stream, device, precision(amp, device, training=False))
-    return _lm_metrics(sums)
 
 
 @torch.no_grad()
@@ -126,19 +132,20 @@ def evaluate_mlm(
     ``"mlm"``) on ``docs``: each fixed ``bptt`` window masked by ``mlm_mask`` with a generator
     seeded by ``seed`` (the same masks on every call), scored at the selected positions only.
     Keys: ``masked_loss``, ``masked_perplexity`` (``exp(masked_loss)``, not comparable with a
-    next-token perplexity), ``masked_accuracy``, ``masked_tokens``. Runs in fp32 on one rank."""
-    from ulmfit.transformer import mlm_mask  # imports ulmfit.model, like this module's users
+    next-token perplexity), ``masked_accuracy``, ``masked_tokens``. Runs in fp32; under
+    ``torch.distributed`` each rank reads its rows and the sums are reduced, as in
+    :func:`evaluate_lm`."""
+    from ulmfit.transformer import IGNORE, mlm_mask  # imports ulmfit.model, like our users
 
     device = torch.device(device)
     bare = unwrap_model(model)
     cfg = bare.cfg
-    stream = LMStream(docs, batch_size, bptt, backward=backward, variable_bptt=False, seed=0)
     generator = torch.Generator().manual_seed(seed)
     was_training = bare.training
     bare.eval()
-    loss_sum = correct = count = 0.0
+    sums = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
     try:
-        for batch in stream:
+        for batch in _windows(docs, batch_size, bptt, backward):
             x = batch.x.to(device)  # (B, T)
             inputs, targets = mlm_mask(
                 x,
@@ -148,31 +155,17 @@ def evaluate_mlm(
                 generator=generator,
                 rate=cfg.mask_rate,
             )
-            selected = targets != -100  # (B, T)
+            selected = targets != IGNORE  # (B, T)
             if not bool(selected.any()):
                 continue
             raw, _ = bare.encoder(inputs)  # (B, T, D)
             logits = bare.decoder(raw[selected]).float()  # (n, V)
-            loss_sum += float(F.cross_entropy(logits, targets[selected], reduction="sum"))
-            correct += float((logits.argmax(dim=1) == targets[selected]).sum())
-            count += float(selected.sum())
+            sums["loss_sum"] += float(F.cross_entropy(logits, targets[selected], reduction="sum"))
+            sums["correct"] += float((logits.argmax(dim=1) == targets[selected]).sum())
+            sums["tokens"] += float(selected.sum())
     finally:
         bare.train(was_training)
-    if count == 0:
-        nan = float("nan")
-        return {
-            "masked_loss": nan,
-            "masked_perplexity": nan,
-            "masked_accuracy": nan,
-            "masked_tokens": 0.0,
-        }
-    loss = loss_sum / count
-    return {
-        "masked_loss": loss,
-        "masked_perplexity": math.exp(min(loss, 700.0)),
-        "masked_accuracy": correct / count,
-        "masked_tokens": count,
-    }
+    return {f"masked_{key}": value for key, value in _lm_metrics(sums).items()}
 
 
 def _in_order(

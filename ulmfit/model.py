@@ -479,33 +479,43 @@ def pad_id(model: nn.Module) -> int:
     return int(encoder_cfg.pad_id)
 
 
+def model_for(config: Any) -> nn.Module:
+    """The module of a parsed config, whatever its backbone: ``AWDLSTMConfig`` ->
+    ``LanguageModel``, ``ClassifierConfig`` -> ``SequenceClassifier``, and the configs of
+    ``ulmfit.transformer`` -> its ``TransformerLM``, ``TransformerClassifier`` and
+    ``FrozenFeatureClassifier``."""
+    from ulmfit import transformer  # imports this module, so not at the top
+
+    modules = {
+        AWDLSTMConfig: LanguageModel,
+        ClassifierConfig: SequenceClassifier,
+        transformer.TransformerConfig: transformer.TransformerLM,
+        transformer.TransformerClassifierConfig: transformer.TransformerClassifier,
+        transformer.FrozenFeatureConfig: transformer.FrozenFeatureClassifier,
+    }
+    if type(config) not in modules:
+        raise TypeError(f"model_for: no model for a {type(config).__name__}")
+    return modules[type(config)](config)
+
+
 def build_model(kind: str, config_dict: dict[str, Any]) -> nn.Module:
     """Rebuild a model from the config dict stored in a checkpoint (``to_dict(cfg)``).
 
     A dict with a ``backbone`` key is one of the other arms of ``ulmfit.transformer``; without
     one it is an AWD-LSTM (every checkpoint written before those arms existed).
     """
-    backbone = config_dict.get("backbone")
-    if backbone is not None:
-        from ulmfit import transformer  # imports this module, so not at the top
+    from ulmfit import transformer  # imports this module, so not at the top
 
-        arms = {
-            ("lm", "transformer"): (transformer.TransformerLM, transformer.TransformerConfig),
-            ("classifier", "transformer"): (
-                transformer.TransformerClassifier,
-                transformer.TransformerClassifierConfig,
-            ),
-            ("classifier", "frozen_features"): (
-                transformer.FrozenFeatureClassifier,
-                transformer.FrozenFeatureConfig,
-            ),
-        }
-        if (kind, backbone) not in arms:
-            raise ValueError(f"build_model: no {kind!r} model with backbone {backbone!r}")
-        model_type, config_type = arms[kind, backbone]
-        return model_type(from_dict(config_type, config_dict, where="model"))
-    if kind == "lm":
-        return LanguageModel(from_dict(AWDLSTMConfig, config_dict, where="model"))
-    if kind == "classifier":
-        return SequenceClassifier(from_dict(ClassifierConfig, config_dict, where="model"))
-    raise ValueError(f"build_model: kind must be 'lm' or 'classifier', got {kind!r}")
+    configs = {
+        ("lm", None): AWDLSTMConfig,
+        ("classifier", None): ClassifierConfig,
+        ("lm", "transformer"): transformer.TransformerConfig,
+        ("classifier", "transformer"): transformer.TransformerClassifierConfig,
+        ("classifier", "frozen_features"): transformer.FrozenFeatureConfig,
+    }
+    if kind not in ("lm", "classifier"):
+        raise ValueError(f"build_model: kind must be 'lm' or 'classifier', got {kind!r}")
+    key = (kind, config_dict.get("backbone"))
+    if key not in configs:
+        raise ValueError(f"build_model: no {kind!r} model with backbone {key[1]!r}")
+    return model_for(from_dict(configs[key], config_dict, where="model"))

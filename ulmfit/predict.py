@@ -36,7 +36,7 @@ from ulmfit.model import SequenceClassifier
 from ulmfit.model import pad_id as classifier_pad_id
 from ulmfit.quantize import InferenceClassifier, model_device, quantize_dynamic_int8
 from ulmfit.storage import TokenDocs
-from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier
+from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier, backbone_name
 
 CLASSIFIER_FORMAT = "ulmfit-text-classifier"
 FORMAT_VERSION = 1
@@ -47,18 +47,6 @@ BACKWARD_NAME = "backward.pt"
 # The classifiers a TextClassifier saves and loads: the AWD-LSTM's and the other arms'.
 SAVED_TYPES = (SequenceClassifier, TransformerClassifier, FrozenFeatureClassifier)
 _log = logging.getLogger("ulmfit.predict")
-
-
-def backbone_name(model: nn.Module) -> str:
-    """The backbone a classifier holds, as ``params.yaml`` names it: ``awd_lstm``,
-    ``transformer_causal``, ``transformer_mlm`` or ``frozen_features`` (the ELMo-style control).
-    Quantised and inference copies are AWD-LSTMs (only those are made)."""
-    bare = unwrap_model(model)
-    if isinstance(bare, TransformerClassifier):
-        return f"transformer_{bare.cfg.encoder.objective}"
-    if isinstance(bare, FrozenFeatureClassifier):
-        return "frozen_features"
-    return "awd_lstm"
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +248,7 @@ class TextClassifier:
     @property
     def backbone(self) -> str:
         """The backbone of the forward model (:func:`backbone_name`)."""
-        return backbone_name(self.forward_model)
+        return backbone_name(getattr(unwrap_model(self.forward_model), "cfg", None))
 
     def quantized(self) -> TextClassifier:
         """The same classifier with int8 dynamically quantised models (CPU only). Only the
@@ -273,7 +261,7 @@ class TextClassifier:
             _log.warning(
                 "int8 quantisation skipped: it exists for the AWD-LSTM only, and this model's "
                 "backbone is %s; predicting in fp32",
-                backbone_name(model),
+                backbone_name(getattr(unwrap_model(model), "cfg", None)),
             )
             return model.cpu()
 

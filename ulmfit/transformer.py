@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from ulmfit.model import (
 )
 
 IGNORE = -100  # target of a token the MLM loss skips (F.cross_entropy's ignore_index)
+POOLINGS = ("last", "mean", "first")  # a transformer classifier's document summary
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class TransformerClassifierConfig:
 
     encoder: TransformerConfig
     num_classes: Annotated[int, Range(2)]
-    pooling: Annotated[str, OneOf(("last", "mean", "first"))] = "last"
+    pooling: Annotated[str, OneOf(POOLINGS)] = "last"
     head_hidden: PositiveInt = ClassifierConfig.head_hidden
     head_dropouts: tuple[Dropout, Dropout] = ClassifierConfig.head_dropouts
     backbone: Annotated[str, OneOf(("transformer",))] = "transformer"
@@ -377,6 +378,20 @@ class FrozenFeatureConfig:
     head_hidden: PositiveInt = ClassifierConfig.head_hidden
     head_dropouts: tuple[Dropout, Dropout] = ClassifierConfig.head_dropouts
     backbone: Annotated[str, OneOf(("frozen_features",))] = "frozen_features"
+
+
+def backbone_name(config: Any) -> str:
+    """The backbone of a model config as ``params.yaml`` names it: ``awd_lstm`` (an
+    ``AWDLSTMConfig`` or ``ClassifierConfig``, and any other object), ``transformer_causal``,
+    ``transformer_mlm`` (an LM's or classifier's config), or ``frozen_features`` (the
+    ELMo-style control)."""
+    if isinstance(config, TransformerClassifierConfig):
+        config = config.encoder
+    if isinstance(config, TransformerConfig):
+        return f"transformer_{config.objective}"
+    if isinstance(config, FrozenFeatureConfig):
+        return "frozen_features"
+    return "awd_lstm"
 
 
 def _reverse_real(tokens: Tensor, lengths: Tensor) -> Tensor:
