@@ -66,7 +66,9 @@ def stage_key(spec: StageSpec, params: dict[str, Any], deps: dict[str, str]) -> 
 
 def checkpoint_dir(root: Path, spec: StageSpec, key: str, sub: str = "") -> Path:
     """``runs/checkpoints/<group>/<item>/<key>[/<sub>]``; older keys of the same stage item are
-    removed (they can never be resumed: their params or inputs changed)."""
+    removed (they can never be resumed: their params or inputs changed), and so is what a kill
+    in the middle of a checkpoint write left (``ulmfit.io.atomic_path``'s dot-named ``.tmp``
+    folders). The stage holds the workspace lock: no writer of them is running."""
     base = root / Layout.checkpoints / spec.group / (spec.item or "_")
     if base.is_dir():
         for old in base.iterdir():
@@ -74,6 +76,8 @@ def checkpoint_dir(root: Path, spec: StageSpec, key: str, sub: str = "") -> Path
                 shutil.rmtree(old, ignore_errors=True)
     path = base / key / sub if sub else base / key
     path.mkdir(parents=True, exist_ok=True)
+    for partial in path.glob(".*.tmp"):
+        shutil.rmtree(partial, ignore_errors=True)
     return path
 
 

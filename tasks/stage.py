@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -166,6 +167,7 @@ def stage_run(
     except (KeyboardInterrupt, TerminationSignal):
         # SIGINT, or SIGTERM (Prefect's flow engine raises TerminationSignal, marks the flow
         # run CRASHED, then lets the signal end the process: a non-zero exit).
+        ignore_stop_signals()
         tracking.end_run(root, run_id, "KILLED")
         logger.warning("%s: stopped by a signal; MLflow run %s KILLED", spec.stage, run_id)
         raise
@@ -186,6 +188,18 @@ def stage_run(
         )
     tracking.end_run(root, run_id, "FINISHED")
     clear_checkpoints(root, spec)
+
+
+def ignore_stop_signals() -> None:
+    """A stopping stage reports its end (MLflow run KILLED, Prefect flow run CRASHED) without
+    being cut short by a second SIGTERM or SIGINT: DVC's whole process group gets the first,
+    DVC dies of it, and ``stop_with_dvc`` then sends this process another. On a loaded machine
+    that one used to land inside Prefect's crash report and leave the flow run RUNNING for good.
+    Prefect's engine restores the previous handler and re-sends the signal once it has reported,
+    so the process still ends by it; a supervisor's SIGKILL after its grace stays the backstop."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread: nothing to hold back
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def remove_leftovers(root: Path, spec: StageSpec) -> list[Path]:

@@ -159,7 +159,9 @@ def _assert_no_partial_outputs(workspace: Path) -> None:
 
 
 def _checkpoints(workspace: Path) -> list[Path]:
-    return sorted((workspace / CHECKPOINTS).rglob("step-*.pt"))
+    """Complete checkpoints (``<key>/step-*.pt``), not one being written (an empty file of that
+    name in a private ``.tmp`` folder beside it, ``ulmfit.io.atomic_path``)."""
+    return sorted((workspace / CHECKPOINTS).glob("*/step-*.pt"))
 
 
 def _stage_process(workspace: Path):

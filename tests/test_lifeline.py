@@ -151,17 +151,16 @@ def test_a_stage_under_a_bare_dvc_stops_when_that_dvc_is_killed(tmp_path):
         "print('watching', stop_with_dvc(poll=0.1), flush=True)\n"
         "time.sleep(300)\n"
     )
-    dvc = tmp_path / "dvc"
+    dvc, out = tmp_path / "dvc", tmp_path / "out"
     dvc.write_text(
         f"#!{sys.executable}\n"
         "import subprocess, sys, time\n"
-        f"subprocess.Popen([sys.executable, '-c', {stage!r}], stdout=open({str(tmp_path / 'out')!r}, 'w'))\n"
+        f"subprocess.Popen([sys.executable, '-c', {stage!r}], stdout=open({str(out)!r}, 'w'))\n"
         "time.sleep(300)\n"
     )
     dvc.chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     parent = subprocess.Popen([str(dvc)], env=env)
-    out = tmp_path / "out"
     deadline = time.monotonic() + 60
     while "watching" not in (out.read_text() if out.exists() else ""):
         assert time.monotonic() < deadline, "the stand-in stage did not start"
@@ -178,3 +177,61 @@ def test_a_process_not_started_by_dvc_watches_nothing():
     from tasks.lifeline import stop_with_dvc
 
     assert stop_with_dvc() is None
+
+
+# A stage whose body is SIGTERMed; a second SIGTERM lands while Prefect reports the crash.
+SECOND_SIGTERM_STAGE = """
+import logging, os, signal, sys, time
+from pathlib import Path
+from prefect import flow
+from tasks.params import load_params
+from tasks.pipeline import stage_spec
+from tasks.stage import stage_run
+
+class SecondSigterm(logging.Handler):
+    def emit(self, record):
+        if record.getMessage().startswith("Crash detected"):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+logging.getLogger("prefect.flow_runs").addHandler(SecondSigterm())
+root = Path(sys.argv[1])
+
+@flow(name="pretrain")
+def stage():
+    params = load_params(root / "params.yaml")
+    with stage_run(root, stage_spec("pretrain", direction="fwd"), params, {}):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(120)
+
+stage()
+"""
+
+
+def test_a_second_sigterm_during_the_crash_report_leaves_no_flow_run_running(tmp_path):
+    """Under ``ulmfit repro`` DVC's whole group gets SIGTERM, DVC dies of it, and
+    ``stop_with_dvc`` sends the stage a second one. On a loaded CI machine that one landed inside
+    Prefect's crash report and the flow run stayed RUNNING for good (no later start could tell).
+    Here the second SIGTERM is sent exactly then, from the engine's "Crash detected" log line."""
+    import shutil
+    import sqlite3
+    import sys
+
+    from flows.repro import prefect_server
+
+    shutil.copy(ROOT / "profiles" / "default.yaml", tmp_path / "params.yaml")
+    with prefect_server(tmp_path) as api_url:
+        stage = subprocess.run(
+            [sys.executable, "-c", SECOND_SIGTERM_STAGE, str(tmp_path)],
+            env={**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": api_url},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert stage.returncode == -signal.SIGTERM, stage.stderr[-3000:]  # still ended by it
+    with sqlite3.connect(tmp_path / "runs/prefect/prefect.db") as db:
+        states = db.execute("SELECT state_type FROM flow_run").fetchall()
+    assert states == [("CRASHED",)], stage.stderr[-3000:]
+    runs = tracking.client(tmp_path).search_runs(
+        [e.experiment_id for e in tracking.client(tmp_path).search_experiments()]
+    )
+    assert [run.info.status for run in runs] == ["KILLED"]

@@ -111,6 +111,23 @@ def test_checkpoint_key_changes_with_params_and_inputs_and_stale_keys_are_remove
     assert new.is_dir() and not old.exists()
 
 
+def test_a_checkpoint_write_cut_by_a_kill_is_cleaned_up_and_never_resumed(tmp_path):
+    """atomic_path writes ``step-N.pt`` inside a private ``.step-N.pt.*.tmp`` folder and renames
+    it into place: a SIGKILL in between leaves that folder, which the next start removes; only
+    the complete checkpoints are candidates for resuming."""
+    from ulmfit.checkpoint import latest_checkpoint
+
+    spec = stage_spec("pretrain", direction="fwd")
+    folder = checkpoint_dir(tmp_path, spec, "key")
+    (folder / "step-000000005.pt").write_bytes(b"complete")
+    partial = folder / ".step-000000010.pt.x1.tmp"
+    partial.mkdir()
+    (partial / "step-000000010.pt").write_bytes(b"")  # the kill came before any byte
+    assert latest_checkpoint(folder) == folder / "step-000000005.pt"
+    assert checkpoint_dir(tmp_path, spec, "key") == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000000005.pt"]
+
+
 def test_workspace_lock_is_exclusive_and_released(tmp_path):
     with workspace_lock(tmp_path, "stage-a"):
         import subprocess
