@@ -13,7 +13,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ulmfit.io import atomic_write  # noqa: E402
 
-ORDER = ["accuracy", "probe", "lm_throughput", "amp_quality", "tokenize", "predict", "ingest"]
+ORDER = [
+    "accuracy",
+    "arms",
+    "probe",
+    "lm_throughput",
+    "amp_quality",
+    "tokenize",
+    "predict",
+    "ingest",
+]
 
 HEADER = """# Benchmarks
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pipeline import BIN, make_workspace, micro_params, run  # noqa: E402
 
@@ -100,3 +101,16 @@ def test_a_gpt_style_backbone_runs_every_stage_to_a_served_model(tmp_path):
         ]
         <= 1
     )
+    # bench/arms.py tabulates an arm and a control of its workspace from these files.
+    table = tmp_path / "arms.md"
+    arms = [f"GPT-style={workspace}", f"GPT-style, 20 labels={workspace}:gpt-20"]
+    run(
+        [sys.executable, str(ROOT / "bench" / "arms.py"), "--dataset", "bbc_news"]
+        + [f"--arm={arm}" for arm in arms]
+        + ["--out", str(table)],
+        workspace,
+    )
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| GPT-style")]
+    error = _json(workspace, stage_spec("evaluate", dataset="bbc_news").metrics)["test_error_fwd"]
+    assert len(rows) == 2 and f"| {100 * error:.2f} |" in rows[0], rows
+    assert rows[0].split("|")[2].strip() == "transformer_causal"

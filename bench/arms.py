@@ -1,0 +1,190 @@
+"""The arms section of BENCHMARKS.md (issue 13): ULMFiT beside the GPT-, BERT- and ELMo-style
+arms on one dataset, from workspaces that ran them.
+
+One workspace holds one backbone (``pretrain.model.backbone``), so each fine-tuned arm is its own
+clone of the project; the ELMo-style arm is a ``frozen_features`` control inside the ULMFiT
+workspace (it reads that workspace's fwd and bwd AWD-LSTM LMs). Nothing here trains or types a
+figure: every number is read from the stages' metrics files and run records (each row names its
+MLflow run ids). Equal compute means equal tokens: the table shows the tokens each phase read and
+its wall time, so the cost per token of each backbone is there too. Produce the workspaces with
+the pipeline's own commands (``profiles/arms.yaml`` says how), then:
+
+    python bench/arms.py --dataset trec6 \\
+        --arm "ULMFiT=../bench" --arm "GPT-style=../arms-gpt" \\
+        --arm "ELMo-style=../bench:trec6-elmo"
+    python bench/collect.py
+
+``NAME=WORKSPACE`` is a fine-tuned arm (its forward classifier: the same direction for every
+arm); ``NAME=WORKSPACE:CONTROL`` is a control of that workspace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from collect import publish  # noqa: E402
+
+
+def _read(workspace: Path, relative: str) -> dict:
+    path = workspace / relative
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found. Fix: run that stage in {workspace} first")
+    return json.loads(path.read_text())
+
+
+def _minutes(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds / 60:.1f}"
+
+
+def _millions(tokens: float | None) -> str:
+    return "–" if tokens is None else f"{tokens / 1e6:.2f}M"
+
+
+def arm_row(name: str, spec: str, dataset: str) -> dict:
+    """The figures of one arm: ``WORKSPACE`` (its fwd LM and classifier) or
+    ``WORKSPACE:CONTROL``."""
+    workspace, _, control = spec.partition(":")
+    workspace = Path(workspace).resolve()
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    backbone = params["pretrain"]["model"].get("backbone", "awd_lstm")
+    pretrain = _read(workspace, "metrics/wikipedia/pretrain_fwd.json")
+    pretrain_run = _read(workspace, "metrics/runs/wikipedia/pretrain_fwd.json")
+    row = {
+        "arm": name,
+        "backbone": backbone,
+        "pretrain_tokens": pretrain.get("tokens_trained"),
+        "pretrain_minutes": pretrain_run.get("wall_seconds"),
+        "pretrain_ppl": pretrain.get("valid_perplexity"),
+        "runs": [pretrain_run["mlflow_run_id"]],
+    }
+    if control:
+        metrics = _read(workspace, f"metrics/controls/{control}.json")
+        record = _read(workspace, f"metrics/runs/controls/{control}.json")
+        if metrics.get("dataset") != dataset:
+            raise SystemExit(f"{spec}: control {control} is on {metrics.get('dataset')}")
+        encoder = metrics.get("encoder")
+        # The LMs the control's classifier reads: both for the frozen ELMo-style features, the
+        # control's direction for a fine-tuned encoder, none otherwise (scratch, pretrained).
+        directions = {
+            "frozen_features": ("fwd", "bwd"),
+            "finetuned": (metrics.get("direction", "fwd"),),
+        }
+        lm_tokens, lm_seconds = 0, 0.0
+        for direction in directions.get(encoder, ()):
+            lm = _read(workspace, f"metrics/{dataset}/finetune_lm_{direction}.json")
+            lm_run = _read(workspace, f"metrics/runs/{dataset}/finetune_lm_{direction}.json")
+            lm_tokens += lm.get("tokens_trained") or 0
+            lm_seconds += lm_run.get("wall_seconds") or 0.0
+            row["runs"].append(lm_run["mlflow_run_id"])
+        reads = "+".join(directions.get(encoder, ()))
+        if "pretrain_step" in metrics:  # a pretraining snapshot, fine-tuned inside the control
+            lm_tokens, lm_seconds = 0, 0.0
+            reads = f"its own LM from pretraining step {metrics['pretrain_step']}"
+            row["pretrain_tokens"] = metrics.get("pretrain_tokens")
+            row["pretrain_ppl"] = None
+            row["runs"] = row["runs"][:1]
+        row.update(
+            backbone=f"{backbone}, control ({encoder}{', ' + reads if reads else ''})",
+            finetune_tokens=lm_tokens or None,
+            finetune_minutes=lm_seconds or None,
+            classifier_minutes=record.get("wall_seconds"),
+            test_error=metrics["test_error"],
+        )
+        row["runs"].append(record["mlflow_run_id"])
+        return row
+    lm = _read(workspace, f"metrics/{dataset}/finetune_lm_fwd.json")
+    lm_run = _read(workspace, f"metrics/runs/{dataset}/finetune_lm_fwd.json")
+    classifier_run = _read(workspace, f"metrics/runs/{dataset}/classifier_fwd.json")
+    evaluation = _read(workspace, f"metrics/{dataset}/evaluate.json")
+    evaluation_run = _read(workspace, f"metrics/runs/{dataset}/evaluate.json")
+    baseline = workspace / f"metrics/{dataset}/baseline.json"
+    row.update(
+        finetune_tokens=lm.get("tokens_trained"),
+        finetune_minutes=lm_run.get("wall_seconds"),
+        classifier_minutes=classifier_run.get("wall_seconds"),
+        test_error=evaluation["test_error_fwd"],
+        tfidf_error=json.loads(baseline.read_text()).get("test_error")
+        if baseline.is_file()
+        else None,
+    )
+    row["runs"] += [lm_run["mlflow_run_id"], classifier_run["mlflow_run_id"]]
+    row["runs"].append(evaluation_run["mlflow_run_id"])
+    return row
+
+
+def table(rows: list[dict], dataset: str) -> str:
+    lines = [
+        f"| arm | backbone | pretraining tokens (fwd) | pretraining min | pretrained LM ppl "
+        f"| LM fine-tuning tokens | LM fine-tuning min | classifier min | {dataset} test error % "
+        "| MLflow runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ppl = row.get("pretrain_ppl")
+        lines.append(
+            f"| {row['arm']} | {row['backbone']} | {_millions(row['pretrain_tokens'])} "
+            f"| {_minutes(row['pretrain_minutes'])} | {'–' if ppl is None else f'{ppl:.1f}'} "
+            f"| {_millions(row.get('finetune_tokens'))} | {_minutes(row.get('finetune_minutes'))} "
+            f"| {_minutes(row.get('classifier_minutes'))} | {100 * row['test_error']:.2f} "
+            f"| {', '.join(r[:8] for r in row['runs'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="trec6")
+    parser.add_argument(
+        "--arm", action="append", required=True, help="NAME=WORKSPACE or NAME=WORKSPACE:CONTROL"
+    )
+    parser.add_argument(
+        "--conditions",
+        default="no other job ran during the runs",
+        help="what else the machine was doing (wall times depend on it)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arms.md")
+    args = parser.parse_args(argv)
+    rows = []
+    for arm in args.arm:
+        name, sep, spec = arm.partition("=")
+        if not sep:
+            parser.error(f"--arm {arm!r}: expected NAME=WORKSPACE or NAME=WORKSPACE:CONTROL")
+        rows.append(arm_row(name, spec, args.dataset))
+    tfidf = next((r["tfidf_error"] for r in rows if r.get("tfidf_error") is not None), None)
+    text = "\n".join(
+        [
+            f"# Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {args.dataset}",
+            "",
+            "Reproduce: run each arm's workspace as `profiles/arms.yaml` says, then "
+            "`python bench/arms.py --dataset "
+            + args.dataset
+            + " "
+            + " ".join(f'--arm "{a}"' for a in args.arm)
+            + "` (workspace paths as on the machine that ran them).",
+            "",
+            f"CPU scale, the forward direction of each fine-tuned arm; {args.conditions}. "
+            "Pretraining tokens are those the forward LM read; the ELMo-style arm's LM "
+            "fine-tuning column adds its two LMs. Wall times include evaluation and saving. "
+            "Every figure is read from the stages' metrics files; the MLflow run ids (first 8 "
+            "characters) are pretraining, LM fine-tuning, classifier and evaluation.",
+            "",
+            table(rows, args.dataset),
+            "",
+            f"TF-IDF + logistic regression on the same labels: "
+            f"{'–' if tfidf is None else f'{100 * tfidf:.2f}'} %.",
+            "",
+        ]
+    )
+    publish(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
