@@ -166,12 +166,21 @@ def prefect_server(root: Path, hold: list[int] | None = None) -> Iterator[str]:
 
 
 def set_params(dvc_args: list[str]) -> dict[str, str]:
-    """The parameters an experiment sets: ``-S key=value`` / ``--set-param key=value``."""
+    """The parameters an experiment sets (``-S key=value``, ``-Skey=value``, ``--set-param``
+    in any of argparse's spellings), read by DVC's own argument parser from the DVC command
+    line (``["exp", "run", ...]``). Arguments it does not know are left to DVC to report."""
+    from dvc.cli.parser import get_main_parser
+
+    try:
+        known, _ = get_main_parser().parse_known_args(dvc_args)
+    except SystemExit:  # e.g. an unknown DVC command: argparse has printed why
+        return {}
+    settings = getattr(known, "set_param", None) or []
     found = {}
-    for flag, value in zip(dvc_args, dvc_args[1:], strict=False):
-        if flag in ("-S", "--set-param") and "=" in value:
-            key, _, setting = value.partition("=")
-            found[key.rpartition(":")[2]] = setting  # params.yaml:key -> key
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if equals:
+            found[key.rpartition(":")[2]] = value  # params.yaml:key -> key
     return found
 
 

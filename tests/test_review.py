@@ -149,3 +149,14 @@ def test_an_experiment_compares_with_the_reference_run(workspace):
     for key in ("error_fwd", "error_bwd", "error_ensemble", "error_tfidf", "ppl_fwd"):
         assert first.data.metrics[f"{DATASET}.{key}"] == before[key]
         assert second.data.metrics[f"{DATASET}.{key}"] == after[key]
+
+
+def test_the_pipeline_run_records_every_spelling_of_an_experiment_parameter():
+    """``-S k=v``, ``-Sk=v``, ``--set-param=k=v`` and ``--set-param file:k=v`` all set a
+    parameter for DVC; the pipeline run records each (the joined forms used to be missed)."""
+    from flows.repro import set_params
+
+    argv = ["exp", "run", "-S", "a.b=1", "-Sc=2", "--set-param=d=3", "--set-param"]
+    argv += ["params.yaml:e=4", "--unknown-flag", "evaluate@trec6"]
+    assert set_params(argv) == {"a.b": "1", "c": "2", "d": "3", "e": "4"}
+    assert set_params(["repro", "evaluate@trec6"]) == {}
