@@ -271,27 +271,13 @@ def set_champion(client: MlflowClient, decision: Decision, *, flow_run_id: str |
     )
 
 
-def _experiment_id(client: MlflowClient, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:
-        # Another retrain created it between our two calls.
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
-
-
 def log_decision(
     client: MlflowClient,
     decision: Decision,
     *,
+    experiment_id: str,
     flow_run_id: str | None,
     context: Mapping[str, str] | None = None,
-    experiment: str = RETRAIN_EXPERIMENT,
 ) -> str:
     """Record one decision as a finished MLflow run in ``experiment``; return the run id.
 
@@ -299,7 +285,6 @@ def log_decision(
     the versions and run ids compared, metrics the two errors and the improvement. Idempotent per
     (flow run, dataset), so a retried task does not log the same decision twice.
     """
-    experiment_id = _experiment_id(client, experiment)
     tags = {
         "dataset": decision.dataset,
         "registered_model": decision.model_name,
@@ -446,7 +431,13 @@ def record_decision(
     context: Mapping[str, str] | None = None,
 ) -> str:
     """Log the decision as a run of MLflow experiment ``retrain``; return its run id."""
-    return log_decision(_client(project_dir), decision, flow_run_id=flow_run_id, context=context)
+    return log_decision(
+        _client(project_dir),
+        decision,
+        experiment_id=tracking.experiment_id(project_dir, RETRAIN_EXPERIMENT),
+        flow_run_id=flow_run_id,
+        context=context,
+    )
 
 
 def artifact_key(text: str) -> str:

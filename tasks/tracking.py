@@ -81,14 +81,15 @@ EXPERIMENT_TAGS = {
 
 def experiment_id(root: Path, name: str) -> str:
     """The experiment's id, created on first use as a model-training experiment (artifacts
-    under ``<project>/mlruns`` when the store is the local SQLite file); an experiment made
-    by an older version gets its kind tag."""
+    under ``<project>/mlruns`` when the store is a local database: MLflow's own default there
+    is ``./mlruns`` of whatever directory the process runs in); an experiment made by an older
+    version gets its kind tag."""
     mlflow_client = client(root)
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         location = None
-        if tracking_uri(root) == default_uri(root):  # a server decides its own artifact store
-            location = (Path(root).resolve() / "mlruns").as_uri()
+        if not tracking_uri(root).startswith(("http:", "https:", "databricks")):
+            location = (Path(root).resolve() / "mlruns").as_uri()  # a server decides its own
         try:
             return mlflow_client.create_experiment(
                 name, artifact_location=location, tags=EXPERIMENT_TAGS

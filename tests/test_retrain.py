@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks import tracking
 from tasks.promotion import (
     CHAMPION_ALIAS,
     KEPT_ALREADY_CHAMPION,
@@ -45,6 +46,7 @@ from tasks.promotion import (
     newest_version_number,
     read_candidate,
     read_champion,
+    record_decision,
     set_champion,
 )
 
@@ -287,7 +289,7 @@ def register_version(client, experiment: str, error: float | None) -> tuple[str,
     return str(version.version), run.info.run_id
 
 
-def test_registry_reads_candidate_champion_and_moves_alias(sqlite_client):
+def test_registry_reads_candidate_champion_and_moves_alias(sqlite_client, tmp_path):
     client, experiment = sqlite_client
     assert newest_version_number(client, MODEL) is None
     assert read_champion(client, MODEL, METRIC) is None  # no model at all
@@ -315,8 +317,13 @@ def test_registry_reads_candidate_champion_and_moves_alias(sqlite_client):
     assert str(client.get_model_version_by_alias(MODEL, CHAMPION_ALIAS).version) == v2
     assert client.get_model_version(MODEL, v2).tags["promotion.flow_run_id"] == "flow-2"
 
-    run_id = log_decision(client, better, flow_run_id="flow-2", context={"data_changed": "yes"})
-    again = log_decision(client, better, flow_run_id="flow-2")  # a retried task: same run
+    # record_decision keeps the decision's artifacts in the project, not in the ./mlruns of
+    # whatever directory it runs in (MLflow's default for a database store: a test wrote into
+    # the repository that way).
+    run_id = record_decision.fn(tmp_path, better, "flow-2", {"data_changed": "yes"})
+    assert client.get_run(run_id).info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
+    retrain = tracking.experiment_id(tmp_path, RETRAIN_EXPERIMENT)
+    again = log_decision(client, better, experiment_id=retrain, flow_run_id="flow-2")  # retried
     assert again == run_id
     logged = client.get_run(run_id)
     assert logged.data.tags["decision"] == "promoted"
