@@ -43,6 +43,20 @@ def _minutes(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds / 60:.1f}"
 
 
+def _percent(error: float | None) -> str:
+    return "–" if error is None else f"{100 * error:.2f}"
+
+
+def _chosen(metrics: dict) -> str:
+    """The learning rate the validation grid chose (of which), and the epoch kept: a choice at
+    the grid's edge or at the last epoch says the arm may be under-tuned."""
+    grid = sorted({g["lr"] for g in metrics.get("grid_search", []) if "lr" in g})
+    lr = metrics.get("lr")
+    of = f" of {', '.join(f'{g:g}' for g in grid)}" if len(grid) > 1 else ""
+    epoch = f", epoch {metrics.get('best_epoch')}/{metrics.get('epochs')}"
+    return ("–" if lr is None else f"{lr:g}{of}") + epoch
+
+
 def _millions(tokens: float | None) -> str:
     return "–" if tokens is None else f"{tokens / 1e6:.2f}M"
 
@@ -84,7 +98,10 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
             lm_seconds += lm_run.get("wall_seconds") or 0.0
             row["runs"].append(lm_run["mlflow_run_id"])
         reads = "+".join(directions.get(encoder, ()))
-        if "pretrain_step" in metrics:  # a pretraining snapshot, fine-tuned inside the control
+        if encoder in ("scratch", "lm_from_scratch"):  # no pretrained LM in this arm
+            row.update(pretrain_tokens=None, pretrain_minutes=None, pretrain_ppl=None, runs=[])
+            reads = "no pretraining"
+        elif "pretrain_step" in metrics:  # a pretraining snapshot, fine-tuned in the control
             lm_tokens, lm_seconds = 0, 0.0
             reads = f"its own LM from pretraining step {metrics['pretrain_step']}"
             row["pretrain_tokens"] = metrics.get("pretrain_tokens")
@@ -96,35 +113,51 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
             finetune_minutes=lm_seconds or None,
             classifier_minutes=record.get("wall_seconds"),
             test_error=metrics["test_error"],
+            chosen=_chosen(metrics),
         )
         row["runs"].append(record["mlflow_run_id"])
         return row
     lm = _read(workspace, f"metrics/{dataset}/finetune_lm_fwd.json")
     lm_run = _read(workspace, f"metrics/runs/{dataset}/finetune_lm_fwd.json")
+    classifier = _read(workspace, f"metrics/{dataset}/classifier_fwd.json")
     classifier_run = _read(workspace, f"metrics/runs/{dataset}/classifier_fwd.json")
     evaluation = _read(workspace, f"metrics/{dataset}/evaluate.json")
     evaluation_run = _read(workspace, f"metrics/runs/{dataset}/evaluate.json")
-    baseline = workspace / f"metrics/{dataset}/baseline.json"
     row.update(
         finetune_tokens=lm.get("tokens_trained"),
         finetune_minutes=lm_run.get("wall_seconds"),
         classifier_minutes=classifier_run.get("wall_seconds"),
         test_error=evaluation["test_error_fwd"],
-        tfidf_error=json.loads(baseline.read_text()).get("test_error")
-        if baseline.is_file()
-        else None,
+        ensemble_error=evaluation.get("test_error_ensemble"),
+        chosen=_chosen(classifier),
     )
     row["runs"] += [lm_run["mlflow_run_id"], classifier_run["mlflow_run_id"]]
     row["runs"].append(evaluation_run["mlflow_run_id"])
     return row
 
 
+def tfidf_row(workspace: Path, dataset: str) -> dict:
+    """The TF-IDF + logistic regression baseline stage of a workspace, on the same labels."""
+    baseline = _read(workspace, f"metrics/{dataset}/baseline.json")
+    record = _read(workspace, f"metrics/runs/{dataset}/baseline.json")
+    return {
+        "arm": "TF-IDF + logistic regression",
+        "backbone": "bag of n-grams, no pretraining",
+        "pretrain_tokens": None,
+        "pretrain_minutes": None,
+        "classifier_minutes": record.get("wall_seconds"),
+        "test_error": baseline["test_error"],
+        "chosen": f"C = {baseline.get('C'):g} (validation grid)",
+        "runs": [record["mlflow_run_id"]],
+    }
+
+
 def table(rows: list[dict], dataset: str) -> str:
     lines = [
         f"| arm | backbone | pretraining tokens (fwd) | pretraining min | pretrained LM ppl "
         f"| LM fine-tuning tokens | LM fine-tuning min | classifier min | {dataset} test error % "
-        "| MLflow runs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| fwd + bwd ensemble % | classifier lr (grid), epoch kept | MLflow runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ppl = row.get("pretrain_ppl")
@@ -133,6 +166,7 @@ def table(rows: list[dict], dataset: str) -> str:
             f"| {_minutes(row['pretrain_minutes'])} | {'–' if ppl is None else f'{ppl:.1f}'} "
             f"| {_millions(row.get('finetune_tokens'))} | {_minutes(row.get('finetune_minutes'))} "
             f"| {_minutes(row.get('classifier_minutes'))} | {100 * row['test_error']:.2f} "
+            f"| {_percent(row.get('ensemble_error'))} | {row.get('chosen', '–')} "
             f"| {', '.join(r[:8] for r in row['runs'])} |"
         )
     return "\n".join(lines)
@@ -157,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--arm {arm!r}: expected NAME=WORKSPACE or NAME=WORKSPACE:CONTROL")
         rows.append(arm_row(name, spec, args.dataset))
-    tfidf = next((r["tfidf_error"] for r in rows if r.get("tfidf_error") is not None), None)
+    first = Path(args.arm[0].partition("=")[2].partition(":")[0])
+    if (first / f"metrics/{args.dataset}/baseline.json").is_file():
+        rows.append(tfidf_row(first.resolve(), args.dataset))
     text = "\n".join(
         [
             f"# Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {args.dataset}",
@@ -173,12 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             "Pretraining tokens are those the forward LM read; the ELMo-style arm's LM "
             "fine-tuning column adds its two LMs. Wall times include evaluation and saving. "
             "Every figure is read from the stages' metrics files; the MLflow run ids (first 8 "
-            "characters) are pretraining, LM fine-tuning, classifier and evaluation.",
+            "characters) are pretraining, LM fine-tuning, classifier and evaluation. The TF-IDF "
+            "row is the first workspace's baseline stage, on the same labels.",
             "",
             table(rows, args.dataset),
-            "",
-            f"TF-IDF + logistic regression on the same labels: "
-            f"{'–' if tfidf is None else f'{100 * tfidf:.2f}'} %.",
             "",
         ]
     )

@@ -70,7 +70,7 @@ def test_a_gpt_style_backbone_runs_every_stage_to_a_served_model(tmp_path):
     params["classifier"]["model"] = {"head_hidden": 8}
     params["controls"] = {"gpt-20": {"dataset": "bbc_news", "labels": 20}}
     workspace = make_workspace(tmp_path / "ws", params)
-    _repro(workspace, "evaluate@bbc_news", "control@gpt-20")
+    _repro(workspace, "evaluate@bbc_news", "control@gpt-20", "baseline@bbc_news")
 
     for direction in ("fwd", "bwd"):
         for folder in (Layout.pretrained(direction), Layout.finetuned("bbc_news", direction)):
@@ -114,3 +114,6 @@ def test_a_gpt_style_backbone_runs_every_stage_to_a_served_model(tmp_path):
     error = _json(workspace, stage_spec("evaluate", dataset="bbc_news").metrics)["test_error_fwd"]
     assert len(rows) == 2 and f"| {100 * error:.2f} |" in rows[0], rows
     assert rows[0].split("|")[2].strip() == "transformer_causal"
+    baseline = _json(workspace, stage_spec("baseline", dataset="bbc_news").metrics)["test_error"]
+    assert "| TF-IDF + logistic regression | bag of n-grams, no pretraining " in table.read_text()
+    assert f"| {100 * baseline:.2f} |" in table.read_text().split("| TF-IDF")[1]
