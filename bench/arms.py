@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from collect import publish  # noqa: E402
 
+from tasks.pipeline import stage_spec  # noqa: E402
+
 
 def _read(workspace: Path, relative: str) -> dict:
     path = workspace / relative
@@ -61,6 +63,12 @@ def _millions(tokens: float | None) -> str:
     return "–" if tokens is None else f"{tokens / 1e6:.2f}M"
 
 
+def _stage(workspace: Path, group: str, **items: str) -> tuple[dict, dict]:
+    """A stage item's metrics and run record, at the paths the stage table gives them."""
+    spec = stage_spec(group, **items)
+    return _read(workspace, spec.metrics), _read(workspace, spec.run_record)
+
+
 def arm_row(name: str, spec: str, dataset: str) -> dict:
     """The figures of one arm: ``WORKSPACE`` (its fwd LM and classifier) or
     ``WORKSPACE:CONTROL``."""
@@ -68,8 +76,7 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
     workspace = Path(workspace).resolve()
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     backbone = params["pretrain"]["model"].get("backbone", "awd_lstm")
-    pretrain = _read(workspace, "metrics/wikipedia/pretrain_fwd.json")
-    pretrain_run = _read(workspace, "metrics/runs/wikipedia/pretrain_fwd.json")
+    pretrain, pretrain_run = _stage(workspace, "pretrain", direction="fwd")
     row = {
         "arm": name,
         "backbone": backbone,
@@ -78,68 +85,57 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
         "pretrain_ppl": pretrain.get("valid_perplexity"),
         "runs": [pretrain_run["mlflow_run_id"]],
     }
-    if control:
-        metrics = _read(workspace, f"metrics/controls/{control}.json")
-        record = _read(workspace, f"metrics/runs/controls/{control}.json")
-        if metrics.get("dataset") != dataset:
-            raise SystemExit(f"{spec}: control {control} is on {metrics.get('dataset')}")
-        encoder = metrics.get("encoder")
-        # The LMs the control's classifier reads: both for the frozen ELMo-style features, the
-        # control's direction for a fine-tuned encoder, none otherwise (scratch, pretrained).
+    if not control:
+        lm, lm_run = _stage(workspace, "finetune_lm", dataset=dataset, direction="fwd")
+        classifier, classifier_run = _stage(
+            workspace, "train_classifier", dataset=dataset, direction="fwd"
+        )
+        evaluation, evaluation_run = _stage(workspace, "evaluate", dataset=dataset)
+        row["runs"] += [r["mlflow_run_id"] for r in (lm_run, classifier_run, evaluation_run)]
+        return row | {
+            "finetune_tokens": lm.get("tokens_trained"),
+            "finetune_minutes": lm_run.get("wall_seconds"),
+            "classifier_minutes": classifier_run.get("wall_seconds"),
+            "test_error": evaluation["test_error_fwd"],
+            "ensemble_error": evaluation.get("test_error_ensemble"),
+            "chosen": _chosen(classifier),
+        }
+    metrics, record = _stage(workspace, "control", name=control, dataset=dataset)
+    if metrics.get("dataset") != dataset:
+        raise SystemExit(f"{spec}: control {control} is on {metrics.get('dataset')}")
+    encoder = metrics.get("encoder")
+    # The workspace's fine-tuned LMs the control's classifier reads: both for the frozen
+    # ELMo-style features, its direction for a fine-tuned encoder; none for a control with no
+    # pretraining or with its own LM from a pretraining snapshot.
+    directions: tuple[str, ...] = ()
+    if encoder in ("scratch", "lm_from_scratch"):
+        row.update(pretrain_tokens=None, pretrain_minutes=None, pretrain_ppl=None, runs=[])
+        reads = "no pretraining"
+    elif "pretrain_step" in metrics:
+        row.update(pretrain_tokens=metrics.get("pretrain_tokens"), pretrain_ppl=None)
+        reads = f"its own LM from pretraining step {metrics['pretrain_step']}"
+    else:
         directions = {
             "frozen_features": ("fwd", "bwd"),
             "finetuned": (metrics.get("direction", "fwd"),),
         }
-        lm_tokens, lm_seconds = 0, 0.0
-        for direction in directions.get(encoder, ()):
-            lm = _read(workspace, f"metrics/{dataset}/finetune_lm_{direction}.json")
-            lm_run = _read(workspace, f"metrics/runs/{dataset}/finetune_lm_{direction}.json")
-            lm_tokens += lm.get("tokens_trained") or 0
-            lm_seconds += lm_run.get("wall_seconds") or 0.0
-            row["runs"].append(lm_run["mlflow_run_id"])
-        reads = "+".join(directions.get(encoder, ()))
-        if encoder in ("scratch", "lm_from_scratch"):  # no pretrained LM in this arm
-            row.update(pretrain_tokens=None, pretrain_minutes=None, pretrain_ppl=None, runs=[])
-            reads = "no pretraining"
-        elif "pretrain_step" in metrics:  # a pretraining snapshot, fine-tuned in the control
-            lm_tokens, lm_seconds = 0, 0.0
-            reads = f"its own LM from pretraining step {metrics['pretrain_step']}"
-            row["pretrain_tokens"] = metrics.get("pretrain_tokens")
-            row["pretrain_ppl"] = None
-            row["runs"] = row["runs"][:1]
-        row.update(
-            backbone=f"{backbone}, control ({encoder}{', ' + reads if reads else ''})",
-            finetune_tokens=lm_tokens or None,
-            finetune_minutes=lm_seconds or None,
-            classifier_minutes=record.get("wall_seconds"),
-            test_error=metrics["test_error"],
-            chosen=_chosen(metrics),
-        )
-        row["runs"].append(record["mlflow_run_id"])
-        return row
-    lm = _read(workspace, f"metrics/{dataset}/finetune_lm_fwd.json")
-    lm_run = _read(workspace, f"metrics/runs/{dataset}/finetune_lm_fwd.json")
-    classifier = _read(workspace, f"metrics/{dataset}/classifier_fwd.json")
-    classifier_run = _read(workspace, f"metrics/runs/{dataset}/classifier_fwd.json")
-    evaluation = _read(workspace, f"metrics/{dataset}/evaluate.json")
-    evaluation_run = _read(workspace, f"metrics/runs/{dataset}/evaluate.json")
-    row.update(
-        finetune_tokens=lm.get("tokens_trained"),
-        finetune_minutes=lm_run.get("wall_seconds"),
-        classifier_minutes=classifier_run.get("wall_seconds"),
-        test_error=evaluation["test_error_fwd"],
-        ensemble_error=evaluation.get("test_error_ensemble"),
-        chosen=_chosen(classifier),
-    )
-    row["runs"] += [lm_run["mlflow_run_id"], classifier_run["mlflow_run_id"]]
-    row["runs"].append(evaluation_run["mlflow_run_id"])
-    return row
+        directions = directions.get(encoder, ())
+        reads = "+".join(directions)
+    lms = [_stage(workspace, "finetune_lm", dataset=dataset, direction=d) for d in directions]
+    row["runs"] += [lm_run["mlflow_run_id"] for _, lm_run in lms] + [record["mlflow_run_id"]]
+    return row | {
+        "backbone": f"{backbone}, control ({encoder}{', ' + reads if reads else ''})",
+        "finetune_tokens": sum(lm.get("tokens_trained") or 0 for lm, _ in lms) or None,
+        "finetune_minutes": sum(run.get("wall_seconds") or 0.0 for _, run in lms) or None,
+        "classifier_minutes": record.get("wall_seconds"),
+        "test_error": metrics["test_error"],
+        "chosen": _chosen(metrics),
+    }
 
 
 def tfidf_row(workspace: Path, dataset: str) -> dict:
     """The TF-IDF + logistic regression baseline stage of a workspace, on the same labels."""
-    baseline = _read(workspace, f"metrics/{dataset}/baseline.json")
-    record = _read(workspace, f"metrics/runs/{dataset}/baseline.json")
+    baseline, record = _stage(workspace, "baseline", dataset=dataset)
     return {
         "arm": "TF-IDF + logistic regression",
         "backbone": "bag of n-grams, no pretraining",
@@ -191,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--arm {arm!r}: expected NAME=WORKSPACE or NAME=WORKSPACE:CONTROL")
         rows.append(arm_row(name, spec, args.dataset))
-    first = Path(args.arm[0].partition("=")[2].partition(":")[0])
-    if (first / f"metrics/{args.dataset}/baseline.json").is_file():
-        rows.append(tfidf_row(first.resolve(), args.dataset))
+    first = Path(args.arm[0].partition("=")[2].partition(":")[0]).resolve()
+    if (first / stage_spec("baseline", dataset=args.dataset).metrics).is_file():
+        rows.append(tfidf_row(first, args.dataset))
     text = "\n".join(
         [
             f"# Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {args.dataset}",
