@@ -19,6 +19,7 @@ ORDER = [
     "probe",
     "lm_throughput",
     "amp_quality",
+    "qrnn",
     "tokenize",
     "predict",
     "ingest",

@@ -11,7 +11,8 @@ in the fastai v1 WikiText-103 recipe, ``finetune``: 0.7, the paper's LM fine-tun
 the classifier has its own base dropouts (fastai's ``awd_lstm_clas_config``) and multiplier.
 
 ``pretrain.model.backbone`` picks the model of every stage: ``awd_lstm`` (the default: a file
-without the key parses exactly as before), ``transformer_causal`` (GPT-style) or
+without the key parses exactly as before), ``awd_qrnn`` (the same keys, QRNN layers: MultiFiT),
+``transformer_causal`` (GPT-style) or
 ``transformer_mlm`` (BERT-style), whose sizes are keys of the same section
 (:class:`~ulmfit.transformer.TransformerConfig`); the classifier section then takes the
 transformer's ``pooling`` and base ``dropout`` (docs/pipeline.md, "Choosing a backbone").
@@ -64,9 +65,10 @@ LM_SPLITS = ("train", "valid", "test", "unsup")
 _ENCODER_SIZE_KEYS = tuple(
     f.name for f in dataclasses.fields(AWDLSTMConfig) if not f.name.endswith("_dropout")
 )
-# pretrain.model.backbone: the AWD-LSTM of ULMFiT (the default), or a transformer trained as
-# GPT (next token) or as BERT (masked tokens) - ulmfit.transformer, docs/model.md.
-BACKBONES = ("awd_lstm", "transformer_causal", "transformer_mlm")
+# pretrain.model.backbone: the AWD-LSTM of ULMFiT (the default), the same with QRNN layers
+# (MultiFiT's AWD-QRNN, ulmfit.qrnn), or a transformer trained as GPT (next token) or as BERT
+# (masked tokens) - ulmfit.transformer, docs/model.md.
+BACKBONES = ("awd_lstm", "awd_qrnn", "transformer_causal", "transformer_mlm")
 # The keys of pretrain.model for a transformer backbone; TransformerConfig's other fields follow
 # from the backbone (objective, mask_id) and the tokenizer (vocab_size).
 _TRANSFORMER_KEYS = ("dim", "num_layers", "heads", "ff_mult", "max_len", "dropout", "pad_id")
@@ -83,7 +85,8 @@ def describe_model(model: AWDLSTMConfig | TransformerConfig) -> str:
             f"{kind} transformer {model.dim}x{model.num_layers} ({model.heads} heads, "
             f"max_len {model.max_len})"
         )
-    return f"AWD-LSTM {model.embed_size}/{model.hidden_size}x{model.num_layers}"
+    kind = "AWD-QRNN" if model.qrnn else "AWD-LSTM"
+    return f"{kind} {model.embed_size}/{model.hidden_size}x{model.num_layers}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -680,11 +683,17 @@ def _model(model: dict[str, Any], where: str) -> AWDLSTMConfig | TransformerConf
         raise _problem(
             f"{where}.backbone",
             f"got {backbone!r}, expected one of {', '.join(BACKBONES)}",
-            "write awd_lstm (ULMFiT), transformer_causal (GPT-style) or transformer_mlm "
-            "(BERT-style)",
+            "write awd_lstm (ULMFiT), awd_qrnn (MultiFiT), transformer_causal (GPT-style) or "
+            "transformer_mlm (BERT-style)",
         )
-    if backbone == "awd_lstm":
-        return from_dict(AWDLSTMConfig, model, where=where)
+    if "qrnn" in model:
+        raise _problem(
+            f"{where}.qrnn",
+            "the layer type is the backbone's",
+            "remove it and write backbone: awd_qrnn (or awd_lstm)",
+        )
+    if backbone in ("awd_lstm", "awd_qrnn"):
+        return from_dict(AWDLSTMConfig, {**model, "qrnn": backbone == "awd_qrnn"}, where=where)
     objective = backbone.removeprefix("transformer_")
     allowed = (*_TRANSFORMER_KEYS, "mask_rate") if objective == "mlm" else _TRANSFORMER_KEYS
     problems = [

@@ -158,6 +158,7 @@ COMMON_CODE = (
 MODEL_CODE = (
     "ulmfit/model.py",
     "ulmfit/transformer.py",
+    "ulmfit/qrnn.py",
     "ulmfit/cross_entropy.py",
     "ulmfit/train.py",
     "ulmfit/loop.py",

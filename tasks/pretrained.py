@@ -263,7 +263,7 @@ def check_lm(folder: Path, origin: str, sha256: str, details: Mapping) -> Import
             fix="reuse the whole pretrain output folder (model.pt and tokenizer.model)",
         )
     tokenizer = Tokenizer.load(tokenizer_file)
-    _, meta = load_model(model_file)
+    model, meta = load_model(model_file)
     if meta["kind"] != "lm":
         raise InputError(model_file, f"a {meta['kind']}, not a language model", fix=_FIX_ORIGIN)
     if meta["tokenizer_identity"] != tokenizer.identity:
@@ -288,7 +288,7 @@ def check_lm(folder: Path, origin: str, sha256: str, details: Mapping) -> Import
         model_sha256=sha256_file(model_file),
         tokenizer_sha256=tokenizer.identity,
         vocab_size=vocab,
-        config=dict(meta["config"]),
+        config=to_dict(model.cfg),  # as parsed: fields added since it was saved at defaults
         details=dict(details),
     )
 

@@ -17,7 +17,7 @@ import yaml
 
 from tasks.params import MASK_ID, TransformerClassifierModelParams, load_params
 from ulmfit.errors import InputError
-from ulmfit.model import AWDLSTMConfig, ClassifierConfig, LanguageModel
+from ulmfit.model import AWDLSTMConfig, ClassifierConfig, LanguageModel, SequenceClassifier
 from ulmfit.predict import TextClassifier
 from ulmfit.tokenizer import UNK_ID
 from ulmfit.transformer import (
@@ -170,6 +170,9 @@ def _classifiers(vocab_size: int) -> dict[str, torch.nn.Module]:
     encoder = TransformerConfig(vocab_size, **TINY, objective="mlm", mask_id=MASK_ID)
     lm = AWDLSTMConfig(vocab_size, embed_size=8, hidden_size=12, num_layers=2)
     return {
+        "awd_qrnn": SequenceClassifier(
+            ClassifierConfig(dataclasses.replace(lm, qrnn=True), 2, head_hidden=4)
+        ),
         "transformer_mlm": TransformerClassifier(
             TransformerClassifierConfig(encoder, 2, pooling="first", head_hidden=4)
         ),
@@ -182,7 +185,7 @@ def _classifiers(vocab_size: int) -> dict[str, torch.nn.Module]:
 TEXTS = ["A great film, good acting.", "", "Bad plot. AWFUL movie!!!", "the film was good"]
 
 
-@pytest.mark.parametrize("backbone", ["transformer_mlm", "frozen_features"])
+@pytest.mark.parametrize("backbone", ["awd_qrnn", "transformer_mlm", "frozen_features"])
 def test_text_classifier_saves_loads_and_names_each_backbone(tokenizer, tmp_path, caplog, backbone):
     model = _classifiers(tokenizer.vocab_size)[backbone]
     classifier = TextClassifier(tokenizer, model, label_names=["neg", "pos"])

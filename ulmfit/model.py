@@ -21,8 +21,9 @@ from torch import Tensor, nn
 from ulmfit.config import Dropout, NonNegativeInt, PositiveInt, Range, from_dict
 from ulmfit.cross_entropy import decoder_cross_entropy
 from ulmfit.errors import InputError
+from ulmfit.qrnn import QRNNLayer
 
-State = tuple[tuple[Tensor, Tensor], ...]  # per layer (h, c), each (1, B, H_layer)
+State = tuple[tuple[Tensor, Tensor], ...]  # per layer: (h, c) of an LSTM, (c, x_prev) of a QRNN
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class AWDLSTMConfig:
     output_dropout: Dropout = 0.1  # locked dropout before the decoder
     tie_weights: bool = True
     out_bias: bool = True
+    qrnn: bool = False  # QRNN layers instead of LSTMs (MultiFiT's AWD-QRNN, ulmfit.qrnn)
 
     def scaled(self, multiplier: float) -> AWDLSTMConfig:
         """All five dropouts times ``multiplier`` (the ULMFiT scripts' ``drop_mult``)."""
@@ -167,11 +169,19 @@ class LSTMLayer(nn.Module):
         )  # has_biases, num_layers, dropout, train, bidirectional, batch_first
         return output, (h, c)  # (B, T, H)
 
+    def zero_state(
+        self, batch_size: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """``(h, c)``: zeros of (1, B, H) each."""
+        return (torch.zeros(1, batch_size, self.hidden_size, device=device, dtype=dtype),) * 2
+
 
 class AWDLSTM(nn.Module):
     """Embedding and a stack of single-layer LSTMs (400 -> 1150 -> 1150 -> 400 by default).
 
     The last layer outputs ``embed_size`` so that the decoder can share the embedding matrix.
+    With ``cfg.qrnn`` the layers are QRNNs (``ulmfit.qrnn``; the first with a window of two
+    steps), everything else unchanged: MultiFiT's AWD-QRNN.
     """
 
     def __init__(self, cfg: AWDLSTMConfig) -> None:
@@ -183,7 +193,10 @@ class AWDLSTM(nn.Module):
         self.input_dropout = RNNDropout(cfg.input_dropout)
         sizes = [cfg.embed_size] + [cfg.hidden_size] * (cfg.num_layers - 1) + [cfg.embed_size]
         self.layers = nn.ModuleList(
-            LSTMLayer(sizes[i], sizes[i + 1], cfg.weight_dropout) for i in range(cfg.num_layers)
+            QRNNLayer(sizes[i], sizes[i + 1], cfg.weight_dropout, window=2 if i == 0 else 1)
+            if cfg.qrnn
+            else LSTMLayer(sizes[i], sizes[i + 1], cfg.weight_dropout)
+            for i in range(cfg.num_layers)
         )
         self.hidden_dropouts = nn.ModuleList(
             RNNDropout(cfg.hidden_dropout) for _ in range(cfg.num_layers - 1)
@@ -195,13 +208,11 @@ class AWDLSTM(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> State:
-        """Zero state, one ``(h, c)`` pair of shape (1, B, H_layer) per layer."""
+        """Zero state, one pair per layer: an LSTM's ``(h, c)``, each (1, B, H_layer), or a
+        QRNN's ``(c, previous input)``."""
         weight = self.embedding.weight
         device, dtype = device or weight.device, dtype or weight.dtype
-        return tuple(
-            (torch.zeros(1, batch_size, layer.hidden_size, device=device, dtype=dtype),) * 2
-            for layer in self.layers
-        )
+        return tuple(layer.zero_state(batch_size, device, dtype) for layer in self.layers)
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         # tokens: (B, T) -> raw last-layer output (B, T, E) and the new state

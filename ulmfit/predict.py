@@ -34,7 +34,12 @@ from ulmfit.errors import InputError
 from ulmfit.io import atomic_path, atomic_write, sha256_file
 from ulmfit.model import SequenceClassifier
 from ulmfit.model import pad_id as classifier_pad_id
-from ulmfit.quantize import InferenceClassifier, model_device, quantize_dynamic_int8
+from ulmfit.quantize import (
+    InferenceClassifier,
+    has_lstm_encoder,
+    model_device,
+    quantize_dynamic_int8,
+)
 from ulmfit.storage import TokenDocs
 from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier, backbone_name
 
@@ -111,7 +116,7 @@ def predict_proba(
 ) -> np.ndarray:
     """Class probabilities ``(N, C)`` float32 of ``docs``, in input order.
 
-    ``model`` is a :class:`~ulmfit.model.SequenceClassifier` (run through an
+    ``model`` is a :class:`~ulmfit.model.SequenceClassifier` (with LSTM layers, run through an
     :class:`InferenceClassifier` copy: same probabilities, no work spent on padding) or any module
     ``model(tokens (B, T), lengths (B,)) -> logits (B, C)``, such as the one returned by
     :func:`quantize_dynamic_int8`. It runs in eval mode under ``torch.inference_mode()`` and is put
@@ -136,7 +141,7 @@ def predict_proba(
             f"the model is on {model_device(model)} but device={device}; move it with "
             f"model.to({str(device)!r}) first"
         )
-    if isinstance(unwrap_model(model), SequenceClassifier):
+    if has_lstm_encoder(model):
         # same probabilities (see InferenceClassifier) without computing the padding
         model = InferenceClassifier(model)
     was_training = model.training
@@ -211,9 +216,7 @@ class TextClassifier:
         self.device = torch.device(device)
         # built once: the eval-only copies predict_proba would otherwise rebuild at every call
         self._runners = [
-            InferenceClassifier(model)
-            if isinstance(unwrap_model(model), SequenceClassifier)
-            else model
+            InferenceClassifier(model) if has_lstm_encoder(model) else model
             for model in (forward_model, backward_model)
         ]
         for model in (forward_model, backward_model):
@@ -256,7 +259,7 @@ class TextClassifier:
         with a log line saying so."""
 
         def int8(model: nn.Module) -> nn.Module:
-            if isinstance(unwrap_model(model), SequenceClassifier):
+            if has_lstm_encoder(model):
                 return quantize_dynamic_int8(model)
             _log.warning(
                 "int8 quantisation skipped: it exists for the AWD-LSTM only, and this model's "

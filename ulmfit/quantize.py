@@ -29,6 +29,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")  # quantised modules keep packed weights, not parameters
 
 
+def has_lstm_encoder(model: nn.Module) -> bool:
+    """Whether ``model`` is a :class:`~ulmfit.model.SequenceClassifier` with LSTM layers, the
+    model that :class:`InferenceClassifier` and :func:`quantize_dynamic_int8` copy (a QRNN
+    encoder, ``ulmfit.qrnn``, predicts as it is)."""
+    bare = unwrap_model(model)
+    return isinstance(bare, SequenceClassifier) and not bare.cfg.encoder.qrnn
+
+
 class InferenceClassifier(nn.Module):
     """The eval-mode computation of a :class:`~ulmfit.model.SequenceClassifier`, for prediction.
 
@@ -43,6 +51,11 @@ class InferenceClassifier(nn.Module):
 
     def __init__(self, model: SequenceClassifier) -> None:
         super().__init__()
+        if not has_lstm_encoder(model):
+            raise TypeError(
+                f"InferenceClassifier copies an AWD-LSTM SequenceClassifier, got a "
+                f"{type(unwrap_model(model)).__name__} (a QRNN or transformer predicts as it is)"
+            )
         model = unwrap_model(model)
         self.cfg = model.cfg
         encoder = model.encoder

@@ -382,7 +382,8 @@ class FrozenFeatureConfig:
 
 def backbone_name(config: Any) -> str:
     """The backbone of a model config as ``params.yaml`` names it: ``awd_lstm`` (an
-    ``AWDLSTMConfig`` or ``ClassifierConfig``, and any other object), ``transformer_causal``,
+    ``AWDLSTMConfig`` or ``ClassifierConfig``, and any other object), ``awd_qrnn`` (the same
+    with ``qrnn``), ``transformer_causal``,
     ``transformer_mlm`` (an LM's or classifier's config), or ``frozen_features`` (the
     ELMo-style control)."""
     if isinstance(config, TransformerClassifierConfig):
@@ -391,7 +392,8 @@ def backbone_name(config: Any) -> str:
         return f"transformer_{config.objective}"
     if isinstance(config, FrozenFeatureConfig):
         return "frozen_features"
-    return "awd_lstm"
+    encoder = getattr(config, "encoder", config)  # a ClassifierConfig's AWDLSTMConfig
+    return "awd_qrnn" if getattr(encoder, "qrnn", False) else "awd_lstm"
 
 
 def _reverse_real(tokens: Tensor, lengths: Tensor) -> Tensor:
