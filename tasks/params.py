@@ -454,6 +454,15 @@ def parse_params(data: Mapping[str, Any], *, root: Path | None = None) -> Params
     for name in ("wikipedia", "tokenizer", "pretrain", "datasets"):
         if name not in data:
             problems.append(Problem(name, "missing section", "add it (see profiles/default.yaml)"))
+    if data.get("controls") is None:  # dvc.yaml's control stage iterates over it
+        problems.append(
+            Problem(
+                "controls",
+                "missing or empty (null): dvc.yaml's control stage iterates over it, and DVC "
+                "refuses the whole pipeline without it",
+                "write 'controls: {}' when there are no controls",
+            )
+        )
     sections = {name: attempt(name, _section, data, name) or {} for name in SECTIONS}
 
     tokenizer = attempt(

@@ -115,6 +115,19 @@ def test_a_wrong_value_is_refused_naming_key_value_and_fix(tmp_path, key, value,
     assert "params.yaml" in str(error) and "Traceback" not in str(error)
 
 
+@pytest.mark.parametrize("controls", ["null", "absent"])
+def test_controls_must_be_there_even_when_empty(tmp_path, controls):
+    """dvc.yaml's control stage iterates over ``controls``: without it DVC refuses the whole
+    pipeline with its own message ("failed to resolve 'stages.control.foreach'")."""
+    data = _default()
+    if controls == "null":
+        data["controls"] = None
+    else:
+        del data["controls"]
+    (line,) = _refusal(tmp_path, data).details
+    assert line.startswith("controls: missing or empty (null)") and "controls: {}" in line
+
+
 def test_at_least_22_wrong_values_are_tried():
     assert len(WRONG_VALUES) >= 22
 
