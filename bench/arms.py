@@ -33,6 +33,8 @@ from collect import publish  # noqa: E402
 
 from tasks.pipeline import stage_spec  # noqa: E402
 
+TITLE = "Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {dataset}"
+
 
 def _read(workspace: Path, relative: str) -> dict:
     path = workspace / relative
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         help="what else the machine was doing (wall times depend on it)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arms.md")
+    parser.add_argument("--title", default=TITLE, help="the section's heading ({dataset}: its)")
     args = parser.parse_args(argv)
     rows = []
     for arm in args.arm:
@@ -192,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(tfidf_row(first, args.dataset))
     text = "\n".join(
         [
-            f"# Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {args.dataset}",
+            "# " + args.title.format(dataset=args.dataset),
             "",
             "Reproduce: run each arm's workspace as `profiles/arms.yaml` says, then "
-            "`python bench/arms.py --dataset "
-            + args.dataset
-            + " "
+            f"`python bench/arms.py --dataset {args.dataset} "
             + " ".join(f'--arm "{a}"' for a in args.arm)
+            + ("" if args.out.name == "arms.md" else f" --out bench/results/{args.out.name}")
+            + ("" if args.title == TITLE else f' --title "{args.title}"')
             + "` (workspace paths as on the machine that ran them).",
             "",
             f"CPU scale, the forward direction of each fine-tuned arm; {args.conditions}. "

@@ -16,6 +16,7 @@ from ulmfit.io import atomic_write  # noqa: E402
 ORDER = [
     "accuracy",
     "arms",
+    "arms_bert",
     "probe",
     "lm_throughput",
     "amp_quality",
