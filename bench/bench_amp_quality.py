@@ -17,64 +17,26 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_qrnn import pretrain  # noqa: E402
 from collect import publish  # noqa: E402
 
 from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.workspace import Layout  # noqa: E402
-from ulmfit.model import AWDLSTMConfig, LanguageModel  # noqa: E402
-from ulmfit.schedule import ScheduleConfig  # noqa: E402
 from ulmfit.storage import read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
-from ulmfit.train import (  # noqa: E402
-    LMTrainConfig,
-    evaluate_lm,
-    native_cpu_bf16,
-    train_language_model,
-)
+from ulmfit.train import native_cpu_bf16  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "amp_quality.md"
 
 
 def run(amp: str, train, valid, vocab: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = LanguageModel(
-        AWDLSTMConfig(
-            vocab_size=vocab,
-            embed_size=200,
-            hidden_size=512,
-            embed_dropout=0.02,
-            input_dropout=0.25,
-            hidden_dropout=0.15,
-            weight_dropout=0.2,
-            output_dropout=0.1,
-        ).scaled(0.1)
-    )
-    cfg = LMTrainConfig(
-        max_steps=steps,
-        batch_size=32,
-        bptt=70,
-        lr=0.01,
-        schedule=ScheduleConfig(discriminative=False),
-        amp=amp,
-        seed=42,
-    )
-    start = time.perf_counter()
-    result = train_language_model(model, train, None, cfg)
-    seconds = time.perf_counter() - start
-    metrics = evaluate_lm(model, valid, batch_size=32, bptt=70)  # fp32 for both
-    return {
-        "amp": amp,
-        "perplexity": metrics["perplexity"],
-        "tokens": result.tokens,
-        "seconds": seconds,
-    }
+    return {"amp": amp, **pretrain(steps, (train, valid), vocab, amp)}
 
 
 def main(argv: list[str] | None = None) -> int:

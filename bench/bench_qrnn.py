@@ -52,7 +52,12 @@ MODELS = (
 )
 
 
-def run(hidden: int, layers: int, qrnn: bool, steps: int, data, vocab: int, amp: str) -> dict:
+def pretrain(
+    steps: int, data, vocab: int, amp: str, *, hidden: int = 512, layers: int = 3, qrnn=False
+) -> dict:
+    """The benchmark profile's LM (layer type and sizes aside) pretrained for ``steps`` from
+    seed 0 on ``data`` = (train, valid); its size, validation perplexity (fp32), tokens and
+    wall seconds. ``bench_amp_quality.py`` runs it too."""
     train, valid = data
     torch.manual_seed(0)
     config = AWDLSTMConfig(
@@ -108,7 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()[0]
     rows = []
     for name, hidden, layers, qrnn in MODELS:
-        row = run(hidden, layers, qrnn, args.steps, (train, valid), tokenizer.vocab_size, amp)
+        data = (train, valid)
+        row = pretrain(
+            args.steps, data, tokenizer.vocab_size, amp, hidden=hidden, layers=layers, qrnn=qrnn
+        )
         rows.append({"name": name, "budget": "equal tokens", **row})
         print(rows[-1], flush=True)
     reference = rows[0]
@@ -116,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         if not qrnn:
             continue
         steps = round(args.steps * reference["seconds"] / row["seconds"])
-        again = run(hidden, layers, qrnn, steps, (train, valid), tokenizer.vocab_size, amp)
+        again = pretrain(
+            steps, data, tokenizer.vocab_size, amp, hidden=hidden, layers=layers, qrnn=qrnn
+        )
         rows.append({"name": name, "budget": "equal time", **again})
         print(rows[-1], flush=True)
     load_end = os.getloadavg()[0]
