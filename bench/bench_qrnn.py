@@ -22,6 +22,8 @@ speed ratios carry the machine's noise (the load average is printed).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import platform
 import sys
@@ -30,15 +32,17 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 from collect import publish  # noqa: E402
 
+from tasks.params import load_params  # noqa: E402
 from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.workspace import Layout  # noqa: E402
 from ulmfit.evaluate import evaluate_lm  # noqa: E402
 from ulmfit.model import AWDLSTMConfig, LanguageModel  # noqa: E402
 from ulmfit.schedule import ScheduleConfig  # noqa: E402
-from ulmfit.storage import read_tokens  # noqa: E402
+from ulmfit.storage import TokenDocs, read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
 from ulmfit.train import LMTrainConfig, native_cpu_bf16, train_language_model  # noqa: E402
 
@@ -52,26 +56,37 @@ MODELS = (
 )
 
 
+@functools.cache
+def _profile_lm() -> tuple[AWDLSTMConfig, float]:
+    """``pretrain.model`` and ``pretrain.dropout_multiplier`` of profiles/benchmark.yaml."""
+    pretrain = load_params(ROOT / "profiles" / "benchmark.yaml", check_paths=False).pretrain
+    return pretrain.model, pretrain.dropout_multiplier
+
+
 def pretrain(
-    steps: int, data, vocab: int, amp: str, *, hidden: int = 512, layers: int = 3, qrnn=False
+    steps: int,
+    data: tuple[TokenDocs, TokenDocs],
+    vocab: int,
+    amp: str,
+    *,
+    hidden: int | None = None,
+    layers: int | None = None,
+    qrnn: bool = False,
 ) -> dict:
-    """The benchmark profile's LM (layer type and sizes aside) pretrained for ``steps`` from
-    seed 0 on ``data`` = (train, valid); its size, validation perplexity (fp32), tokens and
-    wall seconds. ``bench_amp_quality.py`` runs it too."""
+    """The benchmark profile's LM (its sizes unless ``hidden``/``layers`` are given, and
+    ``qrnn``) pretrained for ``steps`` from seed 0 on ``data`` = (train, valid); its size,
+    validation perplexity (fp32), tokens and wall seconds. ``bench_amp_quality.py`` runs it
+    too."""
     train, valid = data
     torch.manual_seed(0)
-    config = AWDLSTMConfig(
+    model_config, dropout_multiplier = _profile_lm()
+    config = dataclasses.replace(
+        model_config,
         vocab_size=vocab,
-        embed_size=200,
-        hidden_size=hidden,
-        num_layers=layers,
-        embed_dropout=0.02,
-        input_dropout=0.25,
-        hidden_dropout=0.15,
-        weight_dropout=0.2,
-        output_dropout=0.1,
+        hidden_size=hidden or model_config.hidden_size,
+        num_layers=layers or model_config.num_layers,
         qrnn=qrnn,
-    ).scaled(0.1)  # the benchmark profile's model and dropout_multiplier
+    ).scaled(dropout_multiplier)
     model = LanguageModel(config)
     cfg = LMTrainConfig(
         max_steps=steps,
@@ -112,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     amp = "bf16_native"
     load_start = os.getloadavg()[0]
     rows = []
+    data = (train, valid)
     for name, hidden, layers, qrnn in MODELS:
-        data = (train, valid)
         row = pretrain(
             args.steps, data, tokenizer.vocab_size, amp, hidden=hidden, layers=layers, qrnn=qrnn
         )
         rows.append({"name": name, "budget": "equal tokens", **row})
         print(rows[-1], flush=True)
     reference = rows[0]
-    for (name, hidden, layers, qrnn), row in zip(MODELS, list(rows), strict=True):
+    for (name, hidden, layers, qrnn), row in zip(MODELS, rows[: len(MODELS)], strict=True):
         if not qrnn:
             continue
         steps = round(args.steps * reference["seconds"] / row["seconds"])
