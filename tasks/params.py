@@ -256,6 +256,24 @@ class BaselineParams:
 ENCODERS = ("finetuned", "pretrained", "lm_from_scratch", "scratch", "frozen_features")
 # How a classifier with a random (or frozen) encoder trains unless its control says otherwise.
 SCRATCH_TRAINING = {"gradual_unfreezing": False, "schedule": {"discriminative": False}}
+# A ``scratch`` control's learning-rate grid is the dataset's with each rate also divided by
+# this: one rate on every layer of a random stack wants less than ULMFiT's top-layer rate.
+SCRATCH_LR_DIVISOR = 10
+
+
+def scratch_lrs(classifier: Mapping[str, Any]) -> list[Any]:
+    """The learning-rate grid of a ``scratch`` control whose own section sets none, from the
+    dataset's merged ``classifier`` section: its grid (or ``train.lr``), then each rate divided
+    by :data:`SCRATCH_LR_DIVISOR`, without repeats. A value that is not a number is passed on
+    unchanged, for validation to name."""
+    train = classifier.get("train") if isinstance(classifier.get("train"), Mapping) else {}
+    base = classifier.get("lrs") or [train.get("lr", ClassifierTrainConfig.lr)]
+    if not isinstance(base, list | tuple) or not all(
+        isinstance(lr, int | float) and not isinstance(lr, bool) for lr in base
+    ):
+        return base
+    grid = [*base, *(float(f"{lr / SCRATCH_LR_DIVISOR:.6g}") for lr in base)]
+    return list(dict.fromkeys(grid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,8 +294,11 @@ class ControlParams:
         rate (``gradual_unfreezing`` and ``discriminative`` default to false for it): those two
         protect what a pretrained encoder knows (paper section 3.3), and a random encoder has
         nothing to protect; frozen, its random layers only pass noise to the head (a frozen
-        encoder's two trainable groups, mix and head, gain nothing from them either). The
-        control's own ``classifier`` section can still set them.
+        encoder's two trainable groups, mix and head, gain nothing from them either). A
+        ``scratch`` control also searches each learning rate of the dataset's grid divided by
+        10 (:func:`scratch_lrs`): at ULMFiT's 0.01 on every layer, a random 3-layer encoder
+        stayed at chance on IMDb, and at 0.001 it learned (issue 9). The control's own
+        ``classifier`` section can still set all of these.
     labels: train on a seeded class-balanced subset of this many training documents (nested:
         a smaller subset is part of a larger one); None: the whole train split.
     pretrain_step: with ``encoder: finetuned``, start the LM fine-tuning from the pretraining
@@ -1128,6 +1149,8 @@ def _control(
     )
     if entry.get("encoder") in ("scratch", "frozen_features"):
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
+    if entry.get("encoder") == "scratch":
+        classifier = {**classifier, "lrs": scratch_lrs(classifier)}
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
     classifier = _merge(classifier, _nested(entry, "classifier", where))

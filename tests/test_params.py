@@ -152,7 +152,9 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     assert (scratch.encoder, scratch.labels, scratch.direction) == ("scratch", 50, "fwd")
     # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
-    assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02]
+    assert [lr for lr, _ in no_stlr.classifier.grid()] == [0.01, 0.02]
+    # From scratch, each rate divided by 10 is searched too (one rate on a random stack).
+    assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02, 0.001, 0.002]
     assert scratch.classifier.train.schedule.stlr and not no_stlr.classifier.train.schedule.stlr
     # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
     assert not scratch.classifier.train.gradual_unfreezing
@@ -166,6 +168,31 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     # ...unless the control asks for them explicitly.
     data["controls"]["bbc-scratch"]["classifier"] = {"train": {"gradual_unfreezing": True}}
     assert parse_params(data).control("bbc-scratch").classifier.train.gradual_unfreezing
+    data["controls"]["bbc-scratch"]["classifier"] = {"lrs": [0.003]}
+    assert parse_params(data).control("bbc-scratch").classifier.grid() == [(0.003, 0.5)]
+
+
+@pytest.mark.parametrize(
+    ("dataset_classifier", "grid"),
+    [
+        ({}, [0.03, 0.003]),  # no grid: train.lr (the default profile's 0.03) and a tenth
+        ({"lrs": [], "train": {"lr": 0.02}}, [0.02, 0.002]),
+        ({"lrs": [0.01, 0.001]}, [0.01, 0.001, 0.0001]),  # no repeats
+    ],
+)
+def test_a_scratch_control_also_searches_a_tenth_of_each_rate(dataset_classifier, grid):
+    data = _default()
+    data["datasets"]["bbc_news"]["classifier"] = dataset_classifier
+    data["controls"] = {"s": {"dataset": "bbc_news", "encoder": "scratch"}}
+    assert [lr for lr, _ in parse_params(data).control("s").classifier.grid()] == grid
+
+
+def test_a_scratch_control_with_a_bad_dataset_grid_names_the_key():
+    data = _default()
+    data["datasets"]["bbc_news"]["classifier"] = {"lrs": ["fast"]}
+    data["controls"] = {"s": {"dataset": "bbc_news", "encoder": "scratch"}}
+    with pytest.raises(ValueError, match=r"datasets\.bbc_news\.classifier\.lrs|controls\.s"):
+        parse_params(data)
 
 
 @pytest.mark.parametrize(
