@@ -216,8 +216,9 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
     read = lambda path: json.loads((workspace / path).read_text())  # noqa: E731
     scratch = read("metrics/controls/bbc_news-scratch-20.json")
     assert scratch["encoder"] == "scratch" and scratch["train_documents"] == 20
-    assert [c["lr"] for c in scratch["grid_search"]] == [0.01, 0.03]  # the dataset's lr grid
-    assert scratch["lr"] in (0.01, 0.03) and 0 <= scratch["test_error"] <= 1
+    # The dataset's lr grid, then each rate divided by 10 (from scratch only).
+    assert [c["lr"] for c in scratch["grid_search"]] == [0.01, 0.03, 0.001, 0.003]
+    assert scratch["lr"] in (0.01, 0.03, 0.001, 0.003) and 0 <= scratch["test_error"] <= 1
     no_pretraining = read("metrics/controls/bbc_news-no_pretraining.json")
     assert no_pretraining["lm_valid_perplexity"] > 1  # its own LM, fine-tuned from scratch
     assert (workspace / "data/controls/bbc_news-no_pretraining/lm/model.pt").is_file()
