@@ -132,20 +132,30 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
         "classifier_minutes": record.get("wall_seconds"),
         "test_error": metrics["test_error"],
         "chosen": _chosen(metrics),
+        "labels": metrics.get("labels"),
     }
 
 
-def tfidf_row(workspace: Path, dataset: str) -> dict:
-    """The TF-IDF + logistic regression baseline stage of a workspace, on the same labels."""
+def tfidf_row(workspace: Path, dataset: str, labels: int | None = None) -> dict:
+    """The TF-IDF + logistic regression baseline stage of a workspace, on the same labels:
+    the whole train split, or the subset of ``labels`` documents a control trained on."""
     baseline, record = _stage(workspace, "baseline", dataset=dataset)
+    fit = next((run for run in baseline.get("runs", []) if run.get("labels") == labels), None)
+    if fit is None:
+        fit = baseline if labels is None else None
+    if fit is None:
+        raise SystemExit(
+            f"{workspace}: its baseline@{dataset} has no fit on {labels} labels. Fix: add the "
+            "control to params.yaml and re-run the baseline stage"
+        )
     return {
-        "arm": "TF-IDF + logistic regression",
+        "arm": "TF-IDF + logistic regression" + (f", {labels:,} labels" if labels else ""),
         "backbone": "bag of n-grams, no pretraining",
         "pretrain_tokens": None,
         "pretrain_minutes": None,
         "classifier_minutes": record.get("wall_seconds"),
-        "test_error": baseline["test_error"],
-        "chosen": f"C = {baseline.get('C'):g} (validation grid)",
+        "test_error": fit["test_error"],
+        "chosen": f"C = {fit.get('C'):g} (validation grid)",
         "runs": [record["mlflow_run_id"]],
     }
 
@@ -192,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(arm_row(name, spec, args.dataset))
     first = Path(args.arm[0].partition("=")[2].partition(":")[0]).resolve()
     if (first / stage_spec("baseline", dataset=args.dataset).metrics).is_file():
-        rows.append(tfidf_row(first, args.dataset))
+        for labels in dict.fromkeys(row.get("labels") for row in rows):
+            rows.append(tfidf_row(first, args.dataset, labels))
     text = "\n".join(
         [
             "# " + args.title.format(dataset=args.dataset),
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "fine-tuning column adds its two LMs. Wall times include evaluation and saving. "
             "Every figure is read from the stages' metrics files; the MLflow run ids (first 8 "
             "characters) are pretraining, LM fine-tuning, classifier and evaluation. The TF-IDF "
-            "row is the first workspace's baseline stage, on the same labels.",
+            "rows are the first workspace's baseline stage, on the same labels as the arms.",
             "",
             table(rows, args.dataset),
             "",

@@ -17,6 +17,7 @@ ORDER = [
     "accuracy",
     "arms",
     "arms_bert",
+    "scratch_imdb",
     "probe",
     "lm_throughput",
     "amp_quality",
