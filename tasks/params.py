@@ -261,19 +261,13 @@ SCRATCH_TRAINING = {"gradual_unfreezing": False, "schedule": {"discriminative": 
 SCRATCH_LR_DIVISOR = 10
 
 
-def scratch_lrs(classifier: Mapping[str, Any]) -> list[Any]:
-    """The learning-rate grid of a ``scratch`` control whose own section sets none, from the
-    dataset's merged ``classifier`` section: its grid (or ``train.lr``), then each rate divided
-    by :data:`SCRATCH_LR_DIVISOR`, without repeats. A value that is not a number is passed on
-    unchanged, for validation to name."""
-    train = classifier.get("train") if isinstance(classifier.get("train"), Mapping) else {}
-    base = classifier.get("lrs") or [train.get("lr", ClassifierTrainConfig.lr)]
-    if not isinstance(base, list | tuple) or not all(
-        isinstance(lr, int | float) and not isinstance(lr, bool) for lr in base
-    ):
-        return base
-    grid = [*base, *(float(f"{lr / SCRATCH_LR_DIVISOR:.6g}") for lr in base)]
-    return list(dict.fromkeys(grid))
+def scratch_lrs(classifier: ClassifierParams) -> tuple[float, ...]:
+    """The learning-rate grid of a ``scratch`` control whose own section sets none: the
+    dataset's grid (or ``train.lr``), then each rate divided by :data:`SCRATCH_LR_DIVISOR`,
+    without repeats."""
+    base = classifier.lrs or (classifier.train.lr,)
+    grid = (*base, *(float(f"{lr / SCRATCH_LR_DIVISOR:.6g}") for lr in base))
+    return tuple(dict.fromkeys(grid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1149,8 +1143,6 @@ def _control(
     )
     if entry.get("encoder") in ("scratch", "frozen_features"):
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
-    if entry.get("encoder") == "scratch":
-        classifier = {**classifier, "lrs": scratch_lrs(classifier)}
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
     classifier = _merge(classifier, _nested(entry, "classifier", where))
@@ -1169,4 +1161,8 @@ def _control(
             problems.extend(problems_of(error, f"{where}.{part}"))
     if problems:
         raise ConfigError(problems)
+    if entry.get("encoder") == "scratch" and "lrs" not in _nested(entry, "classifier", where):
+        built["classifier"] = dataclasses.replace(
+            built["classifier"], lrs=scratch_lrs(built["classifier"])
+        )
     return ControlParams(name=name, **options, **built)
