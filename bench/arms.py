@@ -34,6 +34,7 @@ from collect import publish  # noqa: E402
 from tasks.pipeline import stage_spec  # noqa: E402
 
 TITLE = "Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {dataset}"
+PRODUCE = "run each arm's workspace as `profiles/arms.yaml` says"
 
 
 def _read(workspace: Path, relative: str) -> dict:
@@ -140,9 +141,7 @@ def tfidf_row(workspace: Path, dataset: str, labels: int | None = None) -> dict:
     """The TF-IDF + logistic regression baseline stage of a workspace, on the same labels:
     the whole train split, or the subset of ``labels`` documents a control trained on."""
     baseline, record = _stage(workspace, "baseline", dataset=dataset)
-    fit = next((run for run in baseline.get("runs", []) if run.get("labels") == labels), None)
-    if fit is None:
-        fit = baseline if labels is None else None
+    fit = next((run for run in baseline["runs"] if run["labels"] == labels), None)
     if fit is None:
         raise SystemExit(
             f"{workspace}: its baseline@{dataset} has no fit on {labels} labels. Fix: add the "
@@ -193,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "arms.md")
     parser.add_argument("--title", default=TITLE, help="the section's heading ({dataset}: its)")
+    parser.add_argument(
+        "--produce",
+        default=PRODUCE,
+        help="how the workspaces were produced (the section's reproduce line starts with it)",
+    )
     args = parser.parse_args(argv)
     rows = []
     for arm in args.arm:
@@ -208,11 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         [
             "# " + args.title.format(dataset=args.dataset),
             "",
-            "Reproduce: run each arm's workspace as `profiles/arms.yaml` says, then "
+            f"Reproduce: {args.produce}, then "
             f"`python bench/arms.py --dataset {args.dataset} "
             + " ".join(f'--arm "{a}"' for a in args.arm)
             + ("" if args.out.name == "arms.md" else f" --out bench/results/{args.out.name}")
             + ("" if args.title == TITLE else f' --title "{args.title}"')
+            + ("" if args.produce == PRODUCE else f' --produce "{args.produce}"')
             + "` (workspace paths as on the machine that ran them).",
             "",
             f"CPU scale, the forward direction of each fine-tuned arm; {args.conditions}. "
