@@ -49,6 +49,20 @@ def test_required_profiles_exist():
     assert {"default", "paper", "paper-slice", "benchmark"} <= {p.stem for p in PROFILES}
 
 
+def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
+    """bench/imdb_recipes.yaml is pasted into a benchmark workspace's controls: each entry must
+    parse there and train the recipe its description names."""
+    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
+    data["controls"] = yaml.safe_load((ROOT / "bench" / "imdb_recipes.yaml").read_text())
+    params = parse_params(data)
+    grid = params.control("imdb-ulmfit-5000-grid").classifier
+    assert [lr for lr, _ in grid.grid()] == [0.01, 0.001] and grid.train.gradual_unfreezing
+    recipe = params.control("imdb-ulmfit-5000-scratch_recipe")
+    assert recipe.encoder == "finetuned" and recipe.classifier.grid() == [(0.001, 0.1)]
+    assert not recipe.classifier.train.gradual_unfreezing
+    assert not recipe.classifier.train.schedule.discriminative
+
+
 @pytest.mark.parametrize(
     ("section", "where"),
     [
