@@ -17,7 +17,7 @@ ORDER = [
     "accuracy",
     "arms",
     "arms_bert",
-    "scratch_imdb",
+    "imdb_recipes",
     "probe",
     "lm_throughput",
     "amp_quality",
