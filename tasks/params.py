@@ -1145,7 +1145,8 @@ def _control(
         classifier = _merge(classifier, {"train": SCRATCH_TRAINING})
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
-    classifier = _merge(classifier, _nested(entry, "classifier", where))
+    own = _nested(entry, "classifier", where)
+    classifier = _merge(classifier, own)
     options = {k: entry[k] for k in keys if k in entry}
     problems += check(
         ControlParams, {k: v for k, v in options.items() if k != "dataset"}, where=where
@@ -1161,7 +1162,7 @@ def _control(
             problems.extend(problems_of(error, f"{where}.{part}"))
     if problems:
         raise ConfigError(problems)
-    if entry.get("encoder") == "scratch" and "lrs" not in _nested(entry, "classifier", where):
+    if entry.get("encoder") == "scratch" and "lrs" not in own:
         built["classifier"] = dataclasses.replace(
             built["classifier"], lrs=scratch_lrs(built["classifier"])
         )
