@@ -18,6 +18,7 @@ ORDER = [
     "arms",
     "arms_bert",
     "imdb_recipes",
+    "pretraining_budget_imdb",
     "probe",
     "lm_throughput",
     "amp_quality",

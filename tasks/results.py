@@ -358,21 +358,27 @@ def budget_panel(control: ControlParams) -> str:
     return f"{control.dataset}, {labels}, {control.direction}"
 
 
+def full_budget_stage(params: Params, snapshot: ControlParams) -> tuple[StageSpec, str] | None:
+    """The stage (and its metrics key) of the classifier that the snapshot control ``snapshot``
+    repeats on the LM of the whole pretraining run: the dataset's evaluation when the snapshot
+    uses all labels, else the control with the same settings and no ``pretrain_step``."""
+    if snapshot.labels is None:
+        spec = stage_spec("evaluate", dataset=snapshot.dataset)
+        return spec, f"test_error_{snapshot.direction}"
+    for key, control in params.controls.items():
+        same = dataclasses.replace(snapshot, name=key, pretrain_step=None)
+        if control == dataclasses.replace(same, description=control.description):
+            return stage_spec("control", name=key, dataset=control.dataset), "test_error"
+    return None
+
+
 def _full_budget_point(root: Path, params: Params, snapshot) -> tuple[int, float] | None:
     """(tokens of the whole pretraining run, test error) of the classifier that the snapshot
     control ``snapshot`` repeats on less pretraining, if that classifier ran."""
     pretrain = stage_spec("pretrain", direction=snapshot.direction)
     tokens = _read(root / pretrain.metrics).get("tokens_trained")
-    error = None
-    if snapshot.labels is None:
-        evaluation = _read(root / stage_spec("evaluate", dataset=snapshot.dataset).metrics)
-        error = evaluation.get(f"test_error_{snapshot.direction}")
-    else:
-        for key, control in params.controls.items():
-            same = dataclasses.replace(snapshot, name=key, pretrain_step=None)
-            if control == dataclasses.replace(same, description=control.description):
-                spec = stage_spec("control", name=key, dataset=control.dataset)
-                error = _read(root / spec.metrics).get("test_error")
+    full = full_budget_stage(params, snapshot)
+    error = None if full is None else _read(root / full[0].metrics).get(full[1])
     if _is_number(tokens) and _is_number(error):
         return int(tokens), float(error)
     return None

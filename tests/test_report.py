@@ -144,3 +144,41 @@ def test_frozen_features_and_scratch_controls_are_curves_of_the_sample_efficienc
     assert curves["ULMFiT"] == [(300, 0.10), (20, 0.30)]
     text = "\n".join(render(collect(tmp_path, params), params))
     assert "| labels | ULMFiT | from scratch | TF-IDF + LR | frozen features (ELMo-style) |" in text
+
+
+def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_controls(tmp_path):
+    """A snapshot control's point is its own pretraining tokens; the whole run's point is the
+    control with the same labels and no ``pretrain_step``; bench/budget.py tabulates the same
+    points with their runs and draws the figure, reading only the workspace's files."""
+    import subprocess
+    import sys
+
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["pretrain"]["train"]["snapshot_steps"] = [10]
+    data["controls"] = {
+        "bbc-ulmfit-20": {"dataset": "bbc_news", "labels": 20},
+        "bbc-ulmfit-20-pretrain-10": {"dataset": "bbc_news", "labels": 20, "pretrain_step": 10},
+    }
+    params = parse_params(data)
+    _workspace(tmp_path, ["fwd"])
+    _write(tmp_path, stage_spec("pretrain", direction="fwd"), {"tokens_trained": 4000}, "lm-run")
+    snapshot = stage_spec("control", name="bbc-ulmfit-20-pretrain-10", dataset="bbc_news")
+    _write(tmp_path, snapshot, {"test_error": 0.5, "pretrain_tokens": 1000}, "snapshot-run")
+
+    panel = collect(tmp_path, params).pretraining_budget["bbc_news, 20 labels, fwd"]
+    assert panel["ULMFiT"] == [(4000, 0.30), (1000, 0.5)]
+    assert panel["TF-IDF + LR"] == [(1000, 0.4), (4000, 0.4)]  # the baseline on the same 20
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    out = tmp_path / "section" / "budget.md"
+    command = [sys.executable, str(ROOT / "bench" / "budget.py"), "--workspace", str(tmp_path)]
+    command += ["--dataset", "bbc_news", "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| bbc_news")]
+    assert rows == [
+        "| bbc_news, 20 labels, fwd | snapshot at step 10 (control bbc-ulmfit-20-pretrain-10) "
+        "| 1,000 | 50.00 | 40.00 | `snapshot` |",
+        "| bbc_news, 20 labels, fwd | the whole run (control@bbc-ulmfit-20) "
+        "| 4,000 | 30.00 | 40.00 | `subset-r` |",
+    ]
+    assert out.with_suffix(".png").stat().st_size > 0
