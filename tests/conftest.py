@@ -1,4 +1,5 @@
-"""Shared test set-up: no telemetry leaves the machine, tiny threads, markers for real data."""
+"""Shared test set-up: no telemetry leaves the machine, tiny threads, markers for real data,
+the slow modules first."""
 
 from __future__ import annotations
 
@@ -29,6 +30,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_store_from_the_environment():
+    """Each test finds no ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` and leaves none.
+    MLflow's ``set_tracking_uri`` (which registering a model calls, through
+    ``tasks.tracking.use_store``) also sets them in ``os.environ``, which would send a later
+    test's runs in the same process (a pytest-xdist worker) to the earlier test's store."""
+    keys = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    for key in keys:
+        os.environ.pop(key, None)
+    yield
+    for key in keys:
+        os.environ.pop(key, None)
+
+
 @pytest.fixture
 def one_thread_and_seed():
     """One torch thread and seed 0 for a model test (``pytestmark = pytest.mark.usefixtures``):
@@ -40,3 +55,11 @@ def one_thread_and_seed():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with ``slow`` tests (the end-to-end pipelines) first, each module's own order
+    kept: scripts/test hands whole modules to two workers in this order, and a long module
+    that starts last would finish alone."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)

@@ -68,15 +68,6 @@ def prefect():
     os.environ.update({k: v for k, v in saved.items() if v is not None})
 
 
-@pytest.fixture(autouse=True)
-def no_store_from_the_environment():
-    """Each project here uses its own store. MLflow's ``set_tracking_uri`` (which registering
-    calls, through ``tasks.tracking.use_store``) also sets ``MLFLOW_TRACKING_URI``, which would
-    send the next project's runs to the previous one's store in this one process."""
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        os.environ.pop(key, None)
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, prefect) -> Path:
     """A project that pretrained (and registered) a micro LM per direction."""
