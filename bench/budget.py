@@ -68,11 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", type=Path, default=ROOT, help="where the controls ran")
     parser.add_argument("--dataset", default="imdb")
     parser.add_argument(
-        "--conditions",
-        default="no other job ran during the runs",
-        help="what else the machine was doing (wall times depend on it)",
-    )
-    parser.add_argument(
         "--out",
         type=Path,
         help="the section's markdown (default: bench/results/pretraining_budget_<dataset>.md); "
@@ -100,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         f"repro control@<name>`, one at a time), then `python bench/budget.py --workspace <it> "
         f"--dataset {args.dataset} && python bench/collect.py`.",
         "",
-        f"CPU scale; {args.conditions}. Each smaller budget is a snapshot of the one pretraining "
+        "CPU scale. Each smaller budget is a snapshot of the one pretraining "
         "run, taken before its learning rate had decayed, then fine-tuned on the dataset and "
         "classified with the same recipe as the whole run's LM (the report stage's definition). "
         "TF-IDF + LR on the same labels is the flat line. Every figure is read from the stages' "
