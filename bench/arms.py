@@ -37,7 +37,8 @@ TITLE = "Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {dataset}"
 PRODUCE = "run each arm's workspace as `profiles/arms.yaml` says"
 
 
-def _read(workspace: Path, relative: str) -> dict:
+def read_json(workspace: Path, relative: str) -> dict:
+    """A stage file of ``workspace``, or one line that names it and the fix."""
     path = workspace / relative
     if not path.is_file():
         raise SystemExit(f"{path}: not found. Fix: run that stage in {workspace} first")
@@ -69,7 +70,7 @@ def _millions(tokens: float | None) -> str:
 def _stage(workspace: Path, group: str, **items: str) -> tuple[dict, dict]:
     """A stage item's metrics and run record, at the paths the stage table gives them."""
     spec = stage_spec(group, **items)
-    return _read(workspace, spec.metrics), _read(workspace, spec.run_record)
+    return read_json(workspace, spec.metrics), read_json(workspace, spec.run_record)
 
 
 def arm_row(name: str, spec: str, dataset: str) -> dict:

@@ -3,7 +3,8 @@ snapshot controls (``pretrain_step``).
 
 The report stage draws the same figure, but only once every dataset of the profile has been
 evaluated; this script draws one dataset's panels from the runs that exist, with the report's
-own code (:func:`tasks.results.pretraining_budget_points`, :func:`tasks.plots.error_curves_figure`).
+own code (:func:`tasks.results.pretraining_budget_runs` for the table and the figure's points,
+:func:`tasks.plots.error_curves_figure`).
 Nothing here trains or types a figure: each row is read from a stage's metrics file and names its
 MLflow run. Produce the workspace with the pipeline's own commands, for example:
 
@@ -16,51 +17,29 @@ MLflow run. Produce the workspace with the pipeline's own commands, for example:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from arms import read_json  # noqa: E402
 from collect import publish  # noqa: E402
 
 from tasks.params import load_params  # noqa: E402
-from tasks.pipeline import stage_spec  # noqa: E402
 from tasks.plots import error_curves_figure  # noqa: E402
-from tasks.results import budget_panel, full_budget_stage, pretraining_budget_points  # noqa: E402
+from tasks.results import (  # noqa: E402
+    BudgetPoint,
+    budget_panel,
+    pretraining_budget_points,
+    pretraining_budget_runs,
+)
 
 
-def _read(path: Path) -> dict:
-    if not path.is_file():
-        raise SystemExit(f"{path}: not found. Fix: run that stage in its workspace first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def rows(workspace: Path, params, dataset: str) -> list[tuple[str, str, int, float, str]]:
-    """(panel, LM, pretraining tokens, test error, MLflow run id) per point, smallest first."""
-    out = []
-    snapshots = {
-        key: c
-        for key, c in params.controls.items()
-        if c.dataset == dataset and c.pretrain_step is not None
-    }
-    fulls = {}
-    for key, control in snapshots.items():
-        spec = stage_spec("control", name=key, dataset=dataset)
-        metrics = _read(workspace / spec.metrics)
-        record = _read(workspace / spec.run_record)
-        lm = f"snapshot at step {control.pretrain_step} (control {key})"
-        out.append((budget_panel(control), lm, metrics["pretrain_tokens"], metrics["test_error"],
-                    record["mlflow_run_id"]))  # fmt: skip
-        full = full_budget_stage(params, control)
-        if full is not None:
-            fulls[budget_panel(control)] = (full, control.direction)
-    for panel, ((spec, key), direction) in fulls.items():
-        pretrain = _read(workspace / stage_spec("pretrain", direction=direction).metrics)
-        metrics, record = _read(workspace / spec.metrics), _read(workspace / spec.run_record)
-        lm = f"the whole run ({spec.group}@{spec.item})" if spec.item else "the whole run"
-        out.append((panel, lm, pretrain["tokens_trained"], metrics[key], record["mlflow_run_id"]))
-    return sorted(out, key=lambda row: (row[0], row[2]))
+def _lm(point: BudgetPoint) -> str:
+    stage = point.stage
+    if point.snapshot_step is not None:
+        return f"snapshot at step {point.snapshot_step} (control {stage.item})"
+    return f"the whole run ({stage.group}@{stage.item})" if stage.item else "the whole run"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ROOT / "bench" / "results" / f"pretraining_budget_{args.dataset}.md"
     workspace = args.workspace.resolve()
     params = load_params(workspace / "params.yaml", check_paths=False)
-    points = rows(workspace, params, args.dataset)
-    if not points:
+    mine = {budget_panel(c) for c in params.controls.values() if c.dataset == args.dataset}
+    runs = {p: points for p, points in pretraining_budget_runs(workspace, params).items()
+            if p in mine}  # fmt: skip
+    if not runs:
         raise SystemExit(
             f"{workspace}/params.yaml: no control on {args.dataset} sets pretrain_step"
         )
-    panels = {p: s for p, s in pretraining_budget_points(workspace, params).items()
-              if p in {row[0] for row in points}}  # fmt: skip
+    panels = pretraining_budget_points(workspace, params, runs)
     figure = error_curves_figure(
         out.with_suffix(".png"), panels, xlabel="pretraining tokens (forward LM)"
     )
@@ -107,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         "| TF-IDF + LR % | MLflow run |",
         "|---|---|---|---|---|---|",
     ]
-    for panel, lm, tokens, error, run in points:
-        flat = tfidf.get(panel) or [(None, None)]
+    for panel, points in runs.items():
+        flat = tfidf[panel] or [(None, None)]
         baseline = "n/a" if flat[0][1] is None else f"{100 * flat[0][1]:.2f}"
-        lines.append(
-            f"| {panel} | {lm} | {tokens:,} | {100 * error:.2f} | {baseline} | `{run[:8]}` |"
-        )
+        for point in points:
+            run = read_json(workspace, point.stage.run_record)["mlflow_run_id"]
+            lines.append(
+                f"| {panel} | {_lm(point)} | {point.tokens:,} | {100 * point.error:.2f} "
+                f"| {baseline} | `{run[:8]}` |"
+            )
     publish(out, "\n".join(lines) + "\n")
     return 0
 

@@ -322,34 +322,55 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
     return out
 
 
-def pretraining_budget_points(root: Path, params: Params) -> dict[str, dict[str, list]]:
-    """{panel: {"ULMFiT": [(pretraining tokens, test error)], "TF-IDF + LR": flat line}}, one
-    panel per dataset and label count that has ``pretrain_step`` controls. The largest budget
-    is the pipeline's own classifier (or its control with the same labels), trained on the
-    LM of the whole pretraining run; the others are the snapshot controls."""
-    panels: dict[str, dict[str, list]] = {}
+@dataclasses.dataclass(frozen=True)
+class BudgetPoint:
+    """One point of a pretraining-budget panel: a classifier on an LM pretrained on ``tokens``."""
+
+    tokens: int
+    error: float  # test error
+    stage: StageSpec  # the classifier's stage: its run record names the MLflow run
+    snapshot_step: int | None  # the pretraining snapshot the LM started from; None: the whole run
+
+
+def pretraining_budget_runs(root: Path, params: Params) -> dict[str, list[BudgetPoint]]:
+    """{panel: points, fewest tokens first}, one panel per dataset and label count that has
+    ``pretrain_step`` controls. The largest budget is the pipeline's own classifier (or its
+    control with the same labels), trained on the LM of the whole pretraining run; the others
+    are the snapshot controls. Stages that have not run give no point."""
+    panels: dict[str, list[BudgetPoint]] = {}
     for key, control in params.controls.items():
         if control.pretrain_step is None:
             continue
         panel = budget_panel(control)
         if panel not in panels:
             full = _full_budget_point(root, params, control)
-            panels[panel] = {"ULMFiT": [full] if full else [], "TF-IDF + LR": []}
+            panels[panel] = [full] if full else []
         spec = stage_spec("control", name=key, dataset=control.dataset)
         metrics = _read(root / spec.metrics)
-        if _is_number(metrics.get("test_error")):
-            panels[panel]["ULMFiT"].append((metrics["pretrain_tokens"], metrics["test_error"]))
-    for panel, series in panels.items():
+        if _is_number(metrics.get("test_error")) and _is_number(metrics.get("pretrain_tokens")):
+            point = (int(metrics["pretrain_tokens"]), float(metrics["test_error"]))
+            panels[panel].append(BudgetPoint(*point, spec, control.pretrain_step))
+    return {panel: sorted(points, key=lambda p: p.tokens) for panel, points in panels.items()}
+
+
+def pretraining_budget_points(
+    root: Path, params: Params, runs: dict[str, list[BudgetPoint]] | None = None
+) -> dict[str, dict[str, list]]:
+    """{panel: {"ULMFiT": [(pretraining tokens, test error)], "TF-IDF + LR": flat line}}: the
+    figure's series of ``runs`` (default: :func:`pretraining_budget_runs`), with TF-IDF + LR on
+    the same labels drawn flat across the panel's budgets."""
+    runs = pretraining_budget_runs(root, params) if runs is None else runs
+    panels: dict[str, dict[str, list]] = {}
+    for panel, points in runs.items():
+        series = panels[panel] = {"ULMFiT": [(p.tokens, p.error) for p in points]}
         control = next(c for c in params.controls.values() if budget_panel(c) == panel)
         baseline = _read(root / stage_spec("baseline", dataset=control.dataset).metrics)
         if control.labels is not None:
             baseline = baseline.get("subsets", {}).get(str(control.labels), {})
-        if series["ULMFiT"] and _is_number(baseline.get("test_error")):
-            xs = [x for x, _ in series["ULMFiT"]]
-            series["TF-IDF + LR"] = [
-                (min(xs), baseline["test_error"]),
-                (max(xs), baseline["test_error"]),
-            ]
+        error = baseline.get("test_error")
+        series["TF-IDF + LR"] = []
+        if points and _is_number(error):
+            series["TF-IDF + LR"] = [(points[0].tokens, error), (points[-1].tokens, error)]
     return panels
 
 
@@ -372,13 +393,13 @@ def full_budget_stage(params: Params, snapshot: ControlParams) -> tuple[StageSpe
     return None
 
 
-def _full_budget_point(root: Path, params: Params, snapshot) -> tuple[int, float] | None:
-    """(tokens of the whole pretraining run, test error) of the classifier that the snapshot
-    control ``snapshot`` repeats on less pretraining, if that classifier ran."""
+def _full_budget_point(root: Path, params: Params, snapshot) -> BudgetPoint | None:
+    """The point of the classifier that the snapshot control ``snapshot`` repeats on the whole
+    pretraining run, if that classifier ran."""
     pretrain = stage_spec("pretrain", direction=snapshot.direction)
     tokens = _read(root / pretrain.metrics).get("tokens_trained")
     full = full_budget_stage(params, snapshot)
     error = None if full is None else _read(root / full[0].metrics).get(full[1])
     if _is_number(tokens) and _is_number(error):
-        return int(tokens), float(error)
+        return BudgetPoint(int(tokens), float(error), full[0], None)
     return None

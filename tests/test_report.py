@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from tasks.params import parse_params
@@ -166,7 +167,7 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
     _write(tmp_path, snapshot, {"test_error": 0.5, "pretrain_tokens": 1000}, "snapshot-run")
 
     panel = collect(tmp_path, params).pretraining_budget["bbc_news, 20 labels, fwd"]
-    assert panel["ULMFiT"] == [(4000, 0.30), (1000, 0.5)]
+    assert panel["ULMFiT"] == [(1000, 0.5), (4000, 0.30)]  # fewest tokens first
     assert panel["TF-IDF + LR"] == [(1000, 0.4), (4000, 0.4)]  # the baseline on the same 20
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
@@ -181,4 +182,12 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
         "| bbc_news, 20 labels, fwd | the whole run (control@bbc-ulmfit-20) "
         "| 4,000 | 30.00 | 40.00 | `subset-r` |",
     ]
-    assert out.with_suffix(".png").stat().st_size > 0
+    # The figure is one panel (5 x 4 inches at 110 dpi) with both series drawn: pixels of
+    # matplotlib's first two line colours (ULMFiT, then TF-IDF + LR).
+    from matplotlib.image import imread
+
+    image = imread(out.with_suffix(".png"))[..., :3]
+    assert image.shape[:2] == (440, 550)
+    for colour in ("#1f77b4", "#ff7f0e"):
+        rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
+        assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 50, colour
