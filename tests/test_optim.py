@@ -71,6 +71,32 @@ def test_make_optimizer_builds_one_group_per_layer_group() -> None:
         OptimizerConfig(name="lamb")
 
 
+def test_exempt_biases_and_norms_takes_weight_decay_off_the_1d_parameters_only() -> None:
+    """GPT's and BERT's rule: each layer group splits into its decayed matrices and its
+    undecayed biases and norm gains, both at the layer group's rate."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    lower = [*model[0].parameters(), *model[1].parameters()]
+    cfg = OptimizerConfig(weight_decay=0.5, exempt_biases_and_norms=True)
+    optimizer = make_optimizer([(lower, 0.1), (model[2].parameters(), 0.2)], cfg)
+    groups = optimizer.param_groups
+    assert [(g["lr"], g["peak_lr"], g["weight_decay"]) for g in groups] == [
+        (0.1, 0.1, 0.5), (0.1, 0.1, 0.0), (0.2, 0.2, 0.5), (0.2, 0.2, 0.0),
+    ]  # fmt: skip
+    assert [len(g["params"]) for g in groups] == [1, 3, 1, 1]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves a weight
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.ndim > 1:  # AdamW: w <- w * (1 - lr * decay)
+            lr = 0.1 if name.startswith("0.") else 0.2
+            assert torch.allclose(p, before[name] * (1 - lr * 0.5)), name
+        else:
+            assert torch.equal(p, before[name]), name
+    default = make_optimizer([(lower, 0.1)], OptimizerConfig(weight_decay=0.5))
+    assert [g["weight_decay"] for g in default.param_groups] == [0.5]  # every parameter
+
+
 def test_clip_gradients_limits_the_global_norm() -> None:
     layer = nn.Linear(4, 4)
     layer.weight.grad = torch.full_like(layer.weight, 3.0)

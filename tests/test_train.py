@@ -353,6 +353,7 @@ RUNNER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_train import TINY, classifier_docs, lm_docs
     from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier
+    from ulmfit.optim import OptimizerConfig
     from ulmfit.train import (ClassifierTrainConfig, LMTrainConfig, train_classifier,
                               train_language_model)
 
@@ -374,8 +375,10 @@ RUNNER = textwrap.dedent(
                                       checkpoint_dir=checkpoint_dir, callback=callback)
     else:
         model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
+        # two parameter groups per layer group: the resumed loop must map each one's rate
+        optim = OptimizerConfig(weight_decay=0.1, exempt_biases_and_norms=True)
         cfg = ClassifierTrainConfig(epochs=4, batch_size=4, lr=0.01, checkpoint_every=3,
-                                    seed=5)
+                                    seed=5, optim=optim)
         result = train_classifier(model, classifier_docs(), classifier_docs(seed=1), cfg,
                                   checkpoint_dir=checkpoint_dir, callback=callback)
     torch.save({{"state": model.state_dict(), "losses": losses,

@@ -267,6 +267,7 @@ def fit(
 def _run(phase: Phase, state: TrainState, lr_groups, cfg, checkpoint_dir, callback, identity):
     """The epochs of :func:`fit`, from a fresh or resumed :class:`TrainState`."""
     model, optimizer, scaler = state.model, state.optimizer, state.scaler
+    peaks = [group["peak_lr"] for group in optimizer.param_groups]  # before a resume replaces them
     steps_per_epoch = max(1, len(phase.data))
     plan = phase.plan(len(lr_groups), steps_per_epoch)
     stage_of_epoch = [index for index, stage in enumerate(plan) for _ in range(stage.epochs)]
@@ -335,8 +336,8 @@ def _run(phase: Phase, state: TrainState, lr_groups, cfg, checkpoint_dir, callba
             out = phase.forward(train_module, batch)
             t = state.step - state.stage_start_step
             lr = cfg.schedule.lr_at(cfg.lr, t, stage.schedule_steps) * out.lr_scale
-            for group, (_, base) in zip(optimizer.param_groups, lr_groups, strict=True):
-                group["lr"] = base * (lr / cfg.lr)  # each group's discriminative share
+            for group, peak in zip(optimizer.param_groups, peaks, strict=True):
+                group["lr"] = peak * (lr / cfg.lr)  # each group's discriminative share
             grad_norm = optimizer_step(model, optimizer, scaler, out.loss + out.penalty, cfg.clip)
             state.step += 1
             state.epoch_steps += 1

@@ -39,6 +39,9 @@ class OptimizerConfig:
     betas, eps: Adam's moment decay rates and denominator term.
     weight_decay: decay strength; decoupled (AdamW) for Adam unless
         ``decoupled_weight_decay`` is false, always L2 for NT-ASGD.
+    exempt_biases_and_norms: no weight decay on the 1-dimensional parameters (biases and the
+        gains of LayerNorm/BatchNorm), as GPT, BERT and fastai's default (``wd_bn_bias=False``)
+        do; false (the default) decays every parameter, as the AWD-LSTM code does.
     momentum: SGD momentum for NT-ASGD (0 in the AWD-LSTM paper).
     nonmono: NT-ASGD's patience ``n``, counted in validation checks.
     """
@@ -48,6 +51,7 @@ class OptimizerConfig:
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.01
     decoupled_weight_decay: bool = True
+    exempt_biases_and_norms: bool = False
     momentum: Dropout = 0.0
     nonmono: NonNegativeInt = 5
 
@@ -59,12 +63,25 @@ class OptimizerConfig:
 def make_optimizer(
     groups: Sequence[tuple[Iterable[nn.Parameter], float]], cfg: OptimizerConfig
 ) -> torch.optim.Optimizer:
-    """Build the optimiser with one parameter group per layer group (lowest first).
+    """Build the optimiser with one parameter group per layer group (lowest first), or two
+    (decayed, then the exempt 1-dimensional parameters) with ``exempt_biases_and_norms``.
 
-    ``groups`` pairs each layer group's parameters with its learning rate; the training loop
-    rewrites each group's ``lr`` every step (STLR times the discriminative factor).
+    ``groups`` pairs each layer group's parameters with its learning rate, which each of its
+    parameter groups keeps as ``peak_lr``: the training loop rewrites ``lr`` from it every step
+    (STLR times the discriminative factor).
     """
-    param_groups = [{"params": list(params), "lr": float(lr)} for params, lr in groups]
+    param_groups = []
+    for params, lr in groups:
+        params = list(params)
+        parts = [(params, cfg.weight_decay)]
+        if cfg.exempt_biases_and_norms:
+            parts = [([p for p in params if p.ndim > 1], cfg.weight_decay),
+                     ([p for p in params if p.ndim <= 1], 0.0)]  # fmt: skip
+        param_groups += [
+            {"params": part, "lr": float(lr), "peak_lr": float(lr), "weight_decay": decay}
+            for part, decay in parts
+            if part or len(parts) == 1
+        ]
     if cfg.name == "ntasgd":
         return NTASGD(
             param_groups,
