@@ -54,13 +54,19 @@ def _percent(error: float | None) -> str:
 
 
 def _chosen(metrics: dict) -> str:
-    """The learning rate the validation grid chose (of which), and the epoch kept: a choice at
-    the grid's edge or at the last epoch says the arm may be under-tuned."""
-    grid = sorted({g["lr"] for g in metrics.get("grid_search", []) if "lr" in g})
-    lr = metrics.get("lr")
-    of = f" of {', '.join(f'{g:g}' for g in grid)}" if len(grid) > 1 else ""
+    """The learning rate and dropout multiplier the validation grid chose (of which), and the
+    epoch kept: a choice at the grid's edge or at the last epoch says the arm may be
+    under-tuned."""
+
+    def pick(key: str, prefix: str) -> str:
+        grid = sorted({g[key] for g in metrics.get("grid_search", []) if key in g})
+        value = metrics.get(key)
+        of = f" of {', '.join(f'{prefix}{g:g}' for g in grid)}" if len(grid) > 1 else ""
+        return "–" if value is None else f"{prefix}{value:g}{of}"
+
+    dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
     epoch = f", epoch {metrics.get('best_epoch')}/{metrics.get('epochs')}"
-    return ("–" if lr is None else f"{lr:g}{of}") + epoch
+    return pick("lr", "") + dropout + epoch
 
 
 def _millions(tokens: float | None) -> str:
@@ -164,7 +170,7 @@ def table(rows: list[dict], dataset: str) -> str:
     lines = [
         f"| arm | backbone | pretraining tokens (fwd) | pretraining min | pretrained LM ppl "
         f"| LM fine-tuning tokens | LM fine-tuning min | classifier min | {dataset} test error % "
-        "| fwd + bwd ensemble % | classifier lr (grid), epoch kept | MLflow runs |",
+        "| fwd + bwd ensemble % | classifier lr, dropout (grid), epoch kept | MLflow runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
