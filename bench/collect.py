@@ -19,6 +19,7 @@ ORDER = [
     "arms_bert",
     "imdb_recipes",
     "pretraining_budget_imdb",
+    "trec6_scratch",
     "probe",
     "lm_throughput",
     "amp_quality",
