@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     figure = error_curves_figure(
         out.with_suffix(".png"), panels, xlabel="pretraining tokens (forward LM)"
     )
-    tfidf = {panel: series["TF-IDF + LR"] for panel, series in panels.items()}
     lines = [
         f"# Pretraining budget on {args.dataset}: test error against pretraining tokens",
         "",
@@ -88,8 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|---|",
     ]
     for panel, points in runs.items():
-        flat = tfidf[panel] or [(None, None)]
-        baseline = "n/a" if flat[0][1] is None else f"{100 * flat[0][1]:.2f}"
+        line = panels[panel]["TF-IDF + LR"]  # flat: its first point's error is its value
+        baseline = f"{100 * line[0][1]:.2f}" if line else "n/a"
         for point in points:
             run = read_json(workspace, point.stage.run_record)["mlflow_run_id"]
             lines.append(

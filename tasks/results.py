@@ -379,7 +379,7 @@ def budget_panel(control: ControlParams) -> str:
     return f"{control.dataset}, {labels}, {control.direction}"
 
 
-def full_budget_stage(params: Params, snapshot: ControlParams) -> tuple[StageSpec, str] | None:
+def _full_budget_stage(params: Params, snapshot: ControlParams) -> tuple[StageSpec, str] | None:
     """The stage (and its metrics key) of the classifier that the snapshot control ``snapshot``
     repeats on the LM of the whole pretraining run: the dataset's evaluation when the snapshot
     uses all labels, else the control with the same settings and no ``pretrain_step``."""
@@ -398,7 +398,7 @@ def _full_budget_point(root: Path, params: Params, snapshot) -> BudgetPoint | No
     pretraining run, if that classifier ran."""
     pretrain = stage_spec("pretrain", direction=snapshot.direction)
     tokens = _read(root / pretrain.metrics).get("tokens_trained")
-    full = full_budget_stage(params, snapshot)
+    full = _full_budget_stage(params, snapshot)
     error = None if full is None else _read(root / full[0].metrics).get(full[1])
     if _is_number(tokens) and _is_number(error):
         return BudgetPoint(int(tokens), float(error), full[0], None)

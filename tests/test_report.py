@@ -4,6 +4,8 @@ files written as the stages write them, without running the pipeline."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -151,9 +153,6 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
     """A snapshot control's point is its own pretraining tokens; the whole run's point is the
     control with the same labels and no ``pretrain_step``; bench/budget.py tabulates the same
     points with their runs and draws the figure, reading only the workspace's files."""
-    import subprocess
-    import sys
-
     data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
     data["pretrain"]["train"]["snapshot_steps"] = [10]
     data["controls"] = {

@@ -80,7 +80,7 @@ def make_optimizer(
         param_groups += [
             {"params": part, "lr": float(lr), "peak_lr": float(lr), "weight_decay": decay}
             for part, decay in parts
-            if part or len(parts) == 1
+            if part
         ]
     if cfg.name == "ntasgd":
         return NTASGD(
