@@ -54,9 +54,10 @@ def _percent(error: float | None) -> str:
 
 
 def _chosen(metrics: dict) -> str:
-    """The learning rate and dropout multiplier the validation grid chose (of which), and the
-    epoch kept: a choice at the grid's edge or at the last epoch says the arm may be
-    under-tuned."""
+    """The learning rate (and whether the one-rate recipe won) and dropout multiplier the
+    validation grid chose (of which), the epoch of the lowest validation error and that error
+    (the search's choice): a choice at the grid's edge or at the last epoch says the arm may
+    be under-tuned."""
 
     def pick(key: str, prefix: str) -> str:
         grid = sorted({g[key] for g in metrics.get("grid_search", []) if key in g})
@@ -66,7 +67,10 @@ def _chosen(metrics: dict) -> str:
 
     dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
     epoch = f", epoch {metrics.get('best_epoch')}/{metrics.get('epochs')}"
-    return pick("lr", "") + dropout + epoch
+    searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
+    valid = f", valid {_percent(min(searched))}" if searched else ""
+    recipe = " (one rate)" if metrics.get("one_rate") else ""
+    return pick("lr", "") + recipe + dropout + epoch + valid
 
 
 def _millions(tokens: float | None) -> str:
@@ -170,7 +174,7 @@ def table(rows: list[dict], dataset: str) -> str:
     lines = [
         f"| arm | backbone | pretraining tokens (fwd) | pretraining min | pretrained LM ppl "
         f"| LM fine-tuning tokens | LM fine-tuning min | classifier min | {dataset} test error % "
-        "| fwd + bwd ensemble % | classifier lr, dropout (grid), epoch kept | MLflow runs |",
+        "| fwd + bwd ensemble % | classifier lr, dropout (grid), best epoch, valid error % | MLflow runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -20,6 +20,8 @@ ORDER = [
     "imdb_recipes",
     "pretraining_budget_imdb",
     "trec6_scratch",
+    "trec6_recipe_grid",
+    "demo_recipes",
     "probe",
     "lm_throughput",
     "amp_quality",

@@ -226,7 +226,8 @@ def _ablations(results: Results, dataset: DatasetResult, params: Params, decimal
         f"## Ablations and baseline: {name}",
         "",
         "Test and validation error in %, forward direction. *lr*: the learning rate the "
-        "validation error chose from the grid; *epochs*: best / run (early stopping). "
+        "validation error chose from the grid (*one rate*: the one-rate recipe of "
+        "`classifier.one_rate_lrs` won); *epochs*: best / run (early stopping). "
         "*paper*: the paper's validation error for the same ablation on the full dataset "
         "(a different scale: compare directions of effects, not values).",
         "",
@@ -283,8 +284,9 @@ def _ablations(results: Results, dataset: DatasetResult, params: Params, decimal
 
 def _ablation_row(label, test, valid, run: StageResult, paper, decimals: int) -> str:
     metrics = run.metrics
+    lr = f"{metrics.get('lr', 'n/a')}{' (one rate)' if metrics.get('one_rate') else ''}"
     return (
-        f"| {label} | {test} | {_percent(valid, decimals)} | {metrics.get('lr', 'n/a')} "
+        f"| {label} | {test} | {_percent(valid, decimals)} | {lr} "
         f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
         f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.wall_seconds)} "
         f"| {cite(run.run_id or '')} | {_command(run)} | {paper} |"

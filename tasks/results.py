@@ -295,7 +295,7 @@ def sample_efficiency_points(root: Path, params: Params) -> dict[str, dict[str, 
         budget = {"epochs": 1, "patience": 0}  # the fields a curve may vary per label count
         standard = dataclasses.replace(dataset.classifier.train, **budget)
         # A random or frozen encoder trains without gradual unfreezing or discriminative LRs
-        # by default (tasks.params.SCRATCH_TRAINING): that is its standard, not an ablation.
+        # by default (tasks.params.ONE_RATE): that is its standard, not an ablation.
         unprotected = dataclasses.replace(
             standard,
             gradual_unfreezing=False,

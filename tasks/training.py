@@ -27,7 +27,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
-from tasks.params import ClassifierParams
+from tasks.params import ClassifierParams, GridPoint
 from tasks.stage import StageContext, runtime
 from tasks.tracking import TrainLogger
 from ulmfit.checkpoint import checkpoint_path, load_checkpoint, load_model, save_model
@@ -363,10 +363,10 @@ def train_classifier_task(
     the backbone's (``classifier.build``); ``frozen_lms`` (forward, backward LM files) makes
     it the ELMo-style ``FrozenFeatureClassifier`` instead, whose LMs never train.
 
-    A search over ``classifier.grid()`` (learning rate x the encoder's dropouts scaled): one
-    classifier per pair, each resumable in its own checkpoint folder and kept once finished,
-    so a killed search redoes nothing that was done; the lowest validation error wins (ties:
-    the earlier pair). ``train_indices``: train on these documents of the train split.
+    A search over ``classifier.grid()`` (recipe x learning rate x the encoder's dropouts
+    scaled): one classifier per point, each resumable in its own checkpoint folder and kept
+    once finished, so a killed search redoes nothing that was done; the lowest validation
+    error wins (ties: the earlier point). ``train_indices``: train on these documents of the train split.
     """
     tokenizer = Tokenizer.load(run.tokenizer)
     train_docs = read_tokens(train_file, tokenizer)
@@ -381,12 +381,14 @@ def train_classifier_task(
         frozen = [load_for(path, tokenizer, "the language model") for path in frozen_lms]
     grid = classifier.grid()
     search = []
-    for lr, mult in grid:
-        cfg = dataclasses.replace(classifier.train, lr=lr, backward=backward)
-        config = classifier.build(tokenizer.vocab_size, len(label_names), mult)
-        name = f"lr-{lr:g}"
+    for point in grid:
+        cfg = classifier.train_for(point, backward=backward)
+        config = classifier.build(tokenizer.vocab_size, len(label_names), point.dropout_multiplier)
+        name = f"lr-{point.lr:g}"
         if len(classifier.dropout_multipliers) > 1:
-            name += f"_dropout-{mult:g}"
+            name += f"_dropout-{point.dropout_multiplier:g}"
+        if point.one_rate:
+            name = f"one_rate_{name}"
         folder = run.checkpoint_dir / name
         folder.mkdir(parents=True, exist_ok=True)
         done = folder / "done.json"
@@ -431,7 +433,7 @@ def train_classifier_task(
             with atomic_write(done, "w") as handle:
                 json.dump(_outcome(result, logger), handle, default=float)
         outcome = json.loads(done.read_text(encoding="utf-8"))
-        search.append({"lr": lr, "dropout_multiplier": mult, "folder": name, **outcome})
+        search.append({**point._asdict(), "folder": name, **outcome})
     chosen = min(enumerate(search), key=lambda c: (c[1]["valid_error"], c[0]))[1]
     model, _ = load_model(run.checkpoint_dir / chosen["folder"] / MODEL_FILE)
     summary = dict(chosen["summary"])
@@ -440,6 +442,7 @@ def train_classifier_task(
         train_documents=len(train_docs),
         lr=chosen["lr"],
         dropout_multiplier=chosen["dropout_multiplier"],
+        one_rate=chosen["one_rate"],
     )
     _write_model_dir(
         run.out_dir,
@@ -458,9 +461,10 @@ def train_classifier_task(
         best_epoch=chosen["best_epoch"],
         lr=chosen["lr"],
         dropout_multiplier=chosen["dropout_multiplier"],
+        one_rate=chosen["one_rate"],
         train_documents=len(train_docs),
         grid_search=[
-            {k: c[k] for k in ("lr", "dropout_multiplier", "valid_error", "best_epoch", "epochs")}
+            {k: c[k] for k in (*GridPoint._fields, "valid_error", "best_epoch", "epochs")}
             for c in search
         ],
     )

@@ -285,7 +285,9 @@ def test_mlm_stages_validate_masked_tokens_and_the_classifier_starts_from_the_lm
     assert isinstance(lm_model, TransformerLM) and lm_model.cfg.objective == "mlm"
 
     classifier = params.classifier
-    one_step = dataclasses.replace(classifier.train, max_steps=1, batch_size=4)
+    one_step = dataclasses.replace(
+        classifier.train, max_steps=1, batch_size=4, gradual_unfreezing=True
+    )
     classifier = dataclasses.replace(classifier, train=one_step, lrs=())
     result = train_classifier_task.fn(
         run("clf"),

@@ -15,6 +15,8 @@ from ulmfit.model import ClassifierConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+# The classifier recipe of the paper (the default profile trains one rate on every layer).
+ULMFIT_RECIPE = {"gradual_unfreezing": True, "schedule": {"discriminative": True}}
 
 
 def _default() -> dict:
@@ -56,11 +58,36 @@ def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
     data["controls"] = yaml.safe_load((ROOT / "bench" / "imdb_recipes.yaml").read_text())
     params = parse_params(data)
     grid = params.control("imdb-ulmfit-5000-grid").classifier
-    assert [lr for lr, _ in grid.grid()] == [0.01, 0.001] and grid.train.gradual_unfreezing
+    assert [p.lr for p in grid.grid()] == [0.01, 0.001] and grid.train.gradual_unfreezing
     recipe = params.control("imdb-ulmfit-5000-scratch_recipe")
-    assert recipe.encoder == "finetuned" and recipe.classifier.grid() == [(0.001, 0.1)]
+    assert recipe.encoder == "finetuned" and recipe.classifier.grid() == [(0.001, 0.1, False)]
     assert not recipe.classifier.train.gradual_unfreezing
     assert not recipe.classifier.train.schedule.discriminative
+
+
+def test_the_demo_recipe_controls_parse_in_the_default_profile():
+    """bench/demo_recipes.yaml is pasted into a demo workspace's controls: ULMFiT's recipe at
+    the demo's former rate, and one rate on every layer at the rates its section names."""
+    data = _default()
+    data["controls"] = yaml.safe_load((ROOT / "bench" / "demo_recipes.yaml").read_text())
+    params = parse_params(data)
+    ulmfit = params.control("bbc-ulmfit_recipe").classifier
+    assert ulmfit.grid() == [(0.03, 0.5, False)] and ulmfit.train.gradual_unfreezing
+    assert ulmfit.train.schedule.discriminative
+    searched = {
+        (point.lr, point.dropout_multiplier)
+        for name in ("bbc-one_rate", "bbc-one_rate-hi", "bbc-one_rate-dropout")
+        for point in params.control(name).classifier.grid()
+        if not params.control(name).classifier.train.gradual_unfreezing
+    }
+    assert searched == {
+        (0.001, 0.5),
+        (0.003, 0.5),
+        (0.01, 0.5),
+        (0.03, 0.5),
+        (0.01, 0.1),
+        (0.01, 0.25),
+    }
 
 
 @pytest.mark.parametrize(
@@ -153,6 +180,7 @@ def test_unknown_key_in_a_file_names_file_and_section(tmp_path):
 
 def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     data = _default()
+    data["classifier"]["train"].update(ULMFIT_RECIPE)
     data["datasets"]["bbc_news"]["classifier"] = {"train": {"epochs": 9}, "lrs": [0.01, 0.02]}
     data["controls"] = {
         "bbc-scratch": {"dataset": "bbc_news", "encoder": "scratch", "labels": 50},
@@ -166,9 +194,9 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     assert (scratch.encoder, scratch.labels, scratch.direction) == ("scratch", 50, "fwd")
     # The dataset's overrides reach its controls: the same tuning as its ULMFiT classifier.
     assert scratch.classifier.train.epochs == no_stlr.classifier.train.epochs == 9
-    assert [lr for lr, _ in no_stlr.classifier.grid()] == [0.01, 0.02]
+    assert [p.lr for p in no_stlr.classifier.grid()] == [0.01, 0.02]
     # From scratch, each rate divided by 10 is searched too (one rate on a random stack).
-    assert [lr for lr, _ in scratch.classifier.grid()] == [0.01, 0.02, 0.001, 0.002]
+    assert [p.lr for p in scratch.classifier.grid()] == [0.01, 0.02, 0.001, 0.002]
     assert scratch.classifier.train.schedule.stlr and not no_stlr.classifier.train.schedule.stlr
     # A random encoder trains every layer at one LR from the start; the others keep ULMFiT's.
     assert not scratch.classifier.train.gradual_unfreezing
@@ -183,13 +211,13 @@ def test_controls_merge_the_dataset_sections_and_their_own_overrides():
     data["controls"]["bbc-scratch"]["classifier"] = {"train": {"gradual_unfreezing": True}}
     assert parse_params(data).control("bbc-scratch").classifier.train.gradual_unfreezing
     data["controls"]["bbc-scratch"]["classifier"] = {"lrs": [0.003]}
-    assert parse_params(data).control("bbc-scratch").classifier.grid() == [(0.003, 0.5)]
+    assert parse_params(data).control("bbc-scratch").classifier.grid() == [(0.003, 0.5, False)]
 
 
 @pytest.mark.parametrize(
     ("dataset_classifier", "grid"),
     [
-        ({}, [0.03, 0.003]),  # no grid: train.lr (the default profile's 0.03) and a tenth
+        ({}, [0.01, 0.001]),  # no grid: train.lr (the default profile's 0.01) and a tenth
         ({"lrs": [], "train": {"lr": 0.02}}, [0.02, 0.002]),
         ({"lrs": [0.01, 0.001]}, [0.01, 0.001, 0.0001]),  # no repeats
     ],
@@ -198,7 +226,43 @@ def test_a_scratch_control_also_searches_a_tenth_of_each_rate(dataset_classifier
     data = _default()
     data["datasets"]["bbc_news"]["classifier"] = dataset_classifier
     data["controls"] = {"s": {"dataset": "bbc_news", "encoder": "scratch"}}
-    assert [lr for lr, _ in parse_params(data).control("s").classifier.grid()] == grid
+    assert [p.lr for p in parse_params(data).control("s").classifier.grid()] == grid
+
+
+def test_one_rate_lrs_add_the_one_rate_recipe_to_the_search():
+    data = _default()
+    data["classifier"]["train"].update(ULMFIT_RECIPE)
+    data["classifier"].update(lrs=[0.01, 0.03], dropout_multipliers=[0.5, 0.1])
+    data["classifier"]["one_rate_lrs"] = [0.003]
+    data["controls"] = {
+        "u": {"dataset": "bbc_news", "labels": 20},
+        "s": {"dataset": "bbc_news", "encoder": "scratch"},
+    }
+    params = parse_params(data)
+    classifier = params.dataset("bbc_news").classifier
+    assert classifier.grid() == [
+        (0.01, 0.5, False),
+        (0.01, 0.1, False),
+        (0.03, 0.5, False),
+        (0.03, 0.1, False),
+        (0.003, 0.5, True),
+        (0.003, 0.1, True),
+    ]
+    ulmfit = classifier.train_for(classifier.grid()[0], backward=True)
+    assert (ulmfit.lr, ulmfit.backward, ulmfit.gradual_unfreezing) == (0.01, True, True)
+    assert ulmfit.schedule.discriminative and ulmfit.schedule.stlr
+    one_rate = classifier.train_for(classifier.grid()[-1], backward=False)
+    assert (one_rate.lr, one_rate.backward, one_rate.gradual_unfreezing) == (0.003, False, False)
+    # One rate on every layer; the rest of the schedule (STLR) is the train section's.
+    assert not one_rate.schedule.discriminative and one_rate.schedule.stlr
+    assert one_rate.epochs == ulmfit.epochs and classifier.train.gradual_unfreezing
+    # A control inherits the dataset's search; a scratch control trains one rate already, so its
+    # grid is its own rates alone.
+    assert params.control("u").classifier.grid() == classifier.grid()
+    assert not any(p.one_rate for p in params.control("s").classifier.grid())
+    data["classifier"]["one_rate_lrs"] = [0]
+    with pytest.raises(ValueError, match=r"classifier\.one_rate_lrs"):
+        parse_params(data)
 
 
 def test_a_scratch_control_with_a_bad_dataset_grid_names_the_key():
@@ -265,7 +329,7 @@ def test_classifier_config_is_built_once_the_sizes_are_known():
     data["classifier"]["model"] = {"head_hidden": 7, "encoder": {"input_dropout": 0.4}}
     data["classifier"]["dropout_multipliers"] = [0.5, 1.0]
     classifier = parse_params(data).dataset("bbc_news").classifier
-    assert [m for _, m in classifier.grid()] == [0.5, 1.0]
+    assert [p.dropout_multiplier for p in classifier.grid()] == [0.5, 1.0]
     config = classifier.build(vocab_size=123, num_classes=5, dropout_multiplier=0.5)
     assert (config.encoder.vocab_size, config.num_classes, config.head_hidden) == (123, 5, 7)
     assert config.encoder.input_dropout == pytest.approx(0.2)
@@ -294,7 +358,7 @@ def test_numbers_written_as_text_or_integers_become_floats():
     data["classifier"]["lrs"] = ["1e-3", 2]  # YAML 1.1 reads 1e-3 (no dot) as a string
     data["classifier"]["train"]["lr"] = "3e-2"
     classifier = parse_params(data).classifier
-    assert [lr for lr, _ in classifier.grid()] == [0.001, 2.0]
+    assert [p.lr for p in classifier.grid()] == [0.001, 2.0]
     assert classifier.train.lr == 0.03
     data["classifier"]["train"]["lr"] = "fast"
     with pytest.raises(ValueError, match="classifier.train.lr"):

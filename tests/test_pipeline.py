@@ -62,7 +62,12 @@ def micro_params() -> dict:
     # The controls of the benchmark profile, one of each kind, on label subsets.
     params["controls"] = {
         "bbc_news-scratch-20": {"dataset": "bbc_news", "encoder": "scratch", "labels": 20},
-        "bbc_news-ulmfit-20": {"dataset": "bbc_news", "labels": 20},
+        # The recipe as a grid dimension: ULMFiT's at 0.01 and 0.03, then one rate at 0.003.
+        "bbc_news-ulmfit-20": {
+            "dataset": "bbc_news",
+            "labels": 20,
+            "classifier": {"one_rate_lrs": [0.003]},
+        },
         "bbc_news-no_pretraining": {"dataset": "bbc_news", "encoder": "lm_from_scratch"},
         "bbc_news-no_lm_finetuning": {
             "dataset": "bbc_news",
@@ -226,11 +231,15 @@ def test_controls_and_baseline_record_what_they_trained(pipeline):
     assert [r["labels"] for r in baseline["runs"]] == [None, 20]
     assert baseline["subsets"]["20"]["train_documents"] == 20
     assert baseline["train_documents"] == 40 and baseline["C"] in (1.0, 10.0)
+    ulmfit = read("metrics/controls/bbc_news-ulmfit-20.json")
+    searched = [(c["lr"], c["one_rate"]) for c in ulmfit["grid_search"]]
+    assert searched == [(0.01, False), (0.03, False), (0.003, True)]
+    chosen = min(ulmfit["grid_search"], key=lambda c: c["valid_error"])
+    assert (ulmfit["lr"], ulmfit["one_rate"]) == (chosen["lr"], chosen["one_rate"])
     record = read("metrics/runs/controls/bbc_news-scratch-20.json")
     assert record["mlflow_run_id"] and record["wall_seconds"] > 0
 
 
-@pytest.mark.slow
 @pytest.mark.slow
 def test_the_elmo_style_control_trains_a_head_on_the_frozen_awd_lstm_lms(pipeline):
     import torch
