@@ -59,18 +59,18 @@ def _chosen(metrics: dict) -> str:
     (the search's choice): a choice at the grid's edge or at the last epoch says the arm may
     be under-tuned."""
 
-    def pick(key: str, prefix: str) -> str:
+    def pick(key: str, prefix: str, suffix: str = "") -> str:
         grid = sorted({g[key] for g in metrics.get("grid_search", []) if key in g})
         value = metrics.get(key)
         of = f" of {', '.join(f'{prefix}{g:g}' for g in grid)}" if len(grid) > 1 else ""
-        return "–" if value is None else f"{prefix}{value:g}{of}"
+        return "–" if value is None else f"{prefix}{value:g}{suffix}{of}"
 
     dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
     epoch = f", epoch {metrics.get('best_epoch')}/{metrics.get('epochs')}"
     searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
     valid = f", valid {_percent(min(searched))}" if searched else ""
     recipe = " (one rate)" if metrics.get("one_rate") else ""
-    return pick("lr", "") + recipe + dropout + epoch + valid
+    return pick("lr", "", recipe) + dropout + epoch + valid
 
 
 def _millions(tokens: float | None) -> str:
