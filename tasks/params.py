@@ -218,7 +218,8 @@ class ClassifierParams:
     threads: NonNegativeInt = 0
     # Hyperparameter search: one classifier per (learning rate, dropout multiplier) pair (and
     # per recipe, with one_rate_lrs), each with train.patience/keep_best; the lowest validation
-    # error wins. Empty: train.lr / dropout_multiplier alone. A dataset's controls get the same grid as its ULMFiT classifier.
+    # error wins. Empty: train.lr / dropout_multiplier alone. A dataset's controls get the same
+    # grid as its ULMFiT classifier.
     lrs: tuple[PositiveFloat, ...] = ()
     dropout_multipliers: tuple[NonNegativeFloat, ...] = ()
     # The recipe as one more dimension of the search: also train, at each of these rates and
@@ -1178,7 +1179,8 @@ def _control(
         _section(data, "classifier"), _nested(dataset_entry, "classifier", f"datasets.{dataset}")
     )
     if entry.get("encoder") in ("scratch", "frozen_features"):
-        classifier = _merge(classifier, {"train": ONE_RATE})
+        # Its train section is the one-rate recipe, so no second, one-rate copy of the grid.
+        classifier = _merge(classifier, {"train": ONE_RATE, "one_rate_lrs": []})
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
     own = _nested(entry, "classifier", where)
@@ -1202,7 +1204,4 @@ def _control(
         built["classifier"] = dataclasses.replace(
             built["classifier"], lrs=scratch_lrs(built["classifier"])
         )
-    if entry.get("encoder") in ("scratch", "frozen_features") and "one_rate_lrs" not in own:
-        # Their train section is already the one-rate recipe: no second copy of the grid.
-        built["classifier"] = dataclasses.replace(built["classifier"], one_rate_lrs=())
     return ControlParams(name=name, **options, **built)

@@ -366,7 +366,8 @@ def train_classifier_task(
     A search over ``classifier.grid()`` (recipe x learning rate x the encoder's dropouts
     scaled): one classifier per point, each resumable in its own checkpoint folder and kept
     once finished, so a killed search redoes nothing that was done; the lowest validation
-    error wins (ties: the earlier point). ``train_indices``: train on these documents of the train split.
+    error wins (ties: the earlier point). ``train_indices``: train on these documents of the
+    train split.
     """
     tokenizer = Tokenizer.load(run.tokenizer)
     train_docs = read_tokens(train_file, tokenizer)

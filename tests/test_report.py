@@ -70,8 +70,13 @@ def test_bars_are_judged_on_the_measured_errors(tmp_path):
 def test_the_report_lists_the_directions_a_dataset_trains_and_cites_each_run(tmp_path):
     params = _params(["fwd"])
     _workspace(tmp_path, ["fwd"])
+    classifier = {"valid_error_rate": 0.08, "lr": 0.01, "one_rate": True, "train_documents": 300}
+    spec = stage_spec("train_classifier", dataset="bbc_news", direction="fwd")
+    _write(tmp_path, spec, classifier, "classifier-fwd-run")
     results = collect(tmp_path, params)
     text = "\n".join(render(results, params))
+    # The ablation table says when the search's one-rate recipe won (classifier.one_rate_lrs).
+    assert "| full ULMFiT | **10.00** | 8.00 | 0.01 (one rate) |" in text
     assert "| bbc_news fine-tuned (fwd) | 43.00 |" in text
     assert "bbc_news fine-tuned (bwd)" not in text
     assert [bar.kind for bar in results.bars] == ["scratch", "tfidf"]  # no ensemble trained
