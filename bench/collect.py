@@ -17,6 +17,8 @@ ORDER = [
     "accuracy",
     "arms",
     "arms_bert",
+    "arms_gpt_grid",
+    "arms_imdb",
     "imdb_recipes",
     "pretraining_budget_imdb",
     "trec6_scratch",
