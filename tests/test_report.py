@@ -195,3 +195,52 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
     for colour in ("#1f77b4", "#ff7f0e"):
         rgb = np.array([int(colour[i : i + 2], 16) / 255 for i in (1, 3, 5)])
         assert (np.abs(image - rgb).max(axis=-1) < 0.02).sum() > 50, colour
+
+
+def test_bench_bars_picks_ulmfit_on_validation_and_judges_each_bar(tmp_path):
+    """bench/bars.py: of two ULMFiT classifiers on the same labels the lower validation error
+    stands for ULMFiT (even with the higher test error); each bar is judged against its goal,
+    and a bar whose runs are absent says so."""
+    bench, demo = tmp_path / "bench", tmp_path / "demo"
+    for name, test, valid in (
+        ("imdb-ulmfit-1000-grid", 0.20, 0.25),
+        ("imdb-ulmfit-1000-scratch_recipe", 0.18, 0.26),
+    ):
+        spec = stage_spec("control", name=name, dataset="imdb")
+        grid = [{"lr": 0.01, "valid_error": valid}, {"lr": 0.001, "valid_error": valid + 0.1}]
+        _write(bench, spec, {"test_error": test, "grid_search": grid}, f"{name}-run")
+    baseline = {
+        "runs": [{"labels": None, "test_error": 0.12}, {"labels": 1000, "test_error": 0.21}]
+    }
+    _write(bench, stage_spec("baseline", dataset="imdb"), baseline, "imdb-baseline")
+    ensemble = {"test_error_fwd": 0.08, "test_error_ensemble": 0.058}
+    _write(bench, stage_spec("evaluate", dataset="trec6"), ensemble, "trec6-evaluate")
+    demo_eval = {"test_error_fwd": 0.14, "test_error_ensemble": 0.10}
+    _write(demo, stage_spec("evaluate", dataset="bbc_news"), demo_eval, "demo-evaluate")
+    _write(
+        demo,
+        stage_spec("baseline", dataset="bbc_news"),
+        {"runs": [{"labels": None, "test_error": 0.05}]},
+        "demo-tfidf",
+    )
+
+    out = tmp_path / "bars.md"
+    command = [sys.executable, str(ROOT / "bench" / "bars.py"), "--bench", str(bench)]
+    command += ["--demo", str(demo), "--out", str(out)]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    rows = {
+        line.split(" | ")[0][2:]: line.split(" | ")[1:]
+        for line in out.read_text().splitlines()
+        if line.startswith("| ") and " | " in line
+    }
+    imdb = rows["IMDb, 1,000 labels: ULMFiT vs TF-IDF"]
+    assert imdb[:3] == ["20.00 vs 21.00", "ULMFiT at or below", "**met**"]
+    assert imdb[3].startswith("control@imdb-ulmfit-1000-grid `imdb-ulm`, valid 25.00; not chosen: ")
+    assert rows["TREC-6 ensemble"][:3] == ["5.80", "below 6", "**met**"]
+    assert rows["IMDb, 100 labels: ULMFiT vs TF-IDF"][:3] == [
+        "not measured in this workspace",
+        "ULMFiT lower",
+        "–",
+    ]
+    assert rows["demo: ensemble ÷ TF-IDF"][0].startswith("2.00× (10.00 vs 5.00); stages 2.0 min")
+    assert rows["demo: ensemble ÷ TF-IDF"][2] == "missed"
