@@ -7,7 +7,7 @@ and the one-rate recipe, as controls of one workspace), the one with the lowest 
 error stands for ULMFiT, as a user choosing on validation would pick it; the table names it and
 the others. A bar whose runs are not in the workspaces says so instead of a figure.
 
-    python bench/bars.py --bench ../bench --demo ../demo
+    python bench/bars.py --bench ../bench [--bench ../other-workspace] --demo ../demo
     python bench/collect.py
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from arms import _percent, _stage  # noqa: E402
+from arms import _chosen, _percent, _stage  # noqa: E402
 from collect import publish  # noqa: E402
 
 from tasks.pipeline import stage_spec  # noqa: E402
@@ -103,7 +103,15 @@ def _evaluated(workspace: Path, dataset: str, key: str) -> Figure | None:
     metrics, record = _stage(workspace, "evaluate", dataset=dataset)
     if key not in metrics:
         return None
-    return Figure(metrics[key], f"evaluate@{dataset} `{record['mlflow_run_id'][:8]}`")
+    choices = []  # what each direction's validation search chose
+    for direction in ("fwd", "bwd"):
+        spec = stage_spec("train_classifier", dataset=dataset, direction=direction)
+        if (workspace / spec.metrics).is_file():
+            classifier = _stage(workspace, "train_classifier", dataset=dataset, direction=direction)
+            if "grid_search" in classifier[0]:
+                choices.append(f"{direction} {_chosen(classifier[0])}")
+    chosen = f" ({'; '.join(choices)})" if choices else ""
+    return Figure(metrics[key], f"evaluate@{dataset} `{record['mlflow_run_id'][:8]}`{chosen}")
 
 
 def _tfidf(workspace: Path, dataset: str, labels: int | None) -> Figure | None:
@@ -120,16 +128,22 @@ def _verdict(value: float, goal: float, strict: bool) -> str:
     return "**met**" if (value < goal if strict else value <= goal) else "missed"
 
 
-def bar_row(bar: Bar, bench: Path) -> list[str]:
-    """``[bar, measured, goal, verdict, sources]`` of one bar, from the benchmark workspace."""
+def _found(bar: Bar, bench: Path) -> list[Figure]:
+    """The bar's ULMFiT (or from-scratch) classifiers that ran in ``bench``."""
     if bar.ulmfit:
         found = [_control(bench, name, bar.dataset) for name in bar.ulmfit]
     else:  # the pipeline's own classifiers: the ensemble for an absolute goal
         key = "test_error_fwd" if bar.below is None else "test_error_ensemble"
         found = [_evaluated(bench, bar.dataset, key)]
-    found = [f for f in found if f]
-    if not found:
-        return [bar.name, "not measured in this workspace", bar.goal, "–", "–"]
+    return [f for f in found if f]
+
+
+def bar_row(bar: Bar, benches: list[Path]) -> list[str]:
+    """``[bar, measured, goal, verdict, sources]`` of one bar, from the first benchmark
+    workspace that ran its classifiers (its TF-IDF baseline from the same workspace)."""
+    bench, found = next(((b, f) for b in benches if (f := _found(bar, b))), (None, []))
+    if bench is None:
+        return [bar.name, "not measured in these workspaces", bar.goal, "–", "–"]
     best = min(found, key=lambda f: (f.valid is None, f.valid or 0.0))
     others = [f for f in found if f is not best]
     valid = "" if best.valid is None else f", valid {_percent(best.valid)}"
@@ -186,19 +200,27 @@ def demo_row(demo: Path, dataset: str = "bbc_news", goal: float = 1.5) -> list[s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bench", type=Path, required=True, help="a benchmark-profile workspace")
+    parser.add_argument(
+        "--bench",
+        type=Path,
+        action="append",
+        required=True,
+        help="a benchmark-profile workspace (repeat: each bar reads the first that ran it)",
+    )
     parser.add_argument("--demo", type=Path, required=True, help="a workspace that ran the demo")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "bars.md")
     parser.add_argument(
         "--conditions", default="", help="how the workspaces were made (code, sessions)"
     )
     args = parser.parse_args(argv)
-    bench, demo = args.bench.resolve(), args.demo.resolve()
-    rows = [bar_row(bar, bench) for bar in BARS] + [demo_row(demo)]
+    benches = [bench.resolve() for bench in args.bench]
+    rows = [bar_row(bar, benches) for bar in BARS] + [demo_row(args.demo.resolve())]
     lines = [
         "# Issue 9's bars, as measured",
         "",
-        f"Reproduce: `python bench/bars.py --bench {args.bench} --demo {args.demo}"
+        "Reproduce: `python bench/bars.py"
+        + "".join(f" --bench {bench}" for bench in args.bench)
+        + f" --demo {args.demo}"
         + (f' --conditions "{args.conditions}"' if args.conditions else "")
         + "` (workspace paths as on the machine that ran them), then `python bench/collect.py`.",
         "",

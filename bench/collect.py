@@ -17,8 +17,6 @@ ORDER = [
     "bars",
     "accuracy",
     "arms",
-    "arms_bert",
-    "arms_gpt_grid",
     "arms_imdb",
     "imdb_recipes",
     "pretraining_budget_imdb",

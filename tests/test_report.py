@@ -238,7 +238,7 @@ def test_bench_bars_picks_ulmfit_on_validation_and_judges_each_bar(tmp_path):
     assert imdb[3].startswith("control@imdb-ulmfit-1000-grid `imdb-ulm`, valid 25.00; not chosen: ")
     assert rows["TREC-6 ensemble"][:3] == ["5.80", "below 6", "**met**"]
     assert rows["IMDb, 100 labels: ULMFiT vs TF-IDF"][:3] == [
-        "not measured in this workspace",
+        "not measured in these workspaces",
         "ULMFiT lower",
         "–",
     ]
