@@ -367,10 +367,18 @@ RUNNER = textwrap.dedent(
             if event.step == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
 
-    if kind == "lm":
-        model = LanguageModel(TINY)
+    if kind in ("lm", "mlm"):
+        regularise = {{}}
+        if kind == "lm":
+            model = LanguageModel(TINY)
+        else:  # BERT-style: the resumed run must draw the same masks and dropout as the whole
+            from ulmfit.transformer import TransformerConfig, TransformerLM
+            model = TransformerLM(TransformerConfig(
+                vocab_size=30, dim=16, num_layers=2, heads=2, ff_mult=2, max_len=32,
+                dropout=0.1, objective="mlm", mask_id=3, special_ids=(2,)))
+            regularise = dict(ar_alpha=0.0, tar_beta=0.0)  # AR/TAR are the AWD-LSTM's
         cfg = LMTrainConfig(epochs=3, batch_size=3, bptt=5, lr=0.01, checkpoint_every=4,
-                            seed=5)
+                            seed=5, **regularise)
         result = train_language_model(model, lm_docs(), lm_docs(seed=1), cfg,
                                       checkpoint_dir=checkpoint_dir, callback=callback)
     else:
@@ -409,7 +417,7 @@ def run_training(
     )
 
 
-@pytest.mark.parametrize("kind, kill_at", [("lm", 10), ("classifier", 10)])
+@pytest.mark.parametrize("kind, kill_at", [("lm", 10), ("mlm", 10), ("classifier", 10)])
 def test_kill_and_resume_equals_an_uninterrupted_run(
     tmp_path: Path, kind: str, kill_at: int
 ) -> None:
