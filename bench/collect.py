@@ -18,6 +18,7 @@ ORDER = [
     "accuracy",
     "arms",
     "arms_imdb",
+    "arms_imdb_bert_elmo",
     "imdb_recipes",
     "pretraining_budget_imdb",
     "trec6_scratch",
