@@ -368,14 +368,12 @@ RUNNER = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
 
     if kind in ("lm", "mlm"):
-        regularise = {{}}
-        if kind == "lm":
-            model = LanguageModel(TINY)
-        else:  # BERT-style: the resumed run must draw the same masks and dropout as the whole
-            from ulmfit.transformer import TransformerConfig, TransformerLM
-            model = TransformerLM(TransformerConfig(
-                vocab_size=30, dim=16, num_layers=2, heads=2, ff_mult=2, max_len=32,
-                dropout=0.1, objective="mlm", mask_id=3, special_ids=(2,)))
+        model, regularise = LanguageModel(TINY), {{}}
+        if kind == "mlm":  # BERT-style: masks and dropout are drawn at every step
+            import dataclasses
+            from test_transformer import MLM
+            from ulmfit.transformer import TransformerLM
+            model = TransformerLM(dataclasses.replace(MLM, dropout=0.1))
             regularise = dict(ar_alpha=0.0, tar_beta=0.0)  # AR/TAR are the AWD-LSTM's
         cfg = LMTrainConfig(epochs=3, batch_size=3, bptt=5, lr=0.01, checkpoint_every=4,
                             seed=5, **regularise)
