@@ -401,6 +401,7 @@ def train_classifier_task(
                     len(label_names),
                     head_hidden=classifier.model.head_hidden,
                     head_dropouts=classifier.model.head_dropouts,
+                    bptt=classifier.model.bptt,
                 )
                 config = model.cfg
             else:

@@ -116,9 +116,7 @@ def test_classifier_shapes_and_backward(pooling: str):
 def test_frozen_feature_shapes_and_only_the_mix_and_head_get_gradients():
     model = frozen(num_classes=3)
     lengths = torch.tensor([SEQ, 5, 2])
-    features = model.features(tokens(), lengths)
     width = max(AWD.embed_size, AWD.hidden_size)
-    assert features.shape == (AWD.num_layers + 1, BATCH, SEQ, 2 * width)
     assert model.pooled_features(tokens(), lengths).shape == (BATCH, 4 * width)
     out = model.forward_with_activations(tokens(), lengths)
     assert out.logits.shape == (BATCH, 3)
@@ -181,18 +179,62 @@ def test_padding_never_changes_a_documents_output(arm: str):
             torch.testing.assert_close(batch[row], alone[0], rtol=0, atol=1e-5)
 
 
-def test_frozen_backward_model_reads_each_document_reversed_and_realigned():
-    model = frozen().eval()
-    x, lengths = tokens(2, 7), torch.tensor([7, 4])
-    x[1, 4:] = PAD
-    features = model.features(x, lengths)  # (L, B, T, 2W)
+def _whole_document_pool(model: FrozenFeatureClassifier, doc: torch.Tensor) -> torch.Tensor:
+    """The reference: every layer of both LMs over the whole (T,) document at once, the backward
+    one on the reversed document and re-aligned, concatenated, mixed, then [max, mean]."""
     width = max(AWD.embed_size, AWD.hidden_size)
+
+    def layers(lm: LanguageModel, tokens: torch.Tensor) -> torch.Tensor:  # -> (L, T, width)
+        x = lm.encoder.embedding(tokens[None])
+        out = [x]
+        for layer, state in zip(lm.encoder.layers, lm.encoder.init_state(1), strict=True):
+            x, _ = layer(x, state)
+            out.append(x)
+        return torch.stack([F.pad(h[0], (0, width - h.size(-1))) for h in out])
+
     with torch.no_grad():
-        top = model.backward_lm(x[1:, :4].flip(1)).raw[0]  # (4, E) on the reversed document
-    # The backward model's last layer at original position t is its output at reversed step 3-t.
-    torch.testing.assert_close(
-        features[-1, 1, :4, width : width + AWD.embed_size], top.flip(0), rtol=0, atol=1e-6
-    )
+        backward = layers(model.backward_lm, doc.flip(0)).flip(1)  # at the document's positions
+        features = torch.cat([layers(model.forward_lm, doc), backward], dim=-1)  # (L, T, 2W)
+    mixed = model.mix(features[:, None])[0]  # (T, 2 * width)
+    return torch.cat([mixed.amax(dim=0), mixed.mean(dim=0)])
+
+
+def chunked(bptt: int = 4) -> FrozenFeatureClassifier:
+    cfg = FrozenFeatureConfig(AWD, num_classes=2, head_hidden=8, bptt=bptt)
+    model = FrozenFeatureClassifier(cfg)
+    with torch.no_grad():  # an uneven mix and a scale, so that every layer counts
+        model.mix.weights.copy_(torch.tensor([0.5, -1.0, 1.5]))
+        model.mix.gamma.fill_(1.3)
+    return model
+
+
+def test_frozen_features_read_in_chunks_equal_whole_documents_and_their_gradients():
+    model = chunked(bptt=4)
+    lengths = torch.tensor([19, 13, 4, 3, 1])  # several chunks of 4, one, less than one
+    x = tokens(5, 19)  # the padding holds ordinary tokens: only the mask keeps them out
+    weights = torch.randn(5, 4 * max(AWD.embed_size, AWD.hidden_size))
+    pooled = model.pooled_features(x, lengths)
+    (pooled * weights).sum().backward()
+    grads = [p.grad.clone() for p in model.mix.parameters()]
+    model.zero_grad()
+    expected = torch.stack([_whole_document_pool(model, x[b, :n]) for b, n in enumerate(lengths)])
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-5)
+    for grad, param in zip(grads, model.mix.parameters(), strict=True):
+        torch.testing.assert_close(grad, param.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_lms_read_at_most_bptt_steps_at_a_time():
+    model = chunked(bptt=4).eval()
+    steps = []  # the steps of every input the LSTM layers and the mix see
+    for module in [*model.forward_lm.encoder.layers, *model.backward_lm.encoder.layers]:
+        module.register_forward_pre_hook(lambda _, args: steps.append(args[0].size(1)))
+    model.mix.register_forward_pre_hook(lambda _, args: steps.append(args[0].size(2)))
+    with torch.no_grad():
+        model(tokens(3, 41), torch.tensor([41, 9, 2]))
+    chunks = 11  # ceil(41 / 4), each through both directions' 2 layers and the mix
+    assert len(steps) == 2 * chunks * (AWD.num_layers + 1)
+    assert max(steps) == 4 and min(steps) == 1
 
 
 # ------------------------------------------------------------------------------ MLM rule
@@ -357,6 +399,8 @@ def test_configs_are_validated_from_dicts():
         )
     with pytest.raises(ValueError, match="no 'lm' model with backbone 'frozen_features'"):
         build_model("lm", to_dict(frozen().cfg))
+    before_bptt = {k: v for k, v in to_dict(frozen().cfg).items() if k != "bptt"}
+    assert build_model("classifier", before_bptt).cfg.bptt == 70  # older model files load
 
 
 def test_the_awd_lstm_paths_are_unchanged():

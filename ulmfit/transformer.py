@@ -35,6 +35,7 @@ from ulmfit.model import (
     LMOutput,
     PooledOutput,
     PoolingClassifierHead,
+    State,
     masked_concat_pool,
 )
 
@@ -371,12 +372,17 @@ class ScalarMix(nn.Module):
 
 @dataclass(frozen=True)
 class FrozenFeatureConfig:
-    """Two frozen AWD-LSTM LMs (forward and backward, both ``encoder``) and the trained head."""
+    """Two frozen AWD-LSTM LMs (forward and backward, both ``encoder``) and the trained head.
+
+    bptt: the LMs read each batch in chunks of this many steps, the state carried over, so
+    without a graph (evaluation, prediction) memory grows with the batch times ``bptt``, not
+    times the longest document. It changes neither the features nor their gradients."""
 
     encoder: AWDLSTMConfig
     num_classes: Annotated[int, Range(2)]
     head_hidden: PositiveInt = ClassifierConfig.head_hidden
     head_dropouts: tuple[Dropout, Dropout] = ClassifierConfig.head_dropouts
+    bptt: PositiveInt = ClassifierConfig.bptt
     backbone: Annotated[str, OneOf(("frozen_features",))] = "frozen_features"
 
 
@@ -397,8 +403,7 @@ def backbone_name(config: Any) -> str:
 
 
 def _reverse_real(tokens: Tensor, lengths: Tensor) -> Tensor:
-    """Index (B, T) that reverses each row's real steps and leaves padding in place; its own
-    inverse, so the same gather re-aligns the backward model's outputs."""
+    """Index (B, T) that reverses each row's real steps and leaves padding in place."""
     steps = torch.arange(tokens.size(1), device=tokens.device).expand_as(tokens)  # (B, T)
     flipped = lengths[:, None] - 1 - steps
     return torch.where(flipped >= 0, flipped, steps)
@@ -408,9 +413,10 @@ class FrozenFeatureClassifier(nn.Module):
     """ELMo-style control: frozen bidirectional AWD-LSTM features, ScalarMix, masked max+mean
     pooling and ``PoolingClassifierHead``. Only the mix and the head train.
 
-    Layers are the embedding and each LSTM layer's output, forward and backward concatenated.
-    They differ in width (400, 1150, 1150, 400 by default), so each is zero-padded to the widest
-    before mixing: no parameters beyond ELMo's ``s`` and ``gamma``.
+    Layers are the embedding and each LSTM layer's output, of each direction; one mix serves
+    both, as if they were concatenated. They differ in width (400, 1150, 1150, 400 by
+    default), so each is zero-padded to the widest before mixing: no parameters beyond ELMo's
+    ``s`` and ``gamma``. The LMs read ``cfg.bptt`` steps at a time (see :meth:`_pool`).
     """
 
     def __init__(self, cfg: FrozenFeatureConfig) -> None:
@@ -428,12 +434,13 @@ class FrozenFeatureClassifier(nn.Module):
 
     @classmethod
     def from_language_models(
-        cls, forward_lm: LanguageModel, backward_lm: LanguageModel, num_classes: int, **head
+        cls, forward_lm: LanguageModel, backward_lm: LanguageModel, num_classes: int, **options
     ) -> FrozenFeatureClassifier:
-        """A classifier over copies of two trained LMs of the same config."""
+        """A classifier over copies of two trained LMs of the same config; ``options``: the
+        other fields of :class:`FrozenFeatureConfig` (``head_hidden``, ``bptt``...)."""
         if forward_lm.cfg != backward_lm.cfg:
             raise ValueError("the forward and backward language models differ in config")
-        model = cls(FrozenFeatureConfig(forward_lm.cfg, num_classes, **head))
+        model = cls(FrozenFeatureConfig(forward_lm.cfg, num_classes, **options))
         model.forward_lm.load_state_dict(forward_lm.state_dict())
         model.backward_lm.load_state_dict(backward_lm.state_dict())
         return model
@@ -445,34 +452,53 @@ class FrozenFeatureClassifier(nn.Module):
         self.backward_lm.eval()
         return self
 
-    def _layers(self, lm: LanguageModel, tokens: Tensor) -> list[Tensor]:
-        """The embedding and every LSTM layer's output, each zero-padded to (B, T, width)."""
+    def _layers(self, lm: LanguageModel, tokens: Tensor, state: State) -> tuple[Tensor, State]:
+        """(B, t) tokens -> the embedding and every LSTM layer's output, each zero-padded to
+        width, (L, B, t, width), and the state after them."""
         encoder = lm.encoder  # eval mode: its dropouts are the identity
         x = encoder.embedding(tokens)
-        layers = [x]
-        for layer, state in zip(encoder.layers, encoder.init_state(tokens.size(0)), strict=True):
-            x, _ = layer(x, state)
+        layers, new_state = [x], []
+        for layer, layer_state in zip(encoder.layers, state, strict=True):
+            x, layer_state = layer(x, layer_state)
             layers.append(x)
-        return [F.pad(h, (0, self.width - h.size(-1))) for h in layers]
+            new_state.append(layer_state)
+        padded = [F.pad(h, (0, self.width - h.size(-1))) for h in layers]
+        return torch.stack(padded), tuple(new_state)
 
-    @torch.no_grad()
-    def features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """(B, T) right-padded tokens, (B,) lengths -> per-layer features (L, B, T, 2 * width)."""
-        index = _reverse_real(tokens, lengths)
-        backward = [
-            h.gather(1, index[..., None].expand_as(h))
-            for h in self._layers(self.backward_lm, tokens.gather(1, index))
-        ]
-        forward = self._layers(self.forward_lm, tokens)
-        return torch.stack(
-            [torch.cat(pair, dim=-1) for pair in zip(forward, backward, strict=True)]
-        )
+    def _pool(self, lm: LanguageModel, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Masked max and mean over the real steps of ``lm``'s mixed layers: (B, width) each.
+
+        The LM reads ``cfg.bptt`` steps at a time under ``no_grad``, its state carried from
+        chunk to chunk; each chunk is mixed and pooled at once (in fp32, as BPT3C pools), so
+        evaluation holds one chunk's layers at a time (training keeps each chunk's for the
+        mix's gradients). Padding enters neither the max nor the sum.
+        """
+        state = lm.encoder.init_state(tokens.size(0), tokens.device)
+        maxima, sums = [], []
+        for start in range(0, int(lengths.max()), self.cfg.bptt):
+            chunk = tokens[:, start : start + self.cfg.bptt]  # (B, t)
+            with torch.no_grad():
+                layers, state = self._layers(lm, chunk, state)  # (L, B, t, width)
+            mixed = self.mix(layers).float()  # (B, t, width)
+            real = _real_steps(lengths - start, chunk.size(1)).unsqueeze(-1)  # (B, t, 1)
+            maxima.append(mixed.masked_fill(~real, float("-inf")).amax(dim=1))
+            sums.append(mixed.masked_fill(~real, 0.0).sum(dim=1))
+        mean = torch.stack(sums).sum(0) / lengths[:, None].to(torch.float32)
+        return torch.stack(maxima).amax(0), mean
 
     def pooled_features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """Masked [max, mean] of the mixed features: (B, 4 * width)."""
+        """(B, T) right-padded tokens, (B,) lengths -> masked [max, mean] of the mixed
+        features, each forward then backward: (B, 4 * width).
+
+        The mix is linear per step and channel, and max and mean ignore the order of steps, so
+        each direction is mixed and pooled on its own: the backward LM reads each document's
+        real tokens reversed, and its outputs need no re-aligning.
+        """
         lengths = lengths.to(tokens.device)
-        mixed = self.mix(self.features(tokens, lengths))  # (B, T, 2 * width)
-        return masked_concat_pool(mixed, lengths)[:, mixed.size(-1) :]
+        forward_max, forward_mean = self._pool(self.forward_lm, tokens, lengths)
+        reversed_tokens = tokens.gather(1, _reverse_real(tokens, lengths))
+        backward_max, backward_mean = self._pool(self.backward_lm, reversed_tokens, lengths)
+        return torch.cat([forward_max, backward_max, forward_mean, backward_mean], dim=1)
 
     def forward(self, tokens: Tensor, lengths: Tensor) -> Tensor:  # (B, T), (B,) -> (B, C)
         return self.head(self.pooled_features(tokens, lengths))
