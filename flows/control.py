@@ -106,6 +106,7 @@ def control_flow(name: str, root: str = ".") -> str:
             batch_size=params.evaluate.batch_size,
             direction=direction,
             device=device,
+            description=f"control {name} test",
         )
         metrics.update(result["metrics"])
         metrics.update(

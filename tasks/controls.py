@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks.baseline import label_subset
+from tasks.progress import Progress
 from tasks.recipes import backward
 from tasks.tokens import parquet_column
 from tasks.training import load_for
@@ -48,18 +49,25 @@ def test_classifier_task(
     batch_size: int,
     direction: str,
     device: str,
+    description: str = "test",
 ) -> dict:
-    """Error rate, accuracy and loss of one classifier on a test token file."""
+    """Error rate, accuracy and loss of one classifier on a test token file; progress lines
+    (or a bar) named ``description``."""
     tokenizer = Tokenizer.load(tokenizer_path)
     test = read_tokens(test_file, tokenizer)
     model = load_for(model_file, tokenizer, "the control's classifier", device=device)
-    test_metrics, _ = evaluate_classifier(
-        model,
-        test,
-        batch_size=batch_size,
-        backward=backward(direction),
-        device=device,
-    )
+    progress = Progress(description, len(test), unit="doc")
+    try:
+        test_metrics, _ = evaluate_classifier(
+            model,
+            test,
+            batch_size=batch_size,
+            backward=backward(direction),
+            device=device,
+            progress=progress.set,
+        )
+    finally:
+        progress.close()
     return {
         "test_error": test_metrics["error_rate"],
         "test_accuracy": test_metrics["accuracy"],

@@ -11,6 +11,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NONE
 
+from tasks.progress import Progress
 from tasks.training import load_for
 from ulmfit.corpora.output import staged_directory
 from ulmfit.errors import InputError
@@ -58,9 +59,18 @@ def evaluate_task(
     metrics: dict[str, float] = {}
     probs = {}
     for name, model in models.items():
-        result, probs[name] = evaluate_classifier(
-            model, test, batch_size=batch_size, backward=name == "bwd", device=device
-        )
+        progress = Progress(f"evaluate {name}", len(test), unit="doc")
+        try:
+            result, probs[name] = evaluate_classifier(
+                model,
+                test,
+                batch_size=batch_size,
+                backward=name == "bwd",
+                device=device,
+                progress=progress.set,
+            )
+        finally:
+            progress.close()
         renamed = {"error_rate": "error"}  # test_error_<direction>: the paper's figure
         metrics.update({f"test_{renamed.get(k, k)}_{name}": v for k, v in result.items()})
     actual = np.asarray(test.labels, dtype=np.int64)

@@ -303,3 +303,71 @@ def test_mlm_stages_validate_masked_tokens_and_the_classifier_starts_from_the_lm
     # Gradual unfreezing: the first step trains the top group alone, the rest is the LM's.
     for key, value in lm_model.encoder.blocks.state_dict().items():
         assert torch.equal(model.encoder.blocks.state_dict()[key], value), key
+
+
+def test_frozen_features_control_reads_in_the_classifiers_bptt_and_logs_its_test_progress(
+    tokenizer, tmp_path, monkeypatch, caplog
+):
+    import functools
+
+    from tasks import controls
+    from tasks.progress import Progress
+    from tasks.training import TrainingRun, train_classifier_task
+    from ulmfit.checkpoint import load_model, save_model
+    from ulmfit.config import to_dict
+
+    monkeypatch.setattr(TrainingRun, "logger", lambda self, total_steps, name="": _Logger())
+    texts = [f"{w} film was {v} and the plot {w}" for w in ("good", "bad") for v in TEXTS] * 2
+    labels = [0, 1] * (len(texts) // 2)
+    docs = _token_file(tmp_path / "docs.parquet", tokenizer, texts, labels)
+    lm = AWDLSTMConfig(tokenizer.vocab_size, embed_size=8, hidden_size=12, num_layers=2)
+    lms = tuple(
+        save_model(
+            tmp_path / f"{name}.pt",
+            LanguageModel(lm),
+            kind="lm",
+            config=to_dict(lm),
+            tokenizer_identity=tokenizer.identity,
+        )
+        for name in ("fwd", "bwd")
+    )
+    data = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    data["controls"] = {"elmo": {"dataset": "bbc_news", "encoder": "frozen_features"}}
+    data["classifier"]["model"]["bptt"] = 5
+    classifier = _load(tmp_path, data).control("elmo").classifier
+    one_step = dataclasses.replace(classifier.train, max_steps=1, batch_size=4)
+    run = TrainingRun(
+        tmp_path, "run", tokenizer.path, tmp_path / "clf", tmp_path / "ckpt", "cpu", 1, "clf"
+    )
+    result = train_classifier_task.fn(
+        run,
+        dataclasses.replace(classifier, train=one_step, lrs=()),
+        backward=False,
+        train_file=docs,
+        valid_file=docs,
+        label_names=["neg", "pos"],
+        lm_file=None,
+        frozen_lms=lms,
+    )
+    model, _ = load_model(result["model"])
+    assert isinstance(model, FrozenFeatureClassifier) and model.cfg.bptt == 5
+
+    # A progress line after every batch (interval 0), then the closing one.
+    monkeypatch.setattr(controls, "Progress", functools.partial(Progress, interval=0))
+    with _captured(caplog, "ulmfit"):
+        test = controls.test_classifier_task.fn(
+            Path(result["model"]),
+            docs,
+            tokenizer.path,
+            batch_size=4,
+            direction="fwd",
+            device="cpu",
+            description="control elmo test",
+        )
+    assert test["test_documents"] == 16
+    records = dict.fromkeys(caplog.records)  # once each, also where it propagates to root
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("control elmo")]
+    assert [line.split(" in ")[0] for line in lines] == [
+        f"control elmo test: {n}/16 doc ({100 * n // 16}%)" for n in (4, 8, 12, 16, 16)
+    ]
+    assert "doc/s" in lines[0] and lines[-1].endswith("(done)")

@@ -266,8 +266,10 @@ def test_evaluate_classifier_returns_probabilities_in_input_order() -> None:
     torch.manual_seed(0)
     docs = classifier_docs(n_docs=11)
     model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=3, bptt=4)).eval()
-    metrics, probs = evaluate_classifier(model, docs, batch_size=3)
+    done: list[int] = []  # the documents scored, after each batch
+    metrics, probs = evaluate_classifier(model, docs, batch_size=3, progress=done.append)
     assert probs.shape == (11, 3)
+    assert len(done) == 4 and done == sorted(done) and done[-1] == 11
     with torch.no_grad():
         for i in range(len(docs)):  # one document at a time, in input order
             tokens = torch.from_numpy(docs[i].astype(np.int64))[None]  # (1, T)

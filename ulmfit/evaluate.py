@@ -15,6 +15,7 @@ Under ``torch.distributed`` each rank reads its rows and the results are combine
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -185,19 +186,28 @@ def _in_order(
 
 @torch.no_grad()
 def _classifier_pass(
-    model: nn.Module, batches: ClassifierBatches, device: torch.device, resolved: Precision
+    model: nn.Module,
+    batches: ClassifierBatches,
+    device: torch.device,
+    resolved: Precision,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(index (n,), probabilities (n, C)) of every document this rank reads."""
+    """(index (n,), probabilities (n, C)) of every document this rank reads; ``progress``
+    receives the number of documents done after each batch."""
     bare = unwrap_model(model)
     was_training = bare.training
     bare.eval()
     indices, probabilities = [], []
+    done = 0
     try:
         for batch in batches:
             with autocast(resolved, device):
                 logits = bare(batch.tokens.to(device), batch.lengths.to(device))  # (B, C)
             probabilities.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             indices.append(batch.index.cpu().numpy())
+            done += len(indices[-1])
+            if progress is not None:
+                progress(done)
     finally:
         bare.train(was_training)
     if not indices:
@@ -280,11 +290,13 @@ def evaluate_classifier(
     backward: bool = False,
     device: str | torch.device = "cpu",
     amp: str = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Loss, accuracy and error rate on labelled ``docs``, and probabilities (N, C) in input order.
 
     Batches are length-bucketed for speed; the ``index`` of each batch puts every row back in
     its input position. Under ``torch.distributed`` the ranks' rows are gathered everywhere.
+    ``progress`` receives the number of documents this process has scored, after each batch.
     """
     if docs.labels is None:
         raise ValueError("evaluate_classifier needs labelled documents (docs.labels is None)")
@@ -294,7 +306,7 @@ def evaluate_classifier(
         nan = float("nan")
         return {"loss": nan, "accuracy": nan, "error_rate": nan}, np.zeros((0, 0), np.float32)
     resolved = precision(amp, device, training=False)
-    index, probs = _classifier_pass(model, batches, device, resolved)
+    index, probs = _classifier_pass(model, batches, device, resolved, progress)
     if distributed.is_initialized():
         gathered: list[Any] = [None] * distributed.world_size()
         dist.all_gather_object(gathered, (index, probs))
