@@ -246,6 +246,13 @@ def _token_file(path: Path, tokenizer, texts: list[str], labels: list[int]) -> P
     return path
 
 
+def _sentiment(repeat: int) -> tuple[list[str], list[int]]:
+    """Short review-like texts and alternating labels: labelled documents for the stages to
+    read, not a task to learn."""
+    texts = [f"{w} film was {v} and the plot {w}" for w in ("good", "bad") for v in TEXTS]
+    return texts * repeat, [0, 1] * (len(texts) * repeat // 2)
+
+
 def test_mlm_stages_validate_masked_tokens_and_the_classifier_starts_from_the_lm(
     tokenizer, tmp_path, monkeypatch, caplog
 ):
@@ -254,8 +261,7 @@ def test_mlm_stages_validate_masked_tokens_and_the_classifier_starts_from_the_lm
     from ulmfit.train import LMTrainConfig
 
     monkeypatch.setattr(TrainingRun, "logger", lambda self, total_steps, name="": _Logger())
-    texts = [f"{w} film was {v} and the plot {w}" for w in ("good", "bad") for v in TEXTS] * 4
-    labels = [0, 1] * (len(texts) // 2)
+    texts, labels = _sentiment(repeat=4)
     train = _token_file(tmp_path / "train.parquet", tokenizer, texts, labels)
     valid = _token_file(tmp_path / "valid.parquet", tokenizer, texts[:6], labels[:6])
 
@@ -317,9 +323,7 @@ def test_frozen_features_control_reads_in_the_classifiers_bptt_and_logs_its_test
     from ulmfit.config import to_dict
 
     monkeypatch.setattr(TrainingRun, "logger", lambda self, total_steps, name="": _Logger())
-    texts = [f"{w} film was {v} and the plot {w}" for w in ("good", "bad") for v in TEXTS] * 2
-    labels = [0, 1] * (len(texts) // 2)
-    docs = _token_file(tmp_path / "docs.parquet", tokenizer, texts, labels)
+    docs = _token_file(tmp_path / "docs.parquet", tokenizer, *_sentiment(repeat=2))
     lm = AWDLSTMConfig(tokenizer.vocab_size, embed_size=8, hidden_size=12, num_layers=2)
     lms = tuple(
         save_model(
