@@ -136,21 +136,27 @@ class Deadline:
     class Reached(Exception):
         pass
 
-    def __init__(self, seconds: float, every: int, tokens_per_step: int) -> None:
-        self.start, self.seconds, self.every = time.perf_counter(), seconds, every
-        self.tokens_per_step = tokens_per_step
+    def __init__(self, seconds: float, every: int, batch: int) -> None:
+        self.start, self.seconds, self.every, self.batch = (
+            time.perf_counter(),
+            seconds,
+            every,
+            batch,
+        )
         self.history: list[dict] = []  # the validations, kept even if the deadline stops the run
-        self.step = 0
+        self.step = self.tokens = 0  # tokens: batch x each step's (variable) BPTT length
 
     def __call__(self, event: TrainEvent) -> None:
         elapsed = time.perf_counter() - self.start
         self.step = event.step
+        if event.kind == "step":
+            self.tokens += self.batch * int(event.metrics["seq_len"])
         if event.kind == "step" and event.step % self.every == 0:
-            rate = event.step * self.tokens_per_step / elapsed
+            rate = self.tokens / elapsed
             print(f"  step {event.step}: loss {event.metrics['loss']:.3f}, {rate:,.0f} tokens/s "
                   f"({elapsed:.0f} s)", flush=True)  # fmt: skip
         elif event.kind == "eval":
-            self.history.append({**event.metrics, "seconds": elapsed})
+            self.history.append({**event.metrics, "seconds": elapsed, "trained": self.tokens})
             print(f"  validation at step {event.step}: perplexity "
                   f"{event.metrics['perplexity']:.2f} ({elapsed:.0f} s)", flush=True)  # fmt: skip
         if elapsed > self.seconds:
@@ -177,11 +183,17 @@ def pretrain(data: Path, out: Path, seconds: float, smoke: bool) -> dict:
     )  # fmt: skip
     # The loop's own rate (per-step loss read-back, variable BPTT, batching) sets the steps:
     # 60 calibration steps on a throwaway model, the last 50 timed.
-    stamps: list[float] = []
-    calibration = dataclasses.replace(cfg, max_steps=60)
-    train_language_model(LanguageModel(config), train, None, calibration, device=device,
-                         callback=lambda e: e.kind == "step" and stamps.append(time.perf_counter()))  # fmt: skip
-    rate = 50 * batch * bptt / (stamps[-1] - stamps[9])
+    calibration = Deadline(float("inf"), 60, batch)
+    stamps: list[tuple[float, int]] = []  # (time, tokens trained) after each step
+
+    def record(event: TrainEvent) -> None:
+        calibration(event)
+        if event.kind == "step":
+            stamps.append((time.perf_counter(), calibration.tokens))
+
+    train_language_model(LanguageModel(config), train, None, dataclasses.replace(cfg, max_steps=60),
+                         device=device, callback=record)  # fmt: skip
+    rate = (stamps[-1][1] - stamps[9][1]) / (stamps[-1][0] - stamps[9][0])
     evals = 4
     steps = max(evals, int(seconds * rate / (batch * bptt)) // evals * evals)
     cfg = dataclasses.replace(
@@ -189,7 +201,7 @@ def pretrain(data: Path, out: Path, seconds: float, smoke: bool) -> dict:
     )
     torch.manual_seed(cfg.seed)
     model = LanguageModel(config)
-    deadline = Deadline(seconds * 1.5 + 30, max(1, steps // 20), batch * bptt)
+    deadline = Deadline(seconds * 1.5 + 30, max(1, steps // 20), batch)
     print(f"pretraining {steps} steps of {batch} x {bptt} on {device}", flush=True)
     start, stopped = time.perf_counter(), None
     try:
@@ -199,7 +211,6 @@ def pretrain(data: Path, out: Path, seconds: float, smoke: bool) -> dict:
         )  # fmt: skip
     except Deadline.Reached as reached:
         stopped = str(reached)
-    history, done = deadline.history, deadline.step
     wall = time.perf_counter() - start
     # What comes back is fp16: its perplexity is measured on exactly those weights.
     half = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
@@ -212,10 +223,10 @@ def pretrain(data: Path, out: Path, seconds: float, smoke: bool) -> dict:
         (out / f"lm.pt.part{index // PART_BYTES}").write_bytes(blob[index : index + PART_BYTES])
     return {
         "model": dataclasses.asdict(config), "batch": batch, "bptt": bptt, "lr": cfg.lr, "amp": cfg.amp,
-        "planned_steps": steps, "steps": done, "stopped": stopped, "wall_seconds": wall,
-        "tokens_trained": (done or 0) * batch * bptt, "train_tokens": int(train.offsets[-1]),
+        "planned_steps": steps, "steps": deadline.step, "stopped": stopped, "wall_seconds": wall,
+        "tokens_trained": deadline.tokens, "train_tokens": int(train.offsets[-1]),
         "loop_tokens_per_s": rate, "train_documents": len(train.offsets) - 1,
-        "valid_tokens": int(valid.offsets[-1]), "history": history, "fp16_valid": final,
+        "valid_tokens": int(valid.offsets[-1]), "history": deadline.history, "fp16_valid": final,
         "tokenizer_identity": meta["tokenizer_identity"], "weights_sha256":
         hashlib.sha256(blob).hexdigest(), "weights_bytes": len(blob),
     }  # fmt: skip
@@ -266,9 +277,9 @@ def write(out: Path, report: dict) -> None:
                   f"split); stopped early: {run['stopped']}.", "",
                   "| step | tokens | seconds | validation perplexity |", "|---|---|---|---|"]  # fmt: skip
         for h in run["history"]:
-            tokens = int(h["step"]) * run["batch"] * run["bptt"]
             lines.append(
-                f"| {int(h['step'])} | {tokens:,} | {h['seconds']:.0f} | {h['perplexity']:.2f} |"
+                f"| {int(h['step'])} | {h['trained']:,} | {h['seconds']:.0f} "
+                f"| {h['perplexity']:.2f} |"
             )
         fp16 = run["fp16_valid"]["perplexity"]
         lines.append(

@@ -33,7 +33,8 @@ from ulmfit.tokenizer import Tokenizer  # noqa: E402
 
 
 def join(returned: Path, tokenizer_path: Path, out: Path) -> Path:
-    report = json.loads((returned / "gpu.json").read_text(encoding="utf-8"))["pretrain"]
+    returned_report = json.loads((returned / "gpu.json").read_text(encoding="utf-8"))
+    report = returned_report["pretrain"]
     parts = sorted(returned.glob("lm.pt.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
     blob = b"".join(part.read_bytes() for part in parts)
     if hashlib.sha256(blob).hexdigest() != report["weights_sha256"]:
@@ -56,7 +57,7 @@ def join(returned: Path, tokenizer_path: Path, out: Path) -> Path:
         "steps": report["steps"], "metrics": report["fp16_valid"], "history": report["history"],
         "tokens_trained": report["tokens_trained"], "train_tokens": report["train_tokens"],
         "train_documents": report["train_documents"], "wall_seconds": report["wall_seconds"],
-        "device": json.loads((returned / "gpu.json").read_text())["environment"],
+        "device": returned_report["environment"],
     }  # fmt: skip
     (out / TRAINING_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     check_lm(out, str(out), "", {})  # what pretrain.reuse will check

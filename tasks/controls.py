@@ -56,8 +56,7 @@ def test_classifier_task(
     tokenizer = Tokenizer.load(tokenizer_path)
     test = read_tokens(test_file, tokenizer)
     model = load_for(model_file, tokenizer, "the control's classifier", device=device)
-    progress = Progress(description, len(test), unit="doc")
-    try:
+    with Progress(description, len(test), unit="doc") as progress:
         test_metrics, _ = evaluate_classifier(
             model,
             test,
@@ -66,8 +65,6 @@ def test_classifier_task(
             device=device,
             progress=progress.set,
         )
-    finally:
-        progress.close()
     return {
         "test_error": test_metrics["error_rate"],
         "test_accuracy": test_metrics["accuracy"],

@@ -59,8 +59,7 @@ def evaluate_task(
     metrics: dict[str, float] = {}
     probs = {}
     for name, model in models.items():
-        progress = Progress(f"evaluate {name}", len(test), unit="doc")
-        try:
+        with Progress(f"evaluate {name}", len(test), unit="doc") as progress:
             result, probs[name] = evaluate_classifier(
                 model,
                 test,
@@ -69,8 +68,6 @@ def evaluate_task(
                 device=device,
                 progress=progress.set,
             )
-        finally:
-            progress.close()
         renamed = {"error_rate": "error"}  # test_error_<direction>: the paper's figure
         metrics.update({f"test_{renamed.get(k, k)}_{name}": v for k, v in result.items()})
     actual = np.asarray(test.labels, dtype=np.int64)

@@ -24,7 +24,8 @@ def use_bars() -> bool:
 
 
 class Progress:
-    """``update(n)`` / ``set(done, total)`` / ``close()``; a bar or periodic log lines."""
+    """``update(n)`` / ``set(done, total)`` / ``close()``; a bar or periodic log lines. As a
+    context manager it closes on leaving, an error included (no bar left behind)."""
 
     def __init__(
         self,
@@ -86,6 +87,12 @@ class Progress:
             self._bar.close()
         else:
             self._log(self._line() + " (done)")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _line(self) -> str:
         elapsed = time.monotonic() - self._started

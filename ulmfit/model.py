@@ -292,6 +292,15 @@ class LanguageModel(nn.Module):
 # ----------------------------------------------------------------------------- classifier
 
 
+def masked_max_sum(outputs: Tensor, real: Tensor) -> tuple[Tensor, Tensor]:
+    """Max and sum over the steps of (B, t, E) ``outputs`` where (B, t, 1) ``real`` is true:
+    (B, E) each. Chunk by chunk, ``torch.maximum`` and ``+`` combine them exactly."""
+    return (
+        outputs.masked_fill(~real, float("-inf")).amax(dim=1),
+        outputs.masked_fill(~real, 0.0).sum(dim=1),
+    )
+
+
 def masked_concat_pool(outputs: Tensor, lengths: Tensor) -> Tensor:
     """``[h_last, max over time, mean over time]`` of the real (unpadded) steps.
 
@@ -300,9 +309,8 @@ def masked_concat_pool(outputs: Tensor, lengths: Tensor) -> Tensor:
     steps = torch.arange(outputs.size(1), device=outputs.device)
     real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
     last = outputs[torch.arange(outputs.size(0), device=outputs.device), lengths - 1]  # (B, E)
-    max_pool = outputs.masked_fill(~real, float("-inf")).amax(dim=1)  # (B, E)
-    mean_pool = outputs.masked_fill(~real, 0.0).sum(dim=1) / lengths[:, None].to(outputs.dtype)
-    return torch.cat([last, max_pool, mean_pool], dim=1)
+    max_pool, sum_pool = masked_max_sum(outputs, real)
+    return torch.cat([last, max_pool, sum_pool / lengths[:, None].to(outputs.dtype)], dim=1)
 
 
 class PooledOutput(NamedTuple):
@@ -398,8 +406,7 @@ class SequenceClassifier(nn.Module):
                 output = output.float()
                 steps = start + torch.arange(chunk.size(1), device=tokens.device)
                 real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, t, 1)
-                chunk_max = output.masked_fill(~real, float("-inf")).amax(dim=1)  # (B, E)
-                chunk_sum = output.masked_fill(~real, 0.0).sum(dim=1)  # (B, E)
+                chunk_max, chunk_sum = masked_max_sum(output, real)  # (B, E) each
                 offset = (lengths - 1 - start).clamp(0, chunk.size(1) - 1)  # (B,)
                 ends_here = ((lengths - 1 - start) >= 0) & ((lengths - 1 - start) < chunk.size(1))
                 chunk_last = output[batch_index, offset]  # (B, E)

@@ -37,6 +37,7 @@ from ulmfit.model import (
     PoolingClassifierHead,
     State,
     masked_concat_pool,
+    masked_max_sum,
 )
 
 IGNORE = -100  # target of a token the MLM loss skips (F.cross_entropy's ignore_index)
@@ -481,8 +482,9 @@ class FrozenFeatureClassifier(nn.Module):
                 layers, state = self._layers(lm, chunk, state)  # (L, B, t, width)
             mixed = self.mix(layers).float()  # (B, t, width)
             real = _real_steps(lengths - start, chunk.size(1)).unsqueeze(-1)  # (B, t, 1)
-            maxima.append(mixed.masked_fill(~real, float("-inf")).amax(dim=1))
-            sums.append(mixed.masked_fill(~real, 0.0).sum(dim=1))
+            chunk_max, chunk_sum = masked_max_sum(mixed, real)
+            maxima.append(chunk_max)
+            sums.append(chunk_sum)
         mean = torch.stack(sums).sum(0) / lengths[:, None].to(torch.float32)
         return torch.stack(maxima).amax(0), mean
 
