@@ -290,7 +290,8 @@ def prepare_dataset(
 
     ``valid`` is a seeded stratified ``valid_fraction`` of the full training split; then
     ``train_limit`` draws a class-balanced subset of what is left (so the validation set does
-    not depend on it). A ``src.layout`` (``"table"``, ``"folder"``) reads your own data instead
+    not depend on it); with ``limit_rest="unsup"`` the rows it leaves out join ``unsup``
+    without their labels. A ``src.layout`` (``"table"``, ``"folder"``) reads your own data instead
     of the built-in dataset (docs/own-data.md). Raises ``InputError`` for bad input (see
     docs/corpora.md).
     """
@@ -334,18 +335,27 @@ def prepare_dataset(
             else f"no published test split: a seeded stratified {src.test_fraction:.0%} of the articles is the test split"
         )
     kept, valid_idx = stratified_split(train_labels, src.valid_fraction, src.seed + 1)
+    unsup_texts = raw.unsup_texts
     if src.train_limit is not None:
-        kept = kept[balanced_subset(train_labels[kept], src.train_limit, src.seed + 2)]
+        chosen = kept[balanced_subset(train_labels[kept], src.train_limit, src.seed + 2)]
         notes.append(
             f"train_limit={src.train_limit}: class-balanced subset drawn after the validation split"
         )
+        if src.limit_rest == "unsup" and len(rest := np.setdiff1d(kept, chosen)):
+            # The paper's semi-supervised setting: few labels, every text for the LM.
+            unsup_texts = unsup_texts + [raw.train_texts[i] for i in rest]
+            notes.append(
+                f"limit_rest=unsup: the {len(rest)} training rows train_limit left out are "
+                "unlabelled texts in unsup"
+            )
+        kept = chosen
     test_labels = np.asarray(raw.test_labels, dtype=np.int64)
     test_idx = np.arange(len(test_labels))
     if src.test_limit is not None:
         test_idx = random_subset(len(test_labels), src.test_limit, src.seed + 3)
-    unsup_idx = np.arange(len(raw.unsup_texts))
+    unsup_idx = np.arange(len(unsup_texts))
     if src.unsup_limit is not None:
-        unsup_idx = random_subset(len(raw.unsup_texts), src.unsup_limit, src.seed + 4)
+        unsup_idx = random_subset(len(unsup_texts), src.unsup_limit, src.seed + 4)
 
     kept = kept[seeded_order(len(kept), src.seed + 5)]
     valid_idx = valid_idx[seeded_order(len(valid_idx), src.seed + 6)]
@@ -354,9 +364,9 @@ def prepare_dataset(
         "valid": ([raw.train_texts[i] for i in valid_idx], train_labels[valid_idx]),
         "test": ([raw.test_texts[i] for i in test_idx], test_labels[test_idx]),
     }
-    if raw.unsup_texts:
+    if unsup_texts:
         splits["unsup"] = (
-            [raw.unsup_texts[i] for i in unsup_idx],
+            [unsup_texts[i] for i in unsup_idx],
             np.full(len(unsup_idx), -1, dtype=np.int64),
         )
     if own and (shared := shared_texts(splits["train"][0] + splits["valid"][0], splits["test"][0])):

@@ -200,6 +200,10 @@ class DatasetSource:
     #: Class-balanced subset of N training examples, drawn *after* the validation split is cut,
     #: so that runs with different ``train_limit`` are scored on the same validation set.
     train_limit: PositiveInt | None = None
+    #: What becomes of the training rows ``train_limit`` leaves out: ``"drop"``, or ``"unsup"``:
+    #: their texts, without labels, join the ``unsup`` split for LM fine-tuning (the paper's
+    #: semi-supervised setting: few labels, every text). Never the validation or test rows.
+    limit_rest: Annotated[str, OneOf(("drop", "unsup"))] = "drop"
     test_limit: PositiveInt | None = None
     unsup_limit: PositiveInt | None = None
     #: Drop the title column of 3-column Zhang CSVs (AG News, DBpedia) and keep the body only.
