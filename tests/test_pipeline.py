@@ -50,7 +50,10 @@ def micro_params() -> dict:
     params["tokenize"].update(workers=1)
     params["pretrain"]["model"].update(embed_size=16, hidden_size=32)
     params["pretrain"]["train"].update(batch_size=8, bptt=20, max_steps=12, checkpoint_every=4)
-    params["datasets"]["bbc_news"]["source"].update(train_limit=40, test_limit=60)
+    # limit_rest: unsup (the profile's) puts the other training articles in unsup: 100 of them.
+    params["datasets"]["bbc_news"]["source"].update(train_limit=40, test_limit=60, unsup_limit=100)
+    for section in ("pretrain", "finetune", "classifier", "evaluate"):
+        params[section]["threads"] = 1  # tiny models: one thread, as the suite always ran them
     params["finetune"].update(max_docs=60)
     params["finetune"]["train"].update(batch_size=8, bptt=20, max_steps=8, checkpoint_every=4)
     params["classifier"]["train"].update(batch_size=8, epochs=5, checkpoint_every=4)
