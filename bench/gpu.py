@@ -137,12 +137,8 @@ class Deadline:
         pass
 
     def __init__(self, seconds: float, every: int, batch: int) -> None:
-        self.start, self.seconds, self.every, self.batch = (
-            time.perf_counter(),
-            seconds,
-            every,
-            batch,
-        )
+        self.start = time.perf_counter()
+        self.seconds, self.every, self.batch = seconds, every, batch
         self.history: list[dict] = []  # the validations, kept even if the deadline stops the run
         self.step = self.tokens = 0  # tokens: batch x each step's (variable) BPTT length
 

@@ -59,16 +59,16 @@ def main() -> None:
     rows = []
     try:
         for stage in args.stages.split(","):
-            times = {}
+            first = None  # the first thread count's wall time: the speed-ups' reference
             for count in counts:
                 params.write_text(THREADS.sub(rf"\g<1>{count}", original))
                 log = args.workspace / f"threads-{stage}-{count}.log"
                 wall, cpu, code = run_stage(args.workspace, stage, log)
                 if code:
                     sys.exit(f"{stage} at {count} threads failed (exit {code}); see {log}")
-                times[count] = wall
+                first = first or wall
                 print(f"{stage} threads={count}: {wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
-                rows.append((stage, count, wall, cpu, times[counts[0]] / wall))
+                rows.append((stage, count, wall, cpu, first / wall))
     finally:
         params.write_text(original)
     lines = [
@@ -84,7 +84,7 @@ def main() -> None:
         "system of the process tree. Small models: the default profile's AWD-LSTM 128/256x3, "
         "4,000 pieces.",
         "",
-        "| stage | threads | wall s | CPU s | speed-up vs " + f"{counts[0]} thread(s) |",
+        f"| stage | threads | wall s | CPU s | speed-up vs {counts[0]} thread(s) |",
         "|---|---|---|---|---|",
     ]
     lines += [

@@ -195,7 +195,7 @@ def test_limits_are_seeded_balanced_and_reproducible(server, tmp_path):
 def test_limit_rest_keeps_the_left_out_training_texts_unlabelled_in_unsup(server, tmp_path):
     args = dict(name="ag_news", url=server.url("ag_news_csv.tgz"), valid_fraction=0.25)
     full = _prepare(tmp_path, **args)
-    full_train = set(_read(tmp_path / "out" / "train.parquet")["text"])
+    full_train = sorted(_read(tmp_path / "out" / "train.parquet")["text"])
     valid = _read(tmp_path / "out" / "valid.parquet")["text"]
     test = _read(tmp_path / "out" / "test.parquet")["text"]
     limited = _prepare(tmp_path, **args, train_limit=6, limit_rest="unsup")
@@ -203,7 +203,7 @@ def test_limit_rest_keeps_the_left_out_training_texts_unlabelled_in_unsup(server
     unsup = _read(tmp_path / "out" / "unsup.parquet")
     # Every training text is in exactly one of train and unsup; validation and test are untouched.
     assert len(train["text"]) == 6
-    assert sorted(train["text"] + unsup["text"]) == sorted(full_train)
+    assert sorted(train["text"] + unsup["text"]) == full_train
     assert set(unsup["text"]).isdisjoint(train["text"])
     assert set(unsup["label"]) == {-1}
     assert _read(tmp_path / "out" / "valid.parquet")["text"] == valid
