@@ -363,3 +363,12 @@ def test_numbers_written_as_text_or_integers_become_floats():
     data["classifier"]["train"]["lr"] = "fast"
     with pytest.raises(ValueError, match="classifier.train.lr"):
         parse_params(data)
+
+
+def test_limit_rest_unsup_needs_train_limit():
+    data = _default()
+    del data["datasets"]["bbc_news"]["source"]["train_limit"]
+    with pytest.raises(ValueError) as info:
+        parse_params(data)
+    assert "datasets.bbc_news.source" in str(info.value)
+    assert "limit_rest 'unsup' without train_limit" in str(info.value)

@@ -234,6 +234,14 @@ class DatasetSource:
     #: Of your own text files (CSV, TSV, JSON Lines, ``.txt``); a UTF-8 byte order mark is fine.
     encoding: Encoding = "utf-8"
 
+    def __post_init__(self) -> None:
+        if self.limit_rest == "unsup" and self.train_limit is None:
+            raise ValueError(
+                "limit_rest 'unsup' without train_limit leaves no training row out, so nothing "
+                "would join unsup; set train_limit to the number of labels to keep, or drop "
+                "limit_rest"
+            )
+
 
 def wikipedia_dump_url(lang: str) -> str:
     return f"https://dumps.wikimedia.org/{lang}wiki/latest/{lang}wiki-latest-pages-articles.xml.bz2"
