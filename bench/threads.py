@@ -1,4 +1,4 @@
-"""Stage wall time at one and two PyTorch threads, in a workspace that has run the pipeline.
+"""Stage wall time at several PyTorch thread counts, in a workspace that has run the pipeline.
 
 Each stage is run forced (``ulmfit repro -s --force STAGE``) once per thread count, the thread
 counts interleaved stage by stage. For each run every section's ``threads:`` in params.yaml is
@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from collect import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +55,8 @@ def main() -> None:
     original = params.read_text()
     if not THREADS.search(original):
         sys.exit(f"{params}: no section sets threads: (the default profile's sections do)")
+    config = yaml.safe_load(original)
+    model, vocab = config["pretrain"]["model"], config["tokenizer"]["vocab_size"]
     counts = [int(t) for t in args.threads.split(",")]
     load_start = os.getloadavg()[0]
     rows = []
@@ -72,17 +75,17 @@ def main() -> None:
     finally:
         params.write_text(original)
     lines = [
-        "## Stage wall time at one and two PyTorch threads (2-core CPU)",
+        f"## Stage wall time at {', '.join(map(str, counts))} PyTorch threads ({os.cpu_count()} CPUs)",
         "",
         f"Reproduce: `python bench/threads.py --workspace <a copy of a workspace> --stages "
         f"{args.stages} --threads {args.threads}`",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, nothing else running "
-        f"(load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end). "
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, load average {load_start:.2f} "
+        f"at the start and {os.getloadavg()[0]:.2f} at the end. "
         "Each stage of the workspace was run forced at each thread count in turn (every "
         "section's `threads:`), the whole command timed, start-up included; CPU is user + "
-        "system of the process tree. Small models: the default profile's AWD-LSTM 128/256x3, "
-        "4,000 pieces.",
+        "system of the process tree. The workspace's models: AWD-LSTM "
+        f"{model['embed_size']}/{model['hidden_size']}x{model['num_layers']}, {vocab:,} pieces.",
         "",
         f"| stage | threads | wall s | CPU s | speed-up vs {counts[0]} thread(s) |",
         "|---|---|---|---|---|",

@@ -238,7 +238,7 @@ class DatasetSource:
         if self.limit_rest == "unsup" and self.train_limit is None:
             raise ValueError(
                 "limit_rest 'unsup' without train_limit leaves no training row out, so nothing "
-                "would join unsup; set train_limit to the number of labels to keep, or drop "
+                "would join unsup; set train_limit to the number of labels to keep, or remove "
                 "limit_rest"
             )
 
