@@ -219,6 +219,11 @@ def test_limit_rest_keeps_the_left_out_training_texts_unlabelled_in_unsup(server
 # ----------------------------------------------------------------------------------- bad input
 
 
+def test_limit_rest_is_checked_when_built_in_python():
+    with pytest.raises(ValueError, match="limit_rest must be drop or unsup, got 'unsupervised'"):
+        DatasetSource(name="ag_news", train_limit=6, limit_rest="unsupervised")
+
+
 def _local_ag(tmp_path, train: str, test: str | None = None, **kwargs):
     (tmp_path / "train.csv").write_bytes(
         train.encode("utf-8", "surrogateescape") if isinstance(train, str) else train

@@ -46,6 +46,8 @@ TREC_BASE = "https://cogcomp.seas.upenn.edu/Data/QA/QC"
 #: Your own data: a table file, or a folder with one sub-folder of ``.txt`` files per class.
 LAYOUTS = ("table", "folder")
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
+#: What becomes of the training rows ``train_limit`` leaves out (``DatasetSource.limit_rest``).
+LIMIT_REST = ("drop", "unsup")
 
 
 def is_url(value: str) -> bool:
@@ -203,7 +205,7 @@ class DatasetSource:
     #: What becomes of the training rows ``train_limit`` leaves out: ``"drop"``, or ``"unsup"``:
     #: their texts, without labels, join the ``unsup`` split for LM fine-tuning (the paper's
     #: semi-supervised setting: few labels, every text). Never the validation or test rows.
-    limit_rest: Annotated[str, OneOf(("drop", "unsup"))] = "drop"
+    limit_rest: Annotated[str, OneOf(LIMIT_REST)] = "drop"
     test_limit: PositiveInt | None = None
     unsup_limit: PositiveInt | None = None
     #: Drop the title column of 3-column Zhang CSVs (AG News, DBpedia) and keep the body only.
@@ -235,6 +237,12 @@ class DatasetSource:
     encoding: Encoding = "utf-8"
 
     def __post_init__(self) -> None:
+        # Checked here too: a DatasetSource built in Python skips params.yaml's checks, and any
+        # other value would silently drop the rows.
+        if self.limit_rest not in LIMIT_REST:
+            raise ValueError(
+                f"limit_rest must be {' or '.join(LIMIT_REST)}, got {self.limit_rest!r}"
+            )
         if self.limit_rest == "unsup" and self.train_limit is None:
             raise ValueError(
                 "limit_rest 'unsup' without train_limit leaves no training row out, so nothing "
