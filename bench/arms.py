@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from collect import publish  # noqa: E402
 
 from tasks.pipeline import stage_spec  # noqa: E402
+from tasks.report import epochs_cell  # noqa: E402
 
 TITLE = "Arms: ULMFiT beside GPT-, BERT- and ELMo-style transfer on {dataset}"
 PRODUCE = "run each arm's workspace as `profiles/arms.yaml` says"
@@ -55,9 +56,9 @@ def _percent(error: float | None) -> str:
 
 def _chosen(metrics: dict) -> str:
     """The learning rate (and whether the one-rate recipe won) and dropout multiplier the
-    validation grid chose (of which), the epoch of the lowest validation error and that error
-    (the search's choice): a choice at the grid's edge or at the last epoch says the arm may
-    be under-tuned."""
+    validation grid chose (of which), the epoch whose weights were kept (and the best one where
+    that is another) and their validation error (the search's choice): a choice at the grid's
+    edge or at the last epoch says the arm may be under-tuned."""
 
     def pick(key: str, prefix: str, suffix: str = "") -> str:
         grid = sorted({g[key] for g in metrics.get("grid_search", []) if key in g})
@@ -66,7 +67,7 @@ def _chosen(metrics: dict) -> str:
         return "–" if value is None else f"{prefix}{value:g}{suffix}{of}"
 
     dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
-    epoch = f", epoch {metrics.get('best_epoch')}/{metrics.get('epochs')}"
+    epoch = f", epoch {epochs_cell(metrics)}"
     searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
     valid = f", valid {_percent(min(searched))}" if searched else ""
     recipe = " (one rate)" if metrics.get("one_rate") else ""

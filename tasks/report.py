@@ -227,7 +227,9 @@ def _ablations(results: Results, dataset: DatasetResult, params: Params, decimal
         "",
         "Test and validation error in %, forward direction. *lr*: the learning rate the "
         "validation error chose from the grid (*one rate*: the one-rate recipe of "
-        "`classifier.one_rate_lrs` won); *epochs*: best / run (early stopping). "
+        "`classifier.one_rate_lrs` won); *epochs*: the epoch whose weights the classifier "
+        "kept / epochs run (early stopping), and the epoch of the lowest validation error "
+        "where that is another (`keep_best` off). "
         "*paper*: the paper's validation error for the same ablation on the full dataset "
         "(a different scale: compare directions of effects, not values).",
         "",
@@ -282,12 +284,23 @@ def _ablations(results: Results, dataset: DatasetResult, params: Params, decimal
     return lines
 
 
+def epochs_cell(metrics: dict) -> str:
+    """``kept / run``: the epoch whose weights a classifier ended with (its validation error is
+    the one reported) and the epochs it ran, with ``(best N)`` where the lowest validation
+    error came at another epoch (``keep_best`` off). Metrics written before ``kept_epoch``
+    existed give ``best / run``, as they always did."""
+    best, kept, run = (metrics.get(k) for k in ("best_epoch", "kept_epoch", "epochs"))
+    if not kept:
+        return f"{best or 'n/a'} / {run or 'n/a'}"
+    return f"{kept} / {run}" + (f" (best {best})" if best and best != kept else "")
+
+
 def _ablation_row(label, test, valid, run: StageResult, paper, decimals: int) -> str:
     metrics = run.metrics
     lr = f"{metrics.get('lr', 'n/a')}{' (one rate)' if metrics.get('one_rate') else ''}"
     return (
         f"| {label} | {test} | {_percent(valid, decimals)} | {lr} "
-        f"| {metrics.get('best_epoch', 'n/a')} / {metrics.get('epochs', 'n/a')} "
+        f"| {epochs_cell(metrics)} "
         f"| {metrics.get('train_documents', 'n/a')} | {_minutes(run.wall_seconds)} "
         f"| {cite(run.run_id or '')} | {_command(run)} | {paper} |"
     )

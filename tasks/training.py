@@ -461,12 +461,14 @@ def train_classifier_task(
         steps=chosen["summary"]["steps"],
         epochs=chosen["summary"]["epochs"],
         best_epoch=chosen["best_epoch"],
+        kept_epoch=chosen.get("kept_epoch", 0),  # 0: a done.json written before it was kept
         lr=chosen["lr"],
         dropout_multiplier=chosen["dropout_multiplier"],
         one_rate=chosen["one_rate"],
         train_documents=len(train_docs),
         grid_search=[
             {k: c[k] for k in (*GridPoint._fields, "valid_error", "best_epoch", "epochs")}
+            | {"kept_epoch": c.get("kept_epoch", 0)}
             for c in search
         ],
     )
@@ -494,6 +496,7 @@ def _outcome(result, logger: TrainLogger) -> dict:
     return {
         "valid_error": metrics.get("error_rate", math.inf),
         "best_epoch": result.best_epoch,
+        "kept_epoch": result.kept_epoch,
         "epochs": result.epochs,
         "metrics": metrics,
         "summary": _result_summary(result),

@@ -13,7 +13,7 @@ import yaml
 
 from tasks.params import parse_params
 from tasks.pipeline import stage_spec
-from tasks.report import render
+from tasks.report import epochs_cell, render
 from tasks.results import collect
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,21 @@ def test_the_report_lists_the_directions_a_dataset_trains_and_cites_each_run(tmp
     assert results.figures["bbc_news.error_fwd"] == 0.10
     assert results.figures["controls.bbc-scratch.test_error"] == 0.12
     assert results.sample_efficiency["bbc_news"]["TF-IDF + LR"] == [(300, 0.2), (20, 0.4)]
+
+
+def test_the_epochs_column_names_the_epoch_whose_weights_were_kept(tmp_path):
+    """Without keep_best a classifier ends with its last epoch's weights, and the validation
+    error beside it is that epoch's: the report must not print the best epoch as if it were
+    the model's."""
+    params = _params(["fwd"])
+    _workspace(tmp_path, ["fwd"])
+    classifier = {"valid_error_rate": 0.146, "lr": 0.01, "best_epoch": 5, "kept_epoch": 8}
+    spec = stage_spec("train_classifier", dataset="bbc_news", direction="fwd")
+    _write(tmp_path, spec, {**classifier, "epochs": 8}, "classifier-fwd-run")
+    text = "\n".join(render(collect(tmp_path, params), params))
+    assert "| full ULMFiT | **10.00** | 14.60 | 0.01 | 8 / 8 (best 5) |" in text
+    assert epochs_cell({"best_epoch": 5, "kept_epoch": 5, "epochs": 8}) == "5 / 8"  # keep_best
+    assert epochs_cell({"best_epoch": 5, "epochs": 8}) == "5 / 8"  # written before kept_epoch
 
 
 def test_the_headline_holds_each_dataset_s_test_errors_and_perplexities(tmp_path):

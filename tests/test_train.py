@@ -555,7 +555,7 @@ def test_classifier_early_stopping_keeps_the_best_epoch(tmp_path) -> None:
     # The model holds the best epoch's weights, and the result reports that epoch's metrics.
     measured, _ = evaluate_classifier(model, valid, batch_size=8)
     assert measured["error_rate"] == pytest.approx(min(errors))
-    assert result.metrics["epoch"] == result.best_epoch
+    assert result.metrics["epoch"] == result.kept_epoch == result.best_epoch
     # Running again on the same checkpoints neither trains on nor changes the decision.
     _, _, again = _noisy_classifier_run(tmp_path, patience=2, keep_best=True)
     assert (again.steps, again.epochs, again.best_epoch) == (
@@ -573,6 +573,9 @@ def test_classifier_without_patience_runs_every_epoch() -> None:
     errors = [h["error_rate"] for h in result.history]
     assert len(errors) == 12
     assert result.best_epoch == errors.index(min(errors)) + 1
+    # Without keep_best the model is the last epoch's, and so are the metrics reported.
+    assert result.kept_epoch == result.metrics["epoch"] == 12
+    assert result.metrics["error_rate"] == errors[-1]
 
 
 # ------------------------------------------------------------------- long documents (issue 9)

@@ -72,11 +72,14 @@ class TrainResult:
     """The outcome of a training call.
 
     steps, epochs: optimiser steps and epochs completed in total (resumed runs included).
-    metrics: the last validation metrics (empty without validation data).
+    metrics: the last validation metrics, or with ``keep_best`` the kept epoch's (empty
+        without validation data).
     history: every validation's metrics with ``step`` and ``epoch``, oldest first.
     train_loss: mean training loss of the last epoch.
     resumed_from: the checkpoint this call continued from, if any.
     best_epoch: the epoch with the lowest validation error (classifier only; 0: not tracked).
+    kept_epoch: the epoch whose weights the model ends with: ``best_epoch`` with ``keep_best``,
+        else the last (classifier only; 0: not tracked).
     stopped_early: the classifier stopped before ``epochs`` because of ``patience``.
     tokens: tokens trained on over the whole run, every rank together (LM only; 0 otherwise).
     """
@@ -88,6 +91,7 @@ class TrainResult:
     train_loss: float
     resumed_from: str | None = None
     best_epoch: int = 0
+    kept_epoch: int = 0
     stopped_early: bool = False
     tokens: int = 0
 

@@ -326,8 +326,10 @@ class ClassifierPhase(Phase):
     def finish(self, state, result: TrainResult) -> None:
         best = state.best
         result.best_epoch = best["epoch"] or state.epoch
+        result.kept_epoch = state.epoch
         result.stopped_early = state.stopped_early
         if self.cfg.keep_best and best["state"] is not None and best["epoch"] != state.epoch:
+            result.kept_epoch = best["epoch"]
             unwrap_model(self.model).load_state_dict(best["state"])
             result.metrics = next(
                 (m for m in state.history if m.get("epoch") == best["epoch"]), result.metrics
