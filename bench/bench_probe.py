@@ -1,7 +1,7 @@
 """How much does each language model know about the labels? A linear probe on frozen features.
 
-For every LM a workspace holds (the random encoder, each pretraining snapshot, the pretrained
-LM, the dataset's fine-tuned LM), the encoder's concat-pooled features ``[h_last, max, mean]``
+For every LM a workspace holds in each direction asked for (the random encoder, each
+pretraining snapshot, the pretrained LM, the dataset's fine-tuned LM), the encoder's concat-pooled features ``[h_last, max, mean]``
 of each document are computed in eval mode, standardised, and a logistic regression (C tuned on
 the validation split) is fitted on a class-balanced label subset and scored on the test split.
 No weight of the encoder changes: the error measures what the LM's features carry, apart from
@@ -9,8 +9,10 @@ what classifier fine-tuning adds. It separates "the LM is too weak" from "the cl
 training fails" when ULMFiT loses to TF-IDF.
 
     python bench/bench_probe.py --workspace ../bench --dataset imdb --labels 1000
+    python bench/bench_probe.py --workspace ../demo --dataset bbc_news --labels 300 \
+        --directions fwd,bwd
 
-Writes the table to stdout and to ``bench/results/probe.md``.
+Writes the table to stdout and to ``bench/results/probe_<dataset>.md``.
 """
 
 from __future__ import annotations
@@ -39,23 +41,27 @@ from ulmfit.model import ClassifierConfig, LanguageModel, SequenceClassifier  # 
 from ulmfit.storage import TokenDocs, read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "probe.md"
+RESULTS = Path(__file__).resolve().parent / "results"
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
 @torch.no_grad()
-def features(lm: LanguageModel, docs: TokenDocs) -> np.ndarray:
-    """(N, 3E) eval-mode concat-pooled features of the LM's encoder, in input order."""
+def features(lm: LanguageModel, docs: TokenDocs, backward: bool) -> np.ndarray:
+    """(N, 3E) eval-mode concat-pooled features of the LM's encoder, in input order; a
+    backward LM reads each document reversed, as its classifier does."""
     model = SequenceClassifier(ClassifierConfig(encoder=lm.cfg, num_classes=2)).eval()
     model.encoder.load_state_dict(lm.encoder.state_dict())
     out = np.zeros((len(docs), 3 * lm.cfg.embed_size), np.float32)
-    for batch in ClassifierBatches(docs, 128, shuffle=False, pad_id=lm.cfg.pad_id):
+    batches = ClassifierBatches(docs, 128, shuffle=False, backward=backward, pad_id=lm.cfg.pad_id)
+    for batch in batches:
         out[batch.index.numpy()] = model.pooled_features(batch.tokens, batch.lengths).numpy()
     return out
 
 
-def probe(lm: LanguageModel, train: TokenDocs, valid: TokenDocs, test: TokenDocs) -> dict:
-    x_train, x_valid, x_test = (features(lm, d) for d in (train, valid, test))
+def probe(
+    lm: LanguageModel, train: TokenDocs, valid: TokenDocs, test: TokenDocs, backward: bool
+) -> dict:
+    x_train, x_valid, x_test = (features(lm, d, backward) for d in (train, valid, test))
     scaler = StandardScaler().fit(x_train)
     best = None
     for c in C_GRID:
@@ -67,6 +73,29 @@ def probe(lm: LanguageModel, train: TokenDocs, valid: TokenDocs, test: TokenDocs
     return {"valid_error": best[0], "C": best[1], "test_error": best[2]}
 
 
+def language_models(root: Path, dataset: str, direction: str):
+    """Yield ``(name, tokens seen, LM)`` for the random encoder, each pretraining snapshot, the
+    pretrained LM and ``dataset``'s fine-tuned LM of one direction."""
+    pretrained = root / Layout.pretrained(direction)
+    reference, reference_meta = load_model(pretrained / MODEL_FILE)
+    torch.manual_seed(0)
+    yield "random encoder (no LM)", "0", LanguageModel(dataclasses.replace(reference.cfg))
+    snapshots = sorted(
+        (pretrained / "snapshots").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])
+    )
+    paths = [(f"pretraining snapshot {path.stem}", path) for path in snapshots]
+    paths += [("pretrained LM", pretrained / MODEL_FILE)]
+    paths += [
+        (f"{dataset} fine-tuned LM", root / Layout.finetuned(dataset, direction) / MODEL_FILE)
+    ]
+    for name, path in paths:
+        lm, meta = load_model(path)
+        tokens_seen = f"{meta['extra'].get('tokens', 0):,}"
+        if path.parent.name.startswith("lm_"):  # fine-tuned: pretraining + its own tokens
+            tokens_seen = f"{reference_meta['extra'].get('tokens', 0):,} + {tokens_seen}"
+        yield name, tokens_seen, lm
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
@@ -74,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", type=int, default=1000)
     parser.add_argument("--test-docs", type=int, default=2000, help="seeded test sample")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--directions", default="fwd", help="fwd, bwd or fwd,bwd")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     root = args.workspace.resolve()
@@ -86,51 +116,36 @@ def main(argv: list[str] | None = None) -> int:
     if len(test) > args.test_docs:
         picked = np.random.default_rng(0).permutation(len(test))[: args.test_docs]
         test = test.subset(np.sort(picked))
-    pretrained = root / Layout.pretrained("fwd")
-    models: list[tuple[str, Path | None]] = [("random encoder (no LM)", None)]
-    snapshots = sorted(
-        (pretrained / "snapshots").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])
-    )
-    models += [(f"pretraining snapshot {path.stem}", path) for path in snapshots]
-    models += [("pretrained LM", pretrained / MODEL_FILE)]
-    models += [
-        (f"{args.dataset} fine-tuned LM", root / Layout.finetuned(args.dataset, "fwd") / MODEL_FILE)
-    ]
     rows = []
-    reference, reference_meta = load_model(pretrained / MODEL_FILE)
-    for name, path in models:
-        if path is None:
-            torch.manual_seed(0)
-            lm, tokens_seen = LanguageModel(dataclasses.replace(reference.cfg)), "0"
-        else:
-            lm, meta = load_model(path)
-            tokens_seen = f"{meta['extra'].get('tokens', 0):,}"
-            if path.parent.name.startswith("lm_"):  # fine-tuned: pretraining + its own tokens
-                tokens_seen = f"{reference_meta['extra'].get('tokens', 0):,} + {tokens_seen}"
-        result = probe(lm.eval(), train, valid, test)
-        rows.append((name, tokens_seen, result))
-        print(name, result, flush=True)
+    for direction in args.directions.split(","):
+        for name, tokens_seen, lm in language_models(root, args.dataset, direction):
+            result = probe(lm.eval(), train, valid, test, backward=direction == "bwd")
+            rows.append((direction, name, tokens_seen, result))
+            print(direction, name, result, flush=True)
     lines = [
-        f"# Linear probe: what the forward LM's features carry about {args.dataset}",
+        f"# Linear probe: what the LM's features carry about {args.dataset}",
         "",
         f"Reproduce: `python bench/bench_probe.py --workspace <workspace> --dataset "
-        f"{args.dataset} --labels {args.labels}` (a workspace that ran the benchmark profile).",
+        f"{args.dataset} --labels {args.labels} --directions {args.directions}` (a workspace "
+        f"whose pipeline ran on {args.dataset}).",
         "",
         f"Logistic regression (C tuned on the {len(valid):,} validation documents) on the "
         f"standardised, frozen, eval-mode concat-pooled features of each LM's encoder, fitted on "
         f"{len(train):,} class-balanced labelled documents, scored on {len(test):,} test "
-        f"documents (a seeded sample). Machine: {os.cpu_count()} CPUs. Test error in %.",
+        f"documents (a seeded sample where the test split is larger). A backward LM reads each "
+        f"document reversed, as its classifier does. Machine: {os.cpu_count()} CPUs. "
+        f"Test error in %.",
         "",
-        "| LM | tokens trained on (pretraining + fine-tuning) | probe test error | valid error "
-        "| C |",
-        "|---|---|---|---|---|",
+        "| direction | LM | tokens trained on (pretraining + fine-tuning) | probe test error "
+        "| valid error | C |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, tokens_seen, result in rows:
+    for direction, name, tokens_seen, result in rows:
         lines.append(
-            f"| {name} | {tokens_seen} | {100 * result['test_error']:.2f} "
+            f"| {direction} | {name} | {tokens_seen} | {100 * result['test_error']:.2f} "
             f"| {100 * result['valid_error']:.2f} | {result['C']:g} |"
         )
-    publish(RESULTS, "\n".join(lines) + "\n")
+    publish(RESULTS / f"probe_{args.dataset}.md", "\n".join(lines) + "\n")
     return 0
 
 
