@@ -10,6 +10,7 @@ from ulmfit.batches import (
     ClassifierBatches,
     LMStream,
     bptt_lr_scale,
+    classifier_input,
     variable_seq_lens,
 )
 from ulmfit.storage import TokenDocs
@@ -138,7 +139,8 @@ def test_classifier_each_doc_once_per_epoch_and_index_restores_order() -> None:
             assert batch.tokens.shape == (len(batch.index), int(batch.lengths.max()))
             for row, doc_index in enumerate(batch.index.tolist()):
                 length = int(batch.lengths[row])
-                assert batch.tokens[row, :length].tolist() == docs[doc_index].tolist()
+                expected = classifier_input(docs[doc_index])
+                assert batch.tokens[row, :length].tolist() == expected.tolist()
                 assert (batch.tokens[row, length:] == 1).all()
                 assert int(batch.labels[row]) == int(docs.labels[doc_index])
             seen.extend(batch.index.tolist())
@@ -150,7 +152,7 @@ def test_classifier_each_doc_once_per_epoch_and_index_restores_order() -> None:
     scores = torch.zeros(len(docs))
     for batch in evaluation:
         scores[batch.index] = batch.tokens[:, 1].float()  # a per-document "prediction"
-    expected = torch.tensor([float(d[1]) if len(d) > 1 else 1.0 for d in docs])
+    expected = torch.tensor([float(d[1]) if len(d) > 1 else float(BOS) for d in docs])
     assert torch.equal(scores, expected)
 
 
@@ -193,8 +195,21 @@ def test_classifier_backward_reverses_each_document() -> None:
     batch = next(iter(ClassifierBatches(docs, batch_size=8, backward=True, shuffle=False)))
     for row, doc_index in enumerate(batch.index.tolist()):
         length = int(batch.lengths[row])
-        assert batch.tokens[row, :length].tolist() == docs[doc_index][::-1].tolist()
+        expected = classifier_input(docs[doc_index], backward=True)
+        assert batch.tokens[row, :length].tolist() == expected.tolist()
     assert (batch.labels == -1).all()
+
+
+def test_a_classifier_reads_each_document_between_two_boundaries() -> None:
+    # The LM's stream puts xxbos (2) between documents; a classifier's last step sits on one.
+    assert classifier_input(np.array([2, 7, 8, 9])).tolist() == [2, 7, 8, 9, 2]
+    assert classifier_input(np.array([2, 7, 8, 9]), backward=True).tolist() == [2, 9, 8, 7, 2]
+    docs = make_docs(9, seed=3)
+    for backward in (False, True):
+        batch = next(iter(ClassifierBatches(docs, 16, shuffle=False, backward=backward)))
+        assert batch.lengths.tolist() == [len(docs[i]) + 1 for i in batch.index.tolist()]
+        last = batch.tokens.gather(1, (batch.lengths - 1)[:, None])
+        assert (last == 2).all() and (batch.tokens[:, 0] == 2).all()
 
 
 def test_classifier_padding_fraction_on_imdb_like_lengths() -> None:

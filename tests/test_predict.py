@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from ulmfit.batches import ClassifierBatches, classifier_input
 from ulmfit.errors import InputError
 from ulmfit.model import AWDLSTMConfig, ClassifierConfig, SequenceClassifier
 from ulmfit.predict import (
@@ -57,7 +58,7 @@ def one_by_one(model, docs, *, backward=False) -> np.ndarray:
     rows = []
     with torch.no_grad():
         for doc in docs:
-            doc = doc[::-1] if backward else doc
+            doc = classifier_input(np.asarray(doc), backward)  # as in training
             tokens = torch.tensor([doc])
             logits = model(tokens, torch.tensor([len(doc)]))
             rows.append(torch.softmax(logits, dim=-1)[0].numpy())
@@ -118,8 +119,16 @@ def test_length_sorted_batches_cover_every_document_once_and_respect_the_budget(
 
 def test_pad_batch_right_pads_and_reverses():
     tokens, lengths = pad_batch([np.array([2, 5, 6]), np.array([2])], pad_id=1, backward=True)
-    assert tokens.tolist() == [[6, 5, 2], [2, 1, 1]]
-    assert lengths.tolist() == [3, 1]
+    assert tokens.tolist() == [[2, 6, 5, 2], [2, 2, 1, 1]]  # each closed by the boundary
+    assert lengths.tolist() == [4, 2]
+
+
+def test_prediction_frames_documents_as_training_does():
+    docs = random_docs(10, seed=2)
+    for backward in (False, True):
+        batch = next(iter(ClassifierBatches(TokenDocs.from_lists(docs), 16, backward=backward)))
+        tokens, lengths = pad_batch([np.array(docs[i]) for i in batch.index], 1, backward=backward)
+        assert torch.equal(tokens, batch.tokens) and torch.equal(lengths, batch.lengths)
 
 
 def test_empty_token_lists_are_rejected_and_no_documents_give_no_rows():

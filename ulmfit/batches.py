@@ -13,7 +13,7 @@ Classifier (:class:`ClassifierBatches`): documents of similar length are batched
 cut into megabatches of ~100 batches, sort each by a jittered length, split, shuffle the
 batches), so little compute is spent on padding while batch membership still changes from epoch
 to epoch; ``index`` gives each row's position in the input so predictions can be put back in
-order.
+order. A classifier reads each document closed by the boundary token (:func:`classifier_input`).
 
 With ``world_size > 1`` (DDP) every rank builds the same *global* batch and keeps its slice of
 rows, so the ranks together see exactly what a single process with the same ``batch_size`` sees.
@@ -28,12 +28,28 @@ import numpy as np
 import torch
 
 from ulmfit.storage import TokenDocs
+from ulmfit.tokenizer import BOS_ID
 
 _DOC_ORDER, _SEQ_LENS, _BATCH_ORDER, _LENGTH_JITTER = 0, 1, 2, 3  # random streams per (seed, epoch)
 
 
 def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
+
+
+def classifier_input(doc: np.ndarray, backward: bool = False) -> np.ndarray:
+    """What a classifier reads of ``doc``: the document followed by the boundary token
+    ``xxbos``, reversed for a backward classifier, so ``xxbos ... xxbos`` either way.
+
+    The LM's stream puts ``xxbos`` between documents, so both LMs have read every document up
+    to a boundary, and the state there has just read all of it. A classifier's last step
+    (``h_last`` of concat pooling) sits on that boundary too, in either direction. Without it
+    the forward classifier ended on the document's last word and the backward one on ``xxbos``
+    (a reversed document's last token), and the forward one was much the weaker (docs/model.md,
+    "What the classifier reads").
+    """
+    framed = np.append(doc, BOS_ID)
+    return framed[::-1] if backward else framed
 
 
 def bptt_lr_scale(seq_len: int, bptt: int) -> float:
@@ -250,7 +266,8 @@ class ClassifierBatches(_ResumableBatches):
     batches every epoch, only in another order. A last batch of a single document is merged
     into the batch before it (batch norm cannot normalise one row). Evaluation
     (``shuffle=False``): all documents sorted by length, longest first, no randomness.
-    ``backward`` reverses each document. Epoch handling is as in :class:`LMStream`. With
+    Each row is :func:`classifier_input` of its document (``backward`` reverses it), one token
+    longer than the document. Epoch handling is as in :class:`LMStream`. With
     ``world_size > 1`` each rank keeps an even share of every batch's rows; batches with fewer
     documents than ranks are left out so every rank has work.
     """
@@ -281,7 +298,7 @@ class ClassifierBatches(_ResumableBatches):
         self.world_size = world_size
         self.megabatch_batches = megabatch_batches
         self.length_jitter = length_jitter
-        self._lengths = docs.lengths
+        self._lengths = docs.lengths + 1  # classifier_input adds the closing boundary
         self.epoch = -1
         self.position = 0
         self.set_epoch(0)
@@ -344,7 +361,7 @@ class ClassifierBatches(_ResumableBatches):
         tokens = np.full((len(rows), int(lengths.max(initial=0))), self.pad_id, dtype=np.int64)
         for row_index, doc_index in enumerate(rows):
             doc = self.docs[doc_index]
-            tokens[row_index, : len(doc)] = doc[::-1] if self.backward else doc
+            tokens[row_index, : len(doc) + 1] = classifier_input(doc, self.backward)
         labels = (
             self.docs.labels[rows]
             if self.docs.labels is not None

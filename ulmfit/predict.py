@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ulmfit.batches import classifier_input
 from ulmfit.checkpoint import load_model, save_model, unwrap_model
 from ulmfit.config import to_dict
 from ulmfit.errors import InputError
@@ -96,11 +97,13 @@ def length_sorted_batches(
 def pad_batch(
     arrays: Sequence[np.ndarray], pad_id: int, *, backward: bool = False
 ) -> tuple[Tensor, Tensor]:
-    """Right-padded ``tokens (B, T)`` and ``lengths (B,)``; ``backward`` reverses each document."""
-    lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=len(arrays))
-    tokens = np.full((len(arrays), int(lengths.max())), pad_id, dtype=np.int64)  # (B, T)
-    for row, doc in enumerate(arrays):
-        tokens[row, : len(doc)] = doc[::-1] if backward else doc
+    """Right-padded ``tokens (B, T)`` and ``lengths (B,)`` of :func:`classifier_input` of each
+    document (closed by the boundary token; ``backward`` reverses it), as in training."""
+    framed = [classifier_input(doc, backward) for doc in arrays]
+    lengths = np.fromiter((len(a) for a in framed), dtype=np.int64, count=len(framed))
+    tokens = np.full((len(framed), int(lengths.max())), pad_id, dtype=np.int64)  # (B, T)
+    for row, doc in enumerate(framed):
+        tokens[row, : len(doc)] = doc
     return torch.from_numpy(tokens), torch.from_numpy(lengths)
 
 
@@ -150,7 +153,9 @@ def predict_proba(
     try:
         with torch.inference_mode():
             for index in length_sorted_batches(
-                lengths, batch_size=batch_size, max_tokens=max_tokens
+                lengths + 1,
+                batch_size=batch_size,
+                max_tokens=max_tokens,  # + the boundary
             ):
                 tokens, batch_lengths = pad_batch(
                     [arrays[i] for i in index], pad_id, backward=backward

@@ -9,8 +9,8 @@ never held), and it is set up so that ``decode(encode(t)) == t`` for any text: i
 normalisation, no whitespace folding, no dummy prefix, and byte fallback for characters outside
 the vocabulary (newlines and tabs become byte pieces).
 
-Ids: ``unk = 0``, ``pad = 1``, then the markers; ``bos_id`` is the id of ``xxbos``, which begins
-every encoded document.
+Ids: ``unk = 0``, ``pad = 1``, then the markers; ``bos_id`` (``BOS_ID = 2``) is the id of
+``xxbos``, which begins every encoded document.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from ulmfit.text import BOS, MARKERS, denormalize, normalize
 
 UNK_ID = 0
 PAD_ID = 1
+BOS_ID = 2  # xxbos, the first of MARKERS (user-defined symbols follow unk and pad)
 MODEL_TYPES = ("unigram", "bpe")
 
 
@@ -146,7 +147,7 @@ class Tokenizer:
         self.pad_id: int = PAD_ID
         self.unk_id: int = UNK_ID
         self.bos_id: int = self._sp.piece_to_id(BOS)
-        if self._sp.pad_id() != PAD_ID or self.bos_id == self._sp.unk_id():
+        if self._sp.pad_id() != PAD_ID or self.bos_id != BOS_ID:
             raise InputError(
                 self.path,
                 "this SentencePiece model was not made by ulmfit (pad id or xxbos piece differ)",
