@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ulmfit.batches import ClassifierBatches
+from ulmfit.batches import ClassifierBatches, classifier_input
 from ulmfit.checkpoint import checkpoint_path, latest_checkpoint, load_checkpoint
 from ulmfit.errors import InputError
 from ulmfit.model import (
@@ -272,7 +272,8 @@ def test_evaluate_classifier_returns_probabilities_in_input_order() -> None:
     assert len(done) == 4 and done == sorted(done) and done[-1] == 11
     with torch.no_grad():
         for i in range(len(docs)):  # one document at a time, in input order
-            tokens = torch.from_numpy(docs[i].astype(np.int64))[None]  # (1, T)
+            framed = classifier_input(docs[i]).astype(np.int64)  # as the batches read it
+            tokens = torch.from_numpy(framed)[None]  # (1, T)
             logits = model(tokens, torch.tensor([tokens.size(1)]))
             expected = torch.softmax(logits, dim=1)[0].numpy()
             np.testing.assert_allclose(probs[i], expected, atol=1e-5)
@@ -643,8 +644,12 @@ def test_classifier_from_scratch_learns_long_documents() -> None:
     model, valid, pairs = _train_from_scratch_on_keywords()
     assert pairs[-1][0] <= 0.05, pairs
     # What eval mode measures is what the model learned: the error with the batch statistics
-    # it was trained under, at every validation (the ones early stopping reads).
-    assert all(abs(measured - learned) <= 0.02 for measured, learned in pairs), pairs
+    # it was trained under, at every validation (the ones early stopping reads). The defect
+    # this guards against put them 0.25-0.30 apart; near chance (the first validation) the
+    # recalibrated training statistics and the validation set's own flip a few documents
+    # (0.45 against 0.42, 6 of 200, since documents are closed by the boundary token), so
+    # the bound is 10 of 200.
+    assert all(abs(measured - learned) <= 0.05 for measured, learned in pairs), pairs
 
 
 def running_variance_ratio(model: SequenceClassifier, docs: TokenDocs) -> float:
