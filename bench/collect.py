@@ -27,6 +27,7 @@ ORDER = [
     "demo_profile",
     "probe_imdb",
     "probe_bbc_news",
+    "boundary",
     "lm_throughput",
     "threads",
     "amp_quality",
