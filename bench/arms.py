@@ -175,7 +175,7 @@ def table(rows: list[dict], dataset: str) -> str:
     lines = [
         f"| arm | backbone | pretraining tokens (fwd) | pretraining min | pretrained LM ppl "
         f"| LM fine-tuning tokens | LM fine-tuning min | classifier min | {dataset} test error % "
-        "| fwd + bwd ensemble % | classifier lr, dropout (grid), best epoch, valid error % | MLflow runs |",
+        "| fwd + bwd ensemble % | classifier lr, dropout (grid), epoch kept / run, valid error % | MLflow runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -25,6 +25,7 @@ ORDER = [
     "trec6_recipe_grid",
     "demo_recipes",
     "demo_profile",
+    "demo_boundary",
     "probe_imdb",
     "probe_bbc_news",
     "boundary",

@@ -288,10 +288,10 @@ def epochs_cell(metrics: dict) -> str:
     """``kept / run``: the epoch whose weights a classifier ended with (its validation error is
     the one reported) and the epochs it ran, with ``(best N)`` where the lowest validation
     error came at another epoch (``keep_best`` off). Metrics written before ``kept_epoch``
-    existed give ``best / run``, as they always did."""
+    existed say only ``best N / run``: which epoch's weights they kept is not recorded."""
     best, kept, run = (metrics.get(k) for k in ("best_epoch", "kept_epoch", "epochs"))
     if not kept:
-        return f"{best or 'n/a'} / {run or 'n/a'}"
+        return f"best {best} / {run}" if best else f"n/a / {run or 'n/a'}"
     return f"{kept} / {run}" + (f" (best {best})" if best and best != kept else "")
 
 

@@ -99,7 +99,7 @@ def test_the_epochs_column_names_the_epoch_whose_weights_were_kept(tmp_path):
     text = "\n".join(render(collect(tmp_path, params), params))
     assert "| full ULMFiT | **10.00** | 14.60 | 0.01 | 8 / 8 (best 5) |" in text
     assert epochs_cell({"best_epoch": 5, "kept_epoch": 5, "epochs": 8}) == "5 / 8"  # keep_best
-    assert epochs_cell({"best_epoch": 5, "epochs": 8}) == "5 / 8"  # written before kept_epoch
+    assert epochs_cell({"best_epoch": 5, "epochs": 8}) == "best 5 / 8"  # before kept_epoch
 
 
 def test_the_headline_holds_each_dataset_s_test_errors_and_perplexities(tmp_path):
