@@ -153,9 +153,9 @@ def predict_proba(
     try:
         with torch.inference_mode():
             for index in length_sorted_batches(
-                lengths + 1,
+                lengths + 1,  # classifier_input closes each document with one more token
                 batch_size=batch_size,
-                max_tokens=max_tokens,  # + the boundary
+                max_tokens=max_tokens,
             ):
                 tokens, batch_lengths = pad_batch(
                     [arrays[i] for i in index], pad_id, backward=backward
