@@ -1,8 +1,8 @@
 """How much does each language model know about the labels? A linear probe on frozen features.
 
 For every LM a workspace holds in each direction asked for (the random encoder, each
-pretraining snapshot, the pretrained LM, the dataset's fine-tuned LM), the encoder's concat-pooled features ``[h_last, max, mean]``
-of each document are computed in eval mode, standardised, and a logistic regression (C tuned on
+pretraining snapshot, the pretrained LM, the dataset's fine-tuned LM), the encoder's
+concat-pooled features ``[h_last, max, mean]`` of each document are computed in eval mode, standardised, and a logistic regression (C tuned on
 the validation split) is fitted on a class-balanced label subset and scored on the test split.
 No weight of the encoder changes: the error measures what the LM's features carry, apart from
 what classifier fine-tuning adds. It separates "the LM is too weak" from "the classifier
@@ -83,17 +83,18 @@ def language_models(root: Path, dataset: str, direction: str):
     snapshots = sorted(
         (pretrained / "snapshots").glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1])
     )
-    paths = [(f"pretraining snapshot {path.stem}", path) for path in snapshots]
-    paths += [("pretrained LM", pretrained / MODEL_FILE)]
-    paths += [
-        (f"{dataset} fine-tuned LM", root / Layout.finetuned(dataset, direction) / MODEL_FILE)
-    ]
-    for name, path in paths:
+    pretraining_tokens = f"{reference_meta['extra'].get('tokens', 0):,}"
+    for path in snapshots:
         lm, meta = load_model(path)
-        tokens_seen = f"{meta['extra'].get('tokens', 0):,}"
-        if path.parent.name.startswith("lm_"):  # fine-tuned: pretraining + its own tokens
-            tokens_seen = f"{reference_meta['extra'].get('tokens', 0):,} + {tokens_seen}"
-        yield name, tokens_seen, lm
+        yield f"pretraining snapshot {path.stem}", f"{meta['extra'].get('tokens', 0):,}", lm
+    yield "pretrained LM", pretraining_tokens, reference
+    lm, meta = load_model(root / Layout.finetuned(dataset, direction) / MODEL_FILE)
+    # fine-tuned: pretraining + its own tokens
+    yield (
+        f"{dataset} fine-tuned LM",
+        f"{pretraining_tokens} + {meta['extra'].get('tokens', 0):,}",
+        lm,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,7 @@ import yaml
 
 import ulmfit.batches
 from tasks.params import parse_params
+from tasks.recipes import label_names_of
 from tasks.tokens import TOKENIZER_FILE
 from tasks.training import MODEL_FILE
 from tasks.workspace import Layout
@@ -60,13 +61,12 @@ VARIANTS = (  # (direction, framing, what the classifier reads)
 def framed(docs: TokenDocs, framing: str, bos: int) -> TokenDocs:
     """``docs`` with the boundary appended (``close``), the leading one dropped (``open``), or
     as they are."""
-    rows = [docs.ids[docs.offsets[i] : docs.offsets[i + 1]] for i in range(len(docs))]
+    rows = list(docs)
     if framing == "close":
         rows = [np.append(row, bos) for row in rows]
     elif framing == "open":
         rows = [row[1:] if len(row) > 1 and row[0] == bos else row for row in rows]
-    offsets = np.concatenate([[0], np.cumsum([len(row) for row in rows])])
-    return TokenDocs(np.concatenate(rows).astype(docs.ids.dtype), offsets, docs.labels)
+    return TokenDocs.from_lists(rows, labels=docs.labels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = {
         s: read_tokens(tokens / f"{s}.parquet", tokenizer) for s in ("train", "valid", "test")
     }
-    num_classes = int(max(docs.labels.max() for docs in splits.values())) + 1
+    num_classes = len(label_names_of(root, args.dataset))
     point = classifier.grid()[0]
     rows = []
     for direction, framing, reads in VARIANTS:

@@ -37,6 +37,9 @@ def _rng(seed: int, epoch: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
 
 
+CLOSING_TOKENS = 1  # what classifier_input adds to a document's length
+
+
 def classifier_input(doc: np.ndarray, backward: bool = False) -> np.ndarray:
     """What a classifier reads of ``doc``: the document followed by the boundary token
     ``xxbos``, reversed for a backward classifier, so ``xxbos ... xxbos`` either way.
@@ -298,7 +301,7 @@ class ClassifierBatches(_ResumableBatches):
         self.world_size = world_size
         self.megabatch_batches = megabatch_batches
         self.length_jitter = length_jitter
-        self._lengths = docs.lengths + 1  # classifier_input adds the closing boundary
+        self._lengths = docs.lengths + CLOSING_TOKENS  # the rows classifier_input makes
         self.epoch = -1
         self.position = 0
         self.set_epoch(0)
@@ -360,8 +363,8 @@ class ClassifierBatches(_ResumableBatches):
         lengths = self._lengths[rows]
         tokens = np.full((len(rows), int(lengths.max(initial=0))), self.pad_id, dtype=np.int64)
         for row_index, doc_index in enumerate(rows):
-            doc = self.docs[doc_index]
-            tokens[row_index, : len(doc) + 1] = classifier_input(doc, self.backward)
+            framed = classifier_input(self.docs[doc_index], self.backward)
+            tokens[row_index, : len(framed)] = framed
         labels = (
             self.docs.labels[rows]
             if self.docs.labels is not None

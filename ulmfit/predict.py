@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ulmfit.batches import classifier_input
+from ulmfit.batches import CLOSING_TOKENS, classifier_input
 from ulmfit.checkpoint import load_model, save_model, unwrap_model
 from ulmfit.config import to_dict
 from ulmfit.errors import InputError
@@ -153,7 +153,7 @@ def predict_proba(
     try:
         with torch.inference_mode():
             for index in length_sorted_batches(
-                lengths + 1,  # classifier_input closes each document with one more token
+                lengths + CLOSING_TOKENS,  # the rows pad_batch makes
                 batch_size=batch_size,
                 max_tokens=max_tokens,
             ):
