@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -163,6 +164,31 @@ def stop_with_dvc(poll: float = 1.0) -> int | None:
 
     threading.Thread(target=watch, name="stop-with-dvc", daemon=True).start()
     return dvc.pid
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends, then deliver them. A stage turns a stop
+    signal into an exception (Prefect's ``TerminationSignal``, ``KeyboardInterrupt``) wherever
+    its main thread is; raised inside an MLflow call, it can leave that call's SQLite
+    transaction open, and the store stays locked: the stage's own ``end_run(KILLED)`` then
+    waits out SQLite's 20-second busy timeout and fails, and its run stays RUNNING. Python
+    runs signal handlers in the main thread only, so elsewhere this holds nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)  # the handler held back runs now
 
 
 def _watch_lifeline(supervisor: Supervisor) -> None:

@@ -20,6 +20,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from tasks import tracking
+from tasks.lifeline import stop_signals_held
 
 CHAMPION = "champion"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -67,7 +68,7 @@ def register_classifier_task(
         "pandas",
         "pyarrow",
     ]
-    with mlflow.start_run(run_id=run_id):
+    with stop_signals_held(), mlflow.start_run(run_id=run_id):  # as tracking.client's calls
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),

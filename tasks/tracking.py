@@ -16,6 +16,7 @@ run a task in another thread than its flow.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -27,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from tasks.lifeline import stop_signals_held
 from tasks.progress import Progress
 
 PIPELINE_ID_ENV = "ULMFIT_PIPELINE_ID"
@@ -47,12 +49,36 @@ def tracking_uri(root: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
 
 
-def client(root: Path):
-    """An ``MlflowClient`` on :func:`tracking_uri` (tracking and registry)."""
+def client(root: Path) -> HeldClient:
+    """An ``MlflowClient`` on :func:`tracking_uri` (tracking and registry), its calls held
+    together against stop signals (:class:`HeldClient`)."""
     from mlflow import MlflowClient
 
     uri = tracking_uri(root)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    with stop_signals_held():
+        return HeldClient(MlflowClient(tracking_uri=uri, registry_uri=uri))
+
+
+class HeldClient:
+    """An ``MlflowClient`` whose every call runs with stop signals held
+    (``lifeline.stop_signals_held``): a SIGTERM that lands inside a write would leave the
+    SQLite store locked, and the stage could not end its run KILLED. The signal is delivered
+    as soon as the call returns."""
+
+    def __init__(self, mlflow_client) -> None:
+        self._client = mlflow_client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def held(*args, **kwargs):
+            with stop_signals_held():
+                return attribute(*args, **kwargs)
+
+        return held
 
 
 def use_store(root: Path) -> str:

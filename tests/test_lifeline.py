@@ -235,3 +235,45 @@ def test_a_second_sigterm_during_the_crash_report_leaves_no_flow_run_running(tmp
         [e.experiment_id for e in tracking.client(tmp_path).search_experiments()]
     )
     assert [run.info.status for run in runs] == ["KILLED"]
+
+
+def test_stop_signals_held_until_the_block_ends():
+    """A SIGTERM or SIGINT inside the block reaches the handler in place once the block ends
+    (each once), and that handler is back; outside the main thread nothing is held (Python
+    runs handlers in the main thread only, and ``signal.signal`` refuses other threads)."""
+    import threading
+
+    from tasks.lifeline import stop_signals_held
+
+    got = []
+
+    def record(signum, frame):
+        got.append(signum)
+
+    previous = {s: signal.signal(s, record) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with stop_signals_held():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(0.01)
+            assert got == []
+        assert got == [signal.SIGTERM, signal.SIGINT]
+        assert signal.getsignal(signal.SIGTERM) is record
+        assert signal.getsignal(signal.SIGINT) is record
+        errors = []
+
+        def elsewhere():
+            try:
+                with stop_signals_held():
+                    pass
+            except Exception as error:  # signal.signal outside the main thread: ValueError
+                errors.append(error)
+
+        thread = threading.Thread(target=elsewhere)
+        thread.start()
+        thread.join()
+        assert errors == []
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
