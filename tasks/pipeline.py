@@ -146,6 +146,7 @@ COMMON_CODE = (
     "tasks/pipeline.py",
     "tasks/checkpoints.py",
     "tasks/tracking.py",
+    "tasks/lifeline.py",
     "tasks/stage.py",
     "tasks/progress.py",
     "tasks/plots.py",
