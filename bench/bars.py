@@ -223,15 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--conditions", default="", help="how the workspaces were made (code, sessions)"
     )
+    parser.add_argument("--title", default="Issue 9's bars, as measured")
     args = parser.parse_args(argv)
     benches = [bench.resolve() for bench in args.bench]
+    args.out = args.out.resolve()
     rows = [bar_row(bar, benches) for bar in BARS] + [demo_row(args.demo.resolve())]
     lines = [
-        "# Issue 9's bars, as measured",
+        f"# {args.title}",
         "",
         "Reproduce: `python bench/bars.py"
         + "".join(f" --bench {bench}" for bench in args.bench)
         + f" --demo {args.demo}"
+        + (f" --out {args.out.relative_to(ROOT)}" if args.out.is_relative_to(ROOT) else "")
+        + f' --title "{args.title}"'
         + (f' --conditions "{args.conditions}"' if args.conditions else "")
         + "` (workspace paths as on the machine that ran them), then `python bench/collect.py`.",
         "",
