@@ -149,6 +149,13 @@ def _found(bar: Bar, bench: Path) -> list[Figure]:
     return [f for f in found if f]
 
 
+def _named(figure: Figure) -> str:
+    """Its source and validation error (the pipeline's source names each direction's)."""
+    if figure.valid is None or "valid" in figure.source:
+        return figure.source
+    return f"{figure.source}, valid {_percent(figure.valid)}"
+
+
 def bar_row(bar: Bar, benches: list[Path]) -> list[str]:
     """``[bar, measured, goal, verdict, sources]`` of one bar, from the first benchmark
     workspace that ran its classifiers (its TF-IDF baseline from the same workspace)."""
@@ -157,14 +164,8 @@ def bar_row(bar: Bar, benches: list[Path]) -> list[str]:
         return [bar.name, "not measured in these workspaces", bar.goal, "–", "–"]
     best = min(found, key=lambda f: (f.valid is None, f.valid or 0.0))
     others = [f for f in found if f is not best]
-    valid = "" if best.valid is None else f", valid {_percent(best.valid)}"
-    chosen = (
-        best.source
-        + valid
-        + "".join(
-            f"; not chosen: {f.source} {_percent(f.value)} (valid {_percent(f.valid)})"
-            for f in others
-        )
+    chosen = _named(best) + "".join(
+        f"; not chosen: {_named(f)}, test {_percent(f.value)}" for f in others
     )
     if bar.below is not None:
         return [
