@@ -16,6 +16,8 @@ from ulmfit.io import atomic_write  # noqa: E402
 ORDER = [
     "bars_boundary",
     "bars",
+    "trec6_boundary",
+    "ag_news_boundary",
     "accuracy",
     "arms",
     "arms_imdb",
