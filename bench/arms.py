@@ -54,6 +54,13 @@ def _percent(error: float | None) -> str:
     return "–" if error is None else f"{100 * error:.2f}"
 
 
+def chosen_valid(metrics: dict) -> float | None:
+    """The validation error of the point a classifier's grid search chose (its lowest), or
+    ``None`` where it searched nothing."""
+    searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
+    return min(searched) if searched else None
+
+
 def _chosen(metrics: dict) -> str:
     """The learning rate (and whether the one-rate recipe won) and dropout multiplier the
     validation grid chose (of which), the epoch whose weights were kept (and the best one where
@@ -68,8 +75,8 @@ def _chosen(metrics: dict) -> str:
 
     dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
     epoch = f", epoch {epochs_cell(metrics)}"
-    searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
-    valid = f", valid {_percent(min(searched))}" if searched else ""
+    valid = chosen_valid(metrics)
+    valid = "" if valid is None else f", valid {_percent(valid)}"
     recipe = " (one rate)" if metrics.get("one_rate") else ""
     return pick("lr", "", recipe) + dropout + epoch + valid
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from arms import _chosen, _percent, _stage  # noqa: E402
+from arms import _chosen, _percent, _stage, chosen_valid  # noqa: E402
 from collect import publish  # noqa: E402
 
 from tasks.pipeline import stage_spec  # noqa: E402
@@ -32,7 +32,7 @@ class Figure:
     """A measured test error (or ratio) and where it comes from."""
 
     value: float
-    source: str  # workspace item and MLflow run id
+    source: str  # workspace item and MLflow run id, with the validation error that chose it
     valid: float | None = None
 
 
@@ -94,12 +94,11 @@ def _control(workspace: Path, name: str, dataset: str) -> Figure | None:
     if not (workspace / stage_spec("control", name=name, dataset=dataset).metrics).is_file():
         return None
     metrics, record = _stage(workspace, "control", name=name, dataset=dataset)
-    searched = [g["valid_error"] for g in metrics.get("grid_search", []) if "valid_error" in g]
-    return Figure(
-        metrics["test_error"],
-        f"control@{name} `{record['mlflow_run_id'][:8]}`",
-        min(searched) if searched else None,
-    )
+    valid = chosen_valid(metrics)
+    source = f"control@{name} `{record['mlflow_run_id'][:8]}`"
+    if valid is not None:
+        source += f", valid {_percent(valid)}"
+    return Figure(metrics["test_error"], source, valid)
 
 
 def _evaluated(workspace: Path, dataset: str, key: str) -> Figure | None:
@@ -114,13 +113,11 @@ def _evaluated(workspace: Path, dataset: str, key: str) -> Figure | None:
         spec = stage_spec("train_classifier", dataset=dataset, direction=direction)
         if (workspace / spec.metrics).is_file():
             classifier = _stage(workspace, "train_classifier", dataset=dataset, direction=direction)
-            searched = [
-                g["valid_error"] for g in classifier[0].get("grid_search", []) if "valid_error" in g
-            ]
-            if searched:
+            searched = chosen_valid(classifier[0])
+            if searched is not None:  # _chosen names its validation error
                 choices.append(f"{direction} {_chosen(classifier[0])}")
                 if direction == "fwd" and key == "test_error_fwd":
-                    valid = min(searched)
+                    valid = searched
     chosen = f" ({'; '.join(choices)})" if choices else ""
     source = f"evaluate@{dataset} `{record['mlflow_run_id'][:8]}`{chosen}"
     return Figure(metrics[key], source, valid)
@@ -149,13 +146,6 @@ def _found(bar: Bar, bench: Path) -> list[Figure]:
     return [f for f in found if f]
 
 
-def _named(figure: Figure) -> str:
-    """Its source and validation error (the pipeline's source names each direction's)."""
-    if figure.valid is None or "valid" in figure.source:
-        return figure.source
-    return f"{figure.source}, valid {_percent(figure.valid)}"
-
-
 def bar_row(bar: Bar, benches: list[Path]) -> list[str]:
     """``[bar, measured, goal, verdict, sources]`` of one bar, from the first benchmark
     workspace that ran its classifiers (its TF-IDF baseline from the same workspace)."""
@@ -164,8 +154,8 @@ def bar_row(bar: Bar, benches: list[Path]) -> list[str]:
         return [bar.name, "not measured in these workspaces", bar.goal, "–", "–"]
     best = min(found, key=lambda f: (f.valid is None, f.valid or 0.0))
     others = [f for f in found if f is not best]
-    chosen = _named(best) + "".join(
-        f"; not chosen: {_named(f)}, test {_percent(f.value)}" for f in others
+    chosen = best.source + "".join(
+        f"; not chosen: {f.source}, test {_percent(f.value)}" for f in others
     )
     if bar.below is not None:
         return [

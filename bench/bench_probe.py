@@ -2,8 +2,9 @@
 
 For every LM a workspace holds in each direction asked for (the random encoder, each
 pretraining snapshot, the pretrained LM, the dataset's fine-tuned LM), the encoder's
-concat-pooled features ``[h_last, max, mean]`` of each document are computed in eval mode, standardised, and a logistic regression (C tuned on
-the validation split) is fitted on a class-balanced label subset and scored on the test split.
+concat-pooled features ``[h_last, max, mean]`` of each document are computed in eval mode,
+standardised, and a logistic regression (C tuned on the validation split) is fitted on a
+class-balanced label subset and scored on the test split.
 No weight of the encoder changes: the error measures what the LM's features carry, apart from
 what classifier fine-tuning adds. It separates "the LM is too weak" from "the classifier
 training fails" when ULMFiT loses to TF-IDF.

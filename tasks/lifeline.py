@@ -46,6 +46,9 @@ logger = logging.getLogger("ulmfit")
 
 DEFAULT_GRACE = 30.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The stop signals a stage turns into an exception (Prefect's TerminationSignal,
+# KeyboardInterrupt): held during MLflow calls, ignored while the stage reports its end.
+STAGE_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -180,7 +183,7 @@ def stop_signals_held() -> Iterator[None]:
     held: list[int] = []
     previous = {
         signum: signal.signal(signum, lambda signum, frame: held.append(signum))
-        for signum in (signal.SIGTERM, signal.SIGINT)
+        for signum in STAGE_STOP_SIGNALS
     }
     try:
         yield

@@ -27,6 +27,7 @@ from prefect.exceptions import TerminationSignal
 
 from tasks import tracking
 from tasks.checkpoints import checkpoint_dir, clear_checkpoints, deps_md5, stage_key
+from tasks.lifeline import STAGE_STOP_SIGNALS
 from tasks.params import Params, load_params, section_dict
 from tasks.pipeline import BY_GROUP, StageSpec, producer_of, stage_spec
 from tasks.plots import note_figure, training_figure, write_rows
@@ -197,7 +198,7 @@ def ignore_stop_signals() -> None:
     that one used to land inside Prefect's crash report and leave the flow run RUNNING for good.
     Prefect's engine restores the previous handler and re-sends the signal once it has reported,
     so the process still ends by it; a supervisor's SIGKILL after its grace stays the backstop."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STAGE_STOP_SIGNALS:
         with contextlib.suppress(ValueError):  # not the main thread: nothing to hold back
             signal.signal(signum, signal.SIG_IGN)
 
