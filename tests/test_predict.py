@@ -275,6 +275,19 @@ def test_loading_a_model_of_another_tokenizer_raises_input_error(tokenizer, tmp_
         TextClassifier.load(directory)
 
 
+def test_a_classifier_saved_before_the_boundary_token_is_refused(tokenizer, tmp_path):
+    # format 1 classifiers read documents without the closing boundary token: this version
+    # would feed them other input, so loading one must say so instead of predicting wrongly
+    model = tiny_classifier(num_classes=2, vocab=tokenizer.vocab_size)
+    directory = TextClassifier(tokenizer, model, label_names=["neg", "pos"]).save(tmp_path / "clf")
+    manifest_path = directory / "classifier.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(InputError, match="closed by the boundary token") as raised:
+        TextClassifier.load(directory)
+    assert "classifier.json" in str(raised.value) and "retrain" in str(raised.value)
+
+
 def test_loading_a_missing_directory_raises_input_error(tmp_path):
     with pytest.raises(InputError, match="manifest not found"):
         TextClassifier.load(tmp_path / "nothing")

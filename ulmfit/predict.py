@@ -45,7 +45,9 @@ from ulmfit.storage import TokenDocs
 from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier, backbone_name
 
 CLASSIFIER_FORMAT = "ulmfit-text-classifier"
-FORMAT_VERSION = 1
+# 2: every classifier reads its document closed by the boundary token (batches.classifier_input);
+# a version-1 classifier was trained without it, so this library would feed it other input.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "classifier.json"
 TOKENIZER_NAME = "tokenizer.model"
 FORWARD_NAME = "forward.pt"
@@ -349,6 +351,15 @@ class TextClassifier:
             raise InputError(manifest_path, f"unreadable manifest ({error})", fix=fix) from error
         if not isinstance(manifest, dict) or manifest.get("format") != CLASSIFIER_FORMAT:
             raise InputError(manifest_path, f"not a {CLASSIFIER_FORMAT} manifest", fix=fix)
+        if manifest.get("version") == 1:
+            raise InputError(
+                manifest_path,
+                "format version 1: saved before every classifier read its document closed by the "
+                "boundary token, so this version would feed it input it was not trained on",
+                fix="retrain it with this version of ulmfit (`ulmfit repro evaluate@<dataset>` "
+                "saves and registers a new one); until then `mlflow models serve` its registered "
+                "version, which runs the ulmfit code saved with it",
+            )
         if manifest.get("version") != FORMAT_VERSION:
             raise InputError(
                 manifest_path,
