@@ -283,7 +283,7 @@ def test_a_classifier_saved_before_the_boundary_token_is_refused(tokenizer, tmp_
     manifest_path = directory / "classifier.json"
     manifest = json.loads(manifest_path.read_text())
     manifest_path.write_text(json.dumps({**manifest, "version": 1}))
-    with pytest.raises(InputError, match="closed by the boundary token") as raised:
+    with pytest.raises(InputError, match="without the closing boundary token") as raised:
         TextClassifier.load(directory)
     assert "classifier.json" in str(raised.value) and "retrain" in str(raised.value)
 

@@ -354,11 +354,13 @@ class TextClassifier:
         if manifest.get("version") == 1:
             raise InputError(
                 manifest_path,
-                "format version 1: saved before every classifier read its document closed by the "
-                "boundary token, so this version would feed it input it was not trained on",
+                "format version 1: saved by an earlier ulmfit, whose classifiers mostly read "
+                "documents without the closing boundary token that this version adds, so it "
+                "would be fed input it was not trained on",
                 fix="retrain it with this version of ulmfit (`ulmfit repro evaluate@<dataset>` "
                 "saves and registers a new one); until then `mlflow models serve` its registered "
-                "version, which runs the ulmfit code saved with it",
+                "version, which runs the ulmfit code saved with it (docs/predict.md: keeping one "
+                "that already reads the token)",
             )
         if manifest.get("version") != FORMAT_VERSION:
             raise InputError(
