@@ -61,6 +61,11 @@ def chosen_valid(metrics: dict) -> float | None:
     return min(searched) if searched else None
 
 
+def valid_note(valid: float | None) -> str:
+    """``", valid X"`` for a chosen validation error, or nothing where there was none."""
+    return "" if valid is None else f", valid {_percent(valid)}"
+
+
 def _chosen(metrics: dict) -> str:
     """The learning rate (and whether the one-rate recipe won) and dropout multiplier the
     validation grid chose (of which), the epoch whose weights were kept (and the best one where
@@ -75,10 +80,8 @@ def _chosen(metrics: dict) -> str:
 
     dropout = f", {pick('dropout_multiplier', 'x')}" if "dropout_multiplier" in metrics else ""
     epoch = f", epoch {epochs_cell(metrics)}"
-    valid = chosen_valid(metrics)
-    valid = "" if valid is None else f", valid {_percent(valid)}"
     recipe = " (one rate)" if metrics.get("one_rate") else ""
-    return pick("lr", "", recipe) + dropout + epoch + valid
+    return pick("lr", "", recipe) + dropout + epoch + valid_note(chosen_valid(metrics))
 
 
 def _millions(tokens: float | None) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from arms import _chosen, _percent, _stage, chosen_valid  # noqa: E402
+from arms import _chosen, _percent, _stage, chosen_valid, valid_note  # noqa: E402
 from collect import publish  # noqa: E402
 
 from tasks.pipeline import stage_spec  # noqa: E402
@@ -95,9 +95,7 @@ def _control(workspace: Path, name: str, dataset: str) -> Figure | None:
         return None
     metrics, record = _stage(workspace, "control", name=name, dataset=dataset)
     valid = chosen_valid(metrics)
-    source = f"control@{name} `{record['mlflow_run_id'][:8]}`"
-    if valid is not None:
-        source += f", valid {_percent(valid)}"
+    source = f"control@{name} `{record['mlflow_run_id'][:8]}`{valid_note(valid)}"
     return Figure(metrics["test_error"], source, valid)
 
 
@@ -112,12 +110,12 @@ def _evaluated(workspace: Path, dataset: str, key: str) -> Figure | None:
     for direction in ("fwd", "bwd"):
         spec = stage_spec("train_classifier", dataset=dataset, direction=direction)
         if (workspace / spec.metrics).is_file():
-            classifier = _stage(workspace, "train_classifier", dataset=dataset, direction=direction)
-            searched = chosen_valid(classifier[0])
-            if searched is not None:  # _chosen names its validation error
-                choices.append(f"{direction} {_chosen(classifier[0])}")
+            trained, _ = _stage(workspace, "train_classifier", dataset=dataset, direction=direction)
+            chose = chosen_valid(trained)
+            if chose is not None:  # _chosen names its validation error
+                choices.append(f"{direction} {_chosen(trained)}")
                 if direction == "fwd" and key == "test_error_fwd":
-                    valid = searched
+                    valid = chose
     chosen = f" ({'; '.join(choices)})" if choices else ""
     source = f"evaluate@{dataset} `{record['mlflow_run_id'][:8]}`{chosen}"
     return Figure(metrics[key], source, valid)

@@ -45,8 +45,9 @@ from ulmfit.storage import TokenDocs
 from ulmfit.transformer import FrozenFeatureClassifier, TransformerClassifier, backbone_name
 
 CLASSIFIER_FORMAT = "ulmfit-text-classifier"
-# 2: every classifier reads its document closed by the boundary token (batches.classifier_input);
-# a version-1 classifier was trained without it, so this library would feed it other input.
+# 2: every classifier reads its document closed by the boundary token (batches.classifier_input).
+# Version 1 was written by the code before it (and, with the token, for a few hours after):
+# loading one is refused, since this library would feed most of them other input.
 FORMAT_VERSION = 2
 MANIFEST_NAME = "classifier.json"
 TOKENIZER_NAME = "tokenizer.model"
