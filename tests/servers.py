@@ -162,15 +162,34 @@ def http_ok(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
-def http_json(method: str, url: str, body: object | None = None, timeout: float = 30.0) -> object:
-    """Send a JSON request and decode the JSON answer (raises on HTTP errors)."""
+# The codes Prefect's own client retries (prefect/client/base.py): its server answers 503 when
+# SQLite is busy, which a loaded 2-core machine makes likely while its services also write.
+RETRY_CODES = {408, 429, 502, 503}
+
+
+def http_json(
+    method: str,
+    url: str,
+    body: object | None = None,
+    timeout: float = 30.0,
+    retries: int = 5,
+) -> object:
+    """Send a JSON request and decode the JSON answer. An answer in ``RETRY_CODES`` is retried
+    up to ``retries`` times, waiting 1, 2, 4, ... s; any other HTTP error raises at once."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        payload = response.read()
-    return json.loads(payload) if payload else None
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(
+            url, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                payload = response.read()
+            return json.loads(payload) if payload else None
+        except urllib.error.HTTPError as error:
+            if error.code not in RETRY_CODES or attempt == retries:
+                raise
+            time.sleep(2**attempt)
+    raise AssertionError("unreachable")
 
 
 @dataclass
