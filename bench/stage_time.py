@@ -1,0 +1,180 @@
+"""Where a workspace's time went: the minutes of each stage behind some targets, from its MLflow
+runs, and their sum (issue 9's budget: the benchmark profile in at most 120 minutes).
+
+DVC's stage graph gives the targets and every stage upstream of them. Each stage's MLflow runs
+(all of them: a stage killed and resumed has two) give its wall minutes, from a run's start to
+its end. A run that was paused (SIGSTOP while another job had the machine) or left idle shows
+it as a stretch with no metric logged; training logs every few steps, so a stretch longer than
+``--idle`` seconds (5 minutes by default; the longest stretch of a running stage measured here,
+an evaluation, was under 2) is counted apart, and *active* minutes are the rest. A run killed
+mid-stage loses the steps after its last checkpoint, which the resumed run trains again: active
+minutes count those twice, so a stage's sum is an upper bound. Nothing is typed by hand.
+
+    python bench/stage_time.py --workspace ../bench32 \\
+        --target evaluate@trec6 --target control@imdb-ulmfit-100
+    python bench/collect.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from collect import publish  # noqa: E402
+
+from tasks import tracking  # noqa: E402
+
+TITLE = "Where the benchmark profile's time goes"
+
+
+@dataclasses.dataclass
+class StageTime:
+    """One stage's runs: wall seconds (start to end) and the idle stretches among them."""
+
+    stage: str
+    runs: list[str] = dataclasses.field(default_factory=list)
+    statuses: list[str] = dataclasses.field(default_factory=list)
+    wall: float = 0.0
+    idle: float = 0.0
+    skipped: str = ""  # the reason a stage had nothing to do (it starts no MLflow run)
+
+    @property
+    def active(self) -> float:
+        return self.wall - self.idle
+
+
+def upstream_stages(workspace: Path, targets: list[str]) -> dict[str, str]:
+    """The targets and every stage they depend on, dependencies first (DVC's own graph), each
+    with the reason its metrics file gives where it skipped its work (else "")."""
+    from dvc.repo import Repo
+    from dvc.repo.graph import collect_pipeline
+    from dvc.stage.exceptions import StageNotFound
+
+    order: dict[str, str] = {}
+    with Repo(str(workspace)) as repo:
+        graph = repo.index.graph
+        for target in targets:
+            try:  # a path, not the bare name: DVC reads a bare name from the current directory
+                (target_stage,) = repo.stage.collect(f"{workspace / 'dvc.yaml'}:{target}")
+            except StageNotFound:
+                raise SystemExit(
+                    f"{workspace / 'dvc.yaml'}: no stage {target!r}. Fix: name one of its stages"
+                ) from None
+            for stage in collect_pipeline(target_stage, graph):
+                if stage.name not in order:
+                    order[stage.name] = skipped(
+                        workspace, [str(out.def_path) for out in stage.outs]
+                    )
+    return order
+
+
+def skipped(workspace: Path, outs: list[str]) -> str:
+    """The ``skipped`` reason of a stage's metrics file (a stage that had nothing to do, e.g.
+    a direction the dataset leaves out), or ""."""
+    for out in outs:
+        path = workspace / out
+        if out.startswith("metrics/") and out.endswith(".json") and path.is_file():
+            reason = json.loads(path.read_text()).get("skipped")
+            if reason:
+                return str(reason)
+    return ""
+
+
+def stage_times(workspace: Path, stages: dict[str, str], idle_seconds: float) -> list[StageTime]:
+    """Each stage's MLflow runs in the workspace's experiment, summed."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    client = tracking.client(workspace)
+    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    if experiment is None:
+        raise SystemExit(f"{workspace}: no MLflow experiment. Fix: run the stages there first")
+    runs = client.search_runs([experiment.experiment_id], max_results=5000)
+    times = {name: StageTime(name, skipped=reason) for name, reason in stages.items()}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        name = run.info.run_name
+        if name not in times or run.info.end_time is None:
+            continue
+        stamps = sorted(
+            {
+                point.timestamp
+                for key in run.data.metrics
+                for point in client.get_metric_history(run.info.run_id, key)
+            }
+            | {run.info.start_time, run.info.end_time}
+        )
+        gaps = [(b - a) / 1000 for a, b in zip(stamps, stamps[1:], strict=False)]
+        time = times[name]
+        time.runs.append(run.info.run_id[:8])
+        time.statuses.append(run.info.status)
+        time.wall += (run.info.end_time - run.info.start_time) / 1000
+        time.idle += sum(gap for gap in gaps if gap > idle_seconds)
+    return [times[name] for name in stages]
+
+
+def table(times: list[StageTime], idle_seconds: float) -> str:
+    lines = [
+        f"| stage | wall min | no metric for over {idle_seconds / 60:g} min | active min "
+        "| MLflow runs |",
+        "|---|---|---|---|---|",
+    ]
+    for t in times:
+        if not t.runs:
+            why = f"skipped: {t.skipped}" if t.skipped else "no run in this workspace's MLflow"
+            lines.append(f"| {t.stage} | – | – | – | {why} |")
+            continue
+        killed = [
+            f"{r} ({s.lower()})" if s != "FINISHED" else r
+            for r, s in zip(t.runs, t.statuses, strict=True)
+        ]
+        idle = f"{t.idle / 60:.1f}" if t.idle else "–"
+        lines.append(
+            f"| {t.stage} | {t.wall / 60:.1f} | {idle} | {t.active / 60:.1f} | {', '.join(killed)} |"
+        )
+    wall = sum(t.wall for t in times)
+    active = sum(t.active for t in times)
+    idle = sum(t.idle for t in times)
+    lines.append(
+        f"| **all {len(times)} stages** | {wall / 60:.1f} | {idle / 60:.1f} | **{active / 60:.1f}** | |"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workspace", type=Path, required=True)
+    parser.add_argument("--target", action="append", required=True, help="a DVC stage (repeat)")
+    parser.add_argument("--idle", type=float, default=300.0, help="seconds (default 300)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_time.md")
+    parser.add_argument("--title", default=TITLE)
+    parser.add_argument("--conditions", default="", help="what ran on the machine meanwhile")
+    args = parser.parse_args(argv)
+    workspace = args.workspace.resolve()
+    stages = upstream_stages(workspace, args.target)
+    times = stage_times(workspace, stages, args.idle)
+    command = " ".join(
+        ["python bench/stage_time.py", f"--workspace {args.workspace}"]
+        + [f"--target {t}" for t in args.target]
+    )
+    text = (
+        f"## {args.title}\n\n"
+        f"Reproduce: `{command}` (the workspace path as on the machine that ran it), then "
+        "`python bench/collect.py`.\n\n"
+        f"The stages behind {', '.join(args.target)}, with everything upstream of them (DVC's "
+        "graph), and each stage's MLflow runs: wall minutes from start to end; the stretches "
+        "with no metric logged for longer than the threshold (a run paused or idle: training "
+        "logs every few steps); active minutes, the rest. A run killed and resumed counts both "
+        "runs, so the steps after the last checkpoint count twice (an upper bound). "
+        f"{args.conditions}\n\n" + table(times, args.idle) + "\n"
+    )
+    publish(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
