@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the section's markdown (default: bench/results/pretraining_budget_<dataset>.md); "
         "the figure goes beside it, with the same name and .png",
     )
+    parser.add_argument("--conditions", default="", help="the code and what shared the machine")
     args = parser.parse_args(argv)
     out = args.out or ROOT / "bench" / "results" / f"pretraining_budget_{args.dataset}.md"
     workspace = args.workspace.resolve()
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         "run, taken before its learning rate had decayed, then fine-tuned on the dataset and "
         "classified with the same recipe as the whole run's LM (the report stage's definition). "
         "TF-IDF + LR on the same labels is the flat line. Every figure is read from the stages' "
-        "metrics files; the run ids are the classifiers' MLflow runs (first 8 characters).",
+        "metrics files; the run ids are the classifiers' MLflow runs (first 8 characters)."
+        + (f" {args.conditions}" if args.conditions else ""),
         "",
         f"![pretraining budget, {args.dataset}](bench/results/{figure.name})",
         "",

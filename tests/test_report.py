@@ -192,8 +192,9 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     out = tmp_path / "section" / "budget.md"
     command = [sys.executable, str(ROOT / "bench" / "budget.py"), "--workspace", str(tmp_path)]
-    command += ["--dataset", "bbc_news", "--out", str(out)]
+    command += ["--dataset", "bbc_news", "--out", str(out), "--conditions", "Code abc1234."]
     subprocess.run(command, check=True, capture_output=True, text=True)
+    assert "(first 8 characters). Code abc1234.\n" in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| bbc_news")]
     assert rows == [
         "| bbc_news, 20 labels, fwd | snapshot at step 10 (control bbc-ulmfit-20-pretrain-10) "
