@@ -149,6 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workspace", type=Path, required=True)
     parser.add_argument("--target", action="append", required=True, help="a DVC stage (repeat)")
+    parser.add_argument(
+        "--counted",
+        action="append",
+        default=[],
+        help="a DVC stage whose stages (it and those upstream) another table counts: left out",
+    )
     parser.add_argument("--idle", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_time.md")
     parser.add_argument("--title", default=TITLE)
@@ -156,10 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     workspace = args.workspace.resolve()
     stages = upstream_stages(workspace, args.target)
+    counted = upstream_stages(workspace, args.counted) if args.counted else {}
+    stages = {name: why for name, why in stages.items() if name not in counted}
     times = stage_times(workspace, stages, args.idle)
     command = " ".join(
         ["python bench/stage_time.py", f"--workspace {args.workspace}"]
         + [f"--target {t}" for t in args.target]
+        + [f"--counted {t}" for t in args.counted]
+    )
+    left_out = (
+        f" The stages behind {', '.join(args.counted)} are left out (counted elsewhere)."
+        if args.counted
+        else ""
     )
     text = (
         f"## {args.title}\n\n"
@@ -169,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "graph), and each stage's MLflow runs: wall minutes from start to end; the stretches "
         "with no metric logged for longer than the threshold (a run paused or idle: training "
         "logs every few steps); active minutes, the rest. A run killed and resumed counts both "
-        "runs, so the steps after the last checkpoint count twice (an upper bound). "
+        f"runs, so the steps after the last checkpoint count twice (an upper bound).{left_out} "
         f"{args.conditions}\n\n" + table(times, args.idle) + "\n"
     )
     publish(args.out, text)

@@ -82,6 +82,24 @@ def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path)
     assert by_stage["skipped"] == ["–", "–", "–", "skipped: nothing to do"]
     assert by_stage["**all 4 stages**"][:3] == ["32.0", "20.0", "**12.0**"]
 
+    # --counted leaves out what another table counts: here everything behind train.
+    result = subprocess.run(
+        [sys.executable, "bench/stage_time.py", "--workspace", str(workspace)]
+        + ["--target", "evaluate", "--counted", "train", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "skipped",
+        "evaluate",
+        "**all 2 stages**",
+    ]
+    assert "The stages behind train are left out (counted elsewhere)." in out.read_text()
+
 
 def test_an_unknown_target_is_one_line_naming_the_file_and_the_fix(tmp_path):
     workspace = tmp_path / "ws"
