@@ -40,13 +40,31 @@ def _run(client, experiment: str, name: str, start: int, minutes: list[int], sta
     client.set_terminated(run.info.run_id, status=status, end_time=start + minutes[-1] * MINUTE)
 
 
-def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path):
+def _dvc_workspace(tmp_path: Path) -> Path:
+    """A DVC project (no git) with :data:`DVC_YAML`'s stages."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=workspace, check=True
-    )
+    command = [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"]
+    subprocess.run(command, cwd=workspace, check=True)
     (workspace / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
+    return workspace
+
+
+def _stage_time(workspace: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "bench/stage_time.py", "--workspace", str(workspace)]
+    return subprocess.run(
+        [*command, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+
+
+def _rows(out: Path) -> list[list[str]]:
+    """The table's rows (below its header), as lists of cells."""
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path):
+    workspace = _dvc_workspace(tmp_path)
     (workspace / "params.yaml").write_text(yaml.safe_dump({"mlflow": {"experiment": "bench"}}))
     (workspace / "metrics").mkdir()
     (workspace / "metrics" / "skipped.json").write_text(json.dumps({"skipped": "nothing to do"}))
@@ -61,18 +79,9 @@ def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path)
     _run(client, experiment, "unrelated", t0 + 60 * MINUTE, [0, 30], "FINISHED")
 
     out = tmp_path / "stage_time.md"
-    result = subprocess.run(
-        [sys.executable, "bench/stage_time.py", "--workspace", str(workspace)]
-        + ["--target", "evaluate", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _stage_time(workspace, out, "--target", "evaluate")
     assert result.returncode == 0, result.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
-    cells = [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
-    by_stage = {row[0]: row[1:] for row in cells}
+    by_stage = {row[0]: row[1:] for row in _rows(out)}
     # The graph's order, dependencies first; the unrelated stage is left out.
     assert list(by_stage) == ["prepare", "train", "skipped", "evaluate", "**all 4 stages**"]
     assert by_stage["prepare"][:3] == ["2.0", "–", "2.0"]
@@ -83,39 +92,15 @@ def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path)
     assert by_stage["**all 4 stages**"][:3] == ["32.0", "20.0", "**12.0**"]
 
     # --counted leaves out what another table counts: here everything behind train.
-    result = subprocess.run(
-        [sys.executable, "bench/stage_time.py", "--workspace", str(workspace)]
-        + ["--target", "evaluate", "--counted", "train", "--out", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = _stage_time(workspace, out, "--target", "evaluate", "--counted", "train")
     assert result.returncode == 0, result.stderr
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
-    assert [row.split("|")[1].strip() for row in rows] == [
-        "skipped",
-        "evaluate",
-        "**all 2 stages**",
-    ]
+    assert [row[0] for row in _rows(out)] == ["skipped", "evaluate", "**all 2 stages**"]
     assert "The stages behind train are left out (counted elsewhere)." in out.read_text()
 
 
 def test_an_unknown_target_is_one_line_naming_the_file_and_the_fix(tmp_path):
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    subprocess.run(
-        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=workspace, check=True
-    )
-    (workspace / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML))
-    result = subprocess.run(
-        [sys.executable, "bench/stage_time.py", "--workspace", str(workspace)]
-        + ["--target", "evaluat", "--out", str(tmp_path / "x.md")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    workspace = _dvc_workspace(tmp_path)
+    result = _stage_time(workspace, tmp_path / "x.md", "--target", "evaluat")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"{workspace / 'dvc.yaml'}: no stage 'evaluat'. Fix: name one of its stages"
