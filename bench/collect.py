@@ -15,14 +15,18 @@ from ulmfit.io import atomic_write  # noqa: E402
 
 ORDER = [
     "bars_boundary",
+    "stage_time_bars",
+    "stage_time_more",
     "bars",
     "trec6_boundary",
     "ag_news_boundary",
+    "imdb_boundary",
     "accuracy",
     "arms",
     "arms_imdb",
     "arms_imdb_bert_elmo",
     "imdb_recipes",
+    "pretraining_budget_trec6",
     "pretraining_budget_imdb",
     "trec6_scratch",
     "trec6_recipe_grid",

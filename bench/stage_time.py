@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     text = (
-        f"## {args.title}\n\n"
+        f"# {args.title}\n\n"
         f"Reproduce: `{command}` (the workspace path as on the machine that ran it), then "
         "`python bench/collect.py`.\n\n"
         f"The stages behind {', '.join(args.target)}, with everything upstream of them (DVC's "
