@@ -32,6 +32,7 @@ from collect import publish  # noqa: E402
 from tasks import tracking  # noqa: E402
 
 TITLE = "Where the benchmark profile's time goes"
+OUT = ROOT / "bench" / "results" / "stage_time_bars.md"  # a name bench/collect.py reads
 
 
 @dataclasses.dataclass
@@ -109,11 +110,11 @@ def stage_times(workspace: Path, stages: dict[str, str], idle_seconds: float) ->
             | {run.info.start_time, run.info.end_time}
         )
         gaps = [(b - a) / 1000 for a, b in zip(stamps, stamps[1:], strict=False)]
-        time = times[name]
-        time.runs.append(run.info.run_id[:8])
-        time.statuses.append(run.info.status)
-        time.wall += (run.info.end_time - run.info.start_time) / 1000
-        time.idle += sum(gap for gap in gaps if gap > idle_seconds)
+        entry = times[name]
+        entry.runs.append(run.info.run_id[:8])
+        entry.statuses.append(run.info.status)
+        entry.wall += (run.info.end_time - run.info.start_time) / 1000
+        entry.idle += sum(gap for gap in gaps if gap > idle_seconds)
     return [times[name] for name in stages]
 
 
@@ -128,13 +129,13 @@ def table(times: list[StageTime], idle_seconds: float) -> str:
             why = f"skipped: {t.skipped}" if t.skipped else "no run in this workspace's MLflow"
             lines.append(f"| {t.stage} | – | – | – | {why} |")
             continue
-        killed = [
+        runs = [
             f"{r} ({s.lower()})" if s != "FINISHED" else r
             for r, s in zip(t.runs, t.statuses, strict=True)
         ]
         idle = f"{t.idle / 60:.1f}" if t.idle else "–"
         lines.append(
-            f"| {t.stage} | {t.wall / 60:.1f} | {idle} | {t.active / 60:.1f} | {', '.join(killed)} |"
+            f"| {t.stage} | {t.wall / 60:.1f} | {idle} | {t.active / 60:.1f} | {', '.join(runs)} |"
         )
     wall = sum(t.wall for t in times)
     active = sum(t.active for t in times)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a DVC stage whose stages (it and those upstream) another table counts: left out",
     )
     parser.add_argument("--idle", type=float, default=300.0, help="seconds (default 300)")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "stage_time.md")
+    parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--title", default=TITLE)
     parser.add_argument("--conditions", default="", help="what ran on the machine meanwhile")
     args = parser.parse_args(argv)
@@ -169,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         ["python bench/stage_time.py", f"--workspace {args.workspace}"]
         + [f"--target {t}" for t in args.target]
         + [f"--counted {t}" for t in args.counted]
+        + ([] if args.out == OUT else [f"--out bench/results/{args.out.name}"])
+        + ([] if args.title == TITLE else [f'--title "{args.title}"'])
     )
     left_out = (
         f" The stages behind {', '.join(args.counted)} are left out (counted elsewhere)."
