@@ -23,13 +23,12 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from collect import publish  # noqa: E402
 
 from tasks import tracking  # noqa: E402
+from tasks.params import load_params  # noqa: E402
 
 TITLE = "Where the benchmark profile's time goes"
 OUT = ROOT / "bench" / "results" / "stage_time_bars.md"  # a name bench/collect.py reads
@@ -51,29 +50,37 @@ class StageTime:
         return self.wall - self.idle
 
 
-def upstream_stages(workspace: Path, targets: list[str]) -> dict[str, str]:
-    """The targets and every stage they depend on, dependencies first (DVC's own graph), each
-    with the reason its metrics file gives where it skipped its work (else "")."""
+def stages_behind(workspace: Path, targets: list[str], counted: list[str]) -> dict[str, str]:
+    """The targets and every stage they depend on, dependencies first (DVC's own graph), less
+    the stages behind ``counted`` (another table counts them); each with the reason its
+    metrics file gives where it skipped its work (else "")."""
     from dvc.repo import Repo
     from dvc.repo.graph import collect_pipeline
     from dvc.stage.exceptions import StageNotFound
 
-    order: dict[str, str] = {}
     with Repo(str(workspace)) as repo:
         graph = repo.index.graph
-        for target in targets:
-            try:  # a path, not the bare name: DVC reads a bare name from the current directory
-                (target_stage,) = repo.stage.collect(f"{workspace / 'dvc.yaml'}:{target}")
-            except StageNotFound:
-                raise SystemExit(
-                    f"{workspace / 'dvc.yaml'}: no stage {target!r}. Fix: name one of its stages"
-                ) from None
-            for stage in collect_pipeline(target_stage, graph):
-                if stage.name not in order:
-                    order[stage.name] = skipped(
-                        workspace, [str(out.def_path) for out in stage.outs]
-                    )
-    return order
+
+        def behind(names: list[str]) -> dict[str, list]:
+            found: dict[str, list] = {}
+            for target in names:
+                try:  # a path, not a bare name: DVC reads that from the current directory
+                    (stage,) = repo.stage.collect(f"{workspace / 'dvc.yaml'}:{target}")
+                except StageNotFound:
+                    raise SystemExit(
+                        f"{workspace / 'dvc.yaml'}: no stage {target!r}. "
+                        "Fix: name one of its stages"
+                    ) from None
+                for upstream in collect_pipeline(stage, graph):
+                    found.setdefault(upstream.name, [str(out.def_path) for out in upstream.outs])
+            return found
+
+        left_out = behind(counted)
+        return {
+            name: skipped(workspace, outs)
+            for name, outs in behind(targets).items()
+            if name not in left_out
+        }
 
 
 def skipped(workspace: Path, outs: list[str]) -> str:
@@ -90,9 +97,9 @@ def skipped(workspace: Path, outs: list[str]) -> str:
 
 def stage_times(workspace: Path, stages: dict[str, str], idle_seconds: float) -> list[StageTime]:
     """Each stage's MLflow runs in the workspace's experiment, summed."""
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params = load_params(workspace / "params.yaml", check_paths=False)
     client = tracking.client(workspace)
-    experiment = client.get_experiment_by_name(params["mlflow"]["experiment"])
+    experiment = client.get_experiment_by_name(params.mlflow.experiment)
     if experiment is None:
         raise SystemExit(f"{workspace}: no MLflow experiment. Fix: run the stages there first")
     runs = client.search_runs([experiment.experiment_id], max_results=5000)
@@ -118,16 +125,26 @@ def stage_times(workspace: Path, stages: dict[str, str], idle_seconds: float) ->
     return [times[name] for name in stages]
 
 
-def table(times: list[StageTime], idle_seconds: float) -> str:
+def _total(label: str, times: list[StageTime]) -> str:
+    wall = sum(t.wall for t in times) / 60
+    idle = sum(t.idle for t in times) / 60
+    active = sum(t.active for t in times) / 60
+    return f"| **{label}** | {wall:.1f} | {idle:.1f} | **{active:.1f}** | |"
+
+
+def table(times: list[StageTime], idle_seconds: float, added: list[str]) -> str:
+    """A row per stage, the sum of all, and where ``added`` names stages that are not the
+    profile's own (controls added for one measurement), the sum of the profile's."""
     lines = [
         f"| stage | wall min | no metric for over {idle_seconds / 60:g} min | active min "
         "| MLflow runs |",
         "|---|---|---|---|---|",
     ]
     for t in times:
+        stage = f"{t.stage} (added, not in the profile)" if t.stage in added else t.stage
         if not t.runs:
             why = f"skipped: {t.skipped}" if t.skipped else "no run in this workspace's MLflow"
-            lines.append(f"| {t.stage} | – | – | – | {why} |")
+            lines.append(f"| {stage} | – | – | – | {why} |")
             continue
         runs = [
             f"{r} ({s.lower()})" if s != "FINISHED" else r
@@ -135,14 +152,12 @@ def table(times: list[StageTime], idle_seconds: float) -> str:
         ]
         idle = f"{t.idle / 60:.1f}" if t.idle else "–"
         lines.append(
-            f"| {t.stage} | {t.wall / 60:.1f} | {idle} | {t.active / 60:.1f} | {', '.join(runs)} |"
+            f"| {stage} | {t.wall / 60:.1f} | {idle} | {t.active / 60:.1f} | {', '.join(runs)} |"
         )
-    wall = sum(t.wall for t in times)
-    active = sum(t.active for t in times)
-    idle = sum(t.idle for t in times)
-    lines.append(
-        f"| **all {len(times)} stages** | {wall / 60:.1f} | {idle / 60:.1f} | **{active / 60:.1f}** | |"
-    )
+    lines.append(_total(f"all {len(times)} stages", times))
+    own = [t for t in times if t.stage not in added]
+    if len(own) < len(times):
+        lines.append(_total(f"the profile's {len(own)} stages", own))
     return "\n".join(lines)
 
 
@@ -156,20 +171,29 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="a DVC stage whose stages (it and those upstream) another table counts: left out",
     )
+    parser.add_argument(
+        "--added",
+        action="append",
+        default=[],
+        help="a stage among them that is not the profile's own: marked, and a second sum leaves "
+        "it out",
+    )
     parser.add_argument("--idle", type=float, default=300.0, help="seconds (default 300)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--title", default=TITLE)
     parser.add_argument("--conditions", default="", help="what ran on the machine meanwhile")
     args = parser.parse_args(argv)
     workspace = args.workspace.resolve()
-    stages = upstream_stages(workspace, args.target)
-    counted = upstream_stages(workspace, args.counted) if args.counted else {}
-    stages = {name: why for name, why in stages.items() if name not in counted}
+    stages = stages_behind(workspace, args.target, args.counted)
+    for name in args.added:
+        if name not in stages:
+            parser.error(f"--added {name}: not among the stages behind the targets")
     times = stage_times(workspace, stages, args.idle)
     command = " ".join(
         ["python bench/stage_time.py", f"--workspace {args.workspace}"]
         + [f"--target {t}" for t in args.target]
         + [f"--counted {t}" for t in args.counted]
+        + [f"--added {t}" for t in args.added]
         + ([] if args.out == OUT else [f"--out bench/results/{args.out.name}"])
         + ([] if args.title == TITLE else [f'--title "{args.title}"'])
     )
@@ -187,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "with no metric logged for longer than the threshold (a run paused or idle: training "
         "logs every few steps); active minutes, the rest. A run killed and resumed counts both "
         f"runs, so the steps after the last checkpoint count twice (an upper bound).{left_out} "
-        f"{args.conditions}\n\n" + table(times, args.idle) + "\n"
+        f"{args.conditions}\n\n" + table(times, args.idle, args.added) + "\n"
     )
     publish(args.out, text)
     return 0

@@ -177,10 +177,11 @@ def http_json(
     """Send a JSON request and decode the JSON answer. An answer in ``RETRY_CODES`` is retried
     up to ``retries`` times, waiting 1, 2, 4, ... s; any other HTTP error raises at once."""
     data = None if body is None else json.dumps(body).encode()
-    for attempt in range(retries + 1):
-        request = urllib.request.Request(
-            url, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    attempt = 0
+    while True:
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 payload = response.read()
@@ -188,8 +189,8 @@ def http_json(
         except urllib.error.HTTPError as error:
             if error.code not in RETRY_CODES or attempt == retries:
                 raise
-            time.sleep(2**attempt)
-    raise AssertionError("unreachable")
+        time.sleep(2**attempt)
+        attempt += 1
 
 
 @dataclass

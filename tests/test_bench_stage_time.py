@@ -65,7 +65,9 @@ def _rows(out: Path) -> list[list[str]]:
 
 def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path):
     workspace = _dvc_workspace(tmp_path)
-    (workspace / "params.yaml").write_text(yaml.safe_dump({"mlflow": {"experiment": "bench"}}))
+    profile = yaml.safe_load((ROOT / "profiles" / "default.yaml").read_text())
+    profile["mlflow"]["experiment"] = "bench"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(profile))
     (workspace / "metrics").mkdir()
     (workspace / "metrics" / "skipped.json").write_text(json.dumps({"skipped": "nothing to do"}))
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
@@ -90,6 +92,18 @@ def test_stage_minutes_follow_the_graph_and_leave_out_paused_stretches(tmp_path)
     assert "(killed)" in by_stage["train"][3]
     assert by_stage["skipped"] == ["–", "–", "–", "skipped: nothing to do"]
     assert by_stage["**all 4 stages**"][:3] == ["32.0", "20.0", "**12.0**"]
+    assert len(by_stage) == 5  # no second sum: every stage is the profile's
+
+    # --added marks a stage that is not the profile's own, and a second sum leaves it out.
+    result = _stage_time(workspace, out, "--target", "evaluate", "--added", "train")
+    assert result.returncode == 0, result.stderr
+    by_stage = {row[0]: row[1:] for row in _rows(out)}
+    assert by_stage["train (added, not in the profile)"][:3] == ["29.0", "20.0", "9.0"]
+    assert by_stage["**all 4 stages**"][:3] == ["32.0", "20.0", "**12.0**"]
+    assert by_stage["**the profile's 3 stages**"][:3] == ["3.0", "0.0", "**3.0**"]
+    result = _stage_time(workspace, out, "--target", "evaluate", "--added", "unrelated")
+    assert result.returncode == 2
+    assert "--added unrelated: not among the stages behind the targets" in result.stderr
 
     # --counted leaves out what another table counts: here everything behind train.
     result = _stage_time(workspace, out, "--target", "evaluate", "--counted", "train")
