@@ -13,7 +13,9 @@ training fails" when ULMFiT loses to TF-IDF.
     python bench/bench_probe.py --workspace ../demo --dataset bbc_news --labels 300 \
         --directions fwd,bwd
 
-Writes the table to stdout and to ``bench/results/probe_<dataset>.md``.
+Writes the table to stdout and to ``bench/results/probe_<dataset>.md`` (or ``--out``).
+``--compare WORKSPACE`` adds that workspace's fine-tuned LM as one more row: another LM
+fine-tuning of the very same pretrained LM (checked), e.g. on more of the dataset's text.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ulmfit.storage import TokenDocs, read_tokens  # noqa: E402
 from ulmfit.tokenizer import Tokenizer  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TITLE = "Linear probe: what the LM's features carry about {dataset}"
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 
 
@@ -74,9 +77,10 @@ def probe(
     return {"valid_error": best[0], "C": best[1], "test_error": best[2]}
 
 
-def language_models(root: Path, dataset: str, direction: str):
+def language_models(root: Path, dataset: str, direction: str, compare: tuple[Path, ...] = ()):
     """Yield ``(name, tokens seen, LM)`` for the random encoder, each pretraining snapshot, the
-    pretrained LM and ``dataset``'s fine-tuned LM of one direction."""
+    pretrained LM and ``dataset``'s fine-tuned LM of one direction, then the fine-tuned LM of
+    each ``compare`` workspace (named by its folder)."""
     pretrained = root / Layout.pretrained(direction)
     reference, reference_meta = load_model(pretrained / MODEL_FILE)
     torch.manual_seed(0)
@@ -89,13 +93,29 @@ def language_models(root: Path, dataset: str, direction: str):
         lm, meta = load_model(path)
         yield f"pretraining snapshot {path.stem}", f"{meta['extra'].get('tokens', 0):,}", lm
     yield "pretrained LM", pretraining_tokens, reference
-    lm, meta = load_model(root / Layout.finetuned(dataset, direction) / MODEL_FILE)
-    # fine-tuned: pretraining + its own tokens
-    yield (
-        f"{dataset} fine-tuned LM",
-        f"{pretraining_tokens} + {meta['extra'].get('tokens', 0):,}",
-        lm,
-    )
+    for workspace in (root, *compare):
+        lm, meta = load_model(workspace / Layout.finetuned(dataset, direction) / MODEL_FILE)
+        # fine-tuned: pretraining + its own tokens
+        yield (
+            f"{dataset} fine-tuned LM" + (f" ({workspace.name})" if compare else ""),
+            f"{pretraining_tokens} + {meta['extra'].get('tokens', 0):,}",
+            lm,
+        )
+
+
+def same_start(root: Path, other: Path, direction: str) -> None:
+    """Refuse, in one line, a ``--compare`` workspace whose pretrained LM or tokenizer is not
+    byte for byte ``root``'s: its fine-tuned LM would differ by more than its fine-tuning."""
+    for relative in (
+        Path(Layout.pretrained(direction), MODEL_FILE),
+        Path(Layout.tokenizer_dir, TOKENIZER_FILE),
+    ):
+        ours, theirs = root / relative, other / relative
+        if not theirs.is_file() or theirs.read_bytes() != ours.read_bytes():
+            raise SystemExit(
+                f"{theirs}: missing or not the file of {root}. Fix: --compare a copy of that "
+                "workspace whose LM fine-tuning alone differs"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--test-docs", type=int, default=2000, help="seeded test sample")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--directions", default="fwd", help="fwd, bwd or fwd,bwd")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another workspace's fine-tuned LM, from the same pretrained LM, as one more row",
+    )
+    parser.add_argument("--out", type=Path, help="default: bench/results/probe_<dataset>.md")
+    parser.add_argument("--title", default=TITLE, help="the section's heading ({dataset}: its)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     root = args.workspace.resolve()
+    compare = tuple(path.resolve() for path in args.compare)
+    out = args.out or RESULTS / f"probe_{args.dataset}.md"
+    for direction in args.directions.split(","):
+        for other in compare:
+            same_start(root, other, direction)
+    torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.load(root / Layout.tokenizer_dir / TOKENIZER_FILE)
     tokens = root / Layout.tokens(args.dataset)
     train, valid, test = (
@@ -120,16 +154,22 @@ def main(argv: list[str] | None = None) -> int:
         test = test.subset(np.sort(picked))
     rows = []
     for direction in args.directions.split(","):
-        for name, tokens_seen, lm in language_models(root, args.dataset, direction):
+        for name, tokens_seen, lm in language_models(root, args.dataset, direction, compare):
             result = probe(lm.eval(), train, valid, test, backward=direction == "bwd")
             rows.append((direction, name, tokens_seen, result))
             print(direction, name, result, flush=True)
+    options = "".join(f" --compare {path}" for path in args.compare)
+    if args.out:
+        options += f" --out bench/results/{out.name}"
+    if args.title != TITLE:
+        options += f' --title "{args.title}"'
     lines = [
-        f"# Linear probe: what the LM's features carry about {args.dataset}",
+        "# " + args.title.format(dataset=args.dataset),
         "",
-        f"Reproduce: `python bench/bench_probe.py --workspace <workspace> --dataset "
-        f"{args.dataset} --labels {args.labels} --directions {args.directions}` (a workspace "
-        f"whose pipeline ran on {args.dataset}).",
+        f"Reproduce: `python bench/bench_probe.py --workspace {args.workspace} --dataset "
+        f"{args.dataset} --labels {args.labels} --directions {args.directions}{options}` "
+        f"(workspace paths as on the machine that ran it; a workspace whose pipeline ran on "
+        f"{args.dataset}).",
         "",
         f"Logistic regression (C tuned on the {len(valid):,} validation documents) on the "
         f"standardised, frozen, eval-mode concat-pooled features of each LM's encoder, fitted on "
@@ -147,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {direction} | {name} | {tokens_seen} | {100 * result['test_error']:.2f} "
             f"| {100 * result['valid_error']:.2f} | {result['C']:g} |"
         )
-    publish(RESULTS / f"probe_{args.dataset}.md", "\n".join(lines) + "\n")
+    publish(out, "\n".join(lines) + "\n")
     return 0
 
 

@@ -265,6 +265,43 @@ def test_a_grid_point_trains_alone_as_in_its_grid(pipeline):
 
 
 @pytest.mark.slow
+def test_the_linear_probe_compares_another_fine_tuning_of_the_same_lm(pipeline, tmp_path):
+    """bench/bench_probe.py --compare: another workspace's fine-tuned LM is one more row (the
+    same LM gives the same probe), and a workspace that started from another pretrained LM is
+    refused in one line naming the file."""
+    workspace = pipeline["workspace"]
+    other = tmp_path / "other"
+    pretrained = Path(Layout.pretrained("fwd"), "model.pt")
+    for relative in (
+        pretrained,
+        Path(Layout.tokenizer_dir, "tokenizer.model"),
+        Path(Layout.finetuned("bbc_news", "fwd"), "model.pt"),
+    ):
+        (other / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(workspace / relative, other / relative)
+    probe = [sys.executable, str(ROOT / "bench" / "bench_probe.py"), "--workspace", str(workspace)]
+    probe += ["--dataset", "bbc_news", "--labels", "20", "--threads", "1", "--compare", str(other)]
+    out = tmp_path / "probe.md"
+    run([*probe, "--out", str(out)], workspace)
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| fwd")]
+    names = [row[1] for row in rows]
+    assert names[0] == "random encoder (no LM)" and names[-3] == "pretrained LM"
+    assert names[-2:] == [
+        f"bbc_news fine-tuned LM ({workspace.name})",
+        "bbc_news fine-tuned LM (other)",
+    ]
+    assert rows[-1][2:] == rows[-2][2:]  # tokens, probe errors and C
+    assert f"--compare {other} --out bench/results/probe.md" in out.read_text()
+    (other / pretrained).write_bytes(b"another LM")
+    refused = run([*probe, "--out", str(tmp_path / "refused.md")], workspace, check=False)
+    assert refused.returncode != 0 and not (tmp_path / "refused.md").exists()
+    assert refused.stderr.strip().splitlines() == [
+        f"{other / pretrained}: missing or not the file of {workspace}. Fix: --compare a copy of "
+        "that workspace whose LM fine-tuning alone differs"
+    ]
+
+
+@pytest.mark.slow
 def test_the_elmo_style_control_trains_a_head_on_the_frozen_awd_lstm_lms(pipeline):
     import torch
 
