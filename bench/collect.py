@@ -21,6 +21,7 @@ ORDER = [
     "trec6_boundary",
     "ag_news_boundary",
     "imdb_boundary",
+    "imdb_finetune_tokens",
     "accuracy",
     "arms",
     "arms_imdb",
