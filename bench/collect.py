@@ -35,6 +35,7 @@ ORDER = [
     "demo_profile",
     "demo_boundary",
     "probe_imdb",
+    "probe_imdb_finetune",
     "probe_bbc_news",
     "boundary",
     "lm_throughput",
