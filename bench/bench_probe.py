@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workspace.resolve()
     compare = tuple(path.resolve() for path in args.compare)
     out = args.out or RESULTS / f"probe_{args.dataset}.md"
-    for direction in args.directions.split(","):
+    directions = args.directions.split(",")
+    for direction in directions:
         for other in compare:
             same_start(root, other, direction)
     torch.set_num_threads(args.threads)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         picked = np.random.default_rng(0).permutation(len(test))[: args.test_docs]
         test = test.subset(np.sort(picked))
     rows = []
-    for direction in args.directions.split(","):
+    for direction in directions:
         for name, tokens_seen, lm in language_models(root, args.dataset, direction, compare):
             result = probe(lm.eval(), train, valid, test, backward=direction == "bwd")
             rows.append((direction, name, tokens_seen, result))

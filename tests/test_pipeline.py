@@ -262,6 +262,17 @@ def test_a_grid_point_trains_alone_as_in_its_grid(pipeline):
     alone = read("bbc_news-scratch-20-cut")
     assert alone["grid_search"] == [point for point in grid if point["lr"] == 0.003]
     assert alone["valid_error"] == alone["grid_search"][0]["valid_error"]
+    # A tiny validation set can give two different trainings one error; their losses, step by
+    # step, cannot coincide (a grid logs each point under its folder, one point without).
+    client, _ = _mlflow_client(workspace)
+    run_of = lambda name: json.loads(  # noqa: E731
+        (workspace / f"metrics/runs/controls/{name}.json").read_text()
+    )["mlflow_run_id"]
+    losses = lambda name, key: [  # noqa: E731
+        (m.step, m.value) for m in client.get_metric_history(run_of(name), key)
+    ]
+    in_grid = losses("bbc_news-scratch-20", "lr-0.003/train_loss")
+    assert in_grid and losses("bbc_news-scratch-20-cut", "train_loss") == in_grid
 
 
 @pytest.mark.slow
@@ -271,11 +282,14 @@ def test_the_linear_probe_compares_another_fine_tuning_of_the_same_lm(pipeline, 
     refused in one line naming the file."""
     workspace = pipeline["workspace"]
     other = tmp_path / "other"
-    pretrained = Path(Layout.pretrained("fwd"), "model.pt")
+    from tasks.tokens import TOKENIZER_FILE
+    from tasks.training import MODEL_FILE
+
+    pretrained = Path(Layout.pretrained("fwd"), MODEL_FILE)
     for relative in (
         pretrained,
-        Path(Layout.tokenizer_dir, "tokenizer.model"),
-        Path(Layout.finetuned("bbc_news", "fwd"), "model.pt"),
+        Path(Layout.tokenizer_dir, TOKENIZER_FILE),
+        Path(Layout.finetuned("bbc_news", "fwd"), MODEL_FILE),
     ):
         (other / relative).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(workspace / relative, other / relative)
