@@ -96,7 +96,7 @@ def flops_per_token(cfg: AWDLSTMConfig) -> float:
 
 def head_flops(cfg: ClassifierConfig) -> float:
     """Per document: the two linear layers of the pooling head."""
-    pooled = 3 * cfg.encoder.embed_size
+    pooled = cfg.pooled_size
     return 2 * (pooled * cfg.head_hidden + cfg.head_hidden * cfg.num_classes)
 
 

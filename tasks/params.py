@@ -170,6 +170,7 @@ class ClassifierModelParams:
     head_dropouts: tuple[Dropout, Dropout] = _default(ClassifierConfig, "head_dropouts")
     bptt: PositiveInt = _default(ClassifierConfig, "bptt")
     max_len: PositiveInt = _default(ClassifierConfig, "max_len")
+    pool_embeddings: bool = _default(ClassifierConfig, "pool_embeddings")
 
 
 @dataclasses.dataclass(frozen=True)

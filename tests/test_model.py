@@ -37,9 +37,13 @@ def tiny_config(**changes) -> AWDLSTMConfig:
     )
 
 
-def tiny_classifier(bptt: int = 5, max_len: int = 1000, **changes) -> SequenceClassifier:
+def tiny_classifier(
+    bptt: int = 5, max_len: int = 1000, pool_embeddings: bool = False, **changes
+) -> SequenceClassifier:
     return SequenceClassifier(
-        ClassifierConfig(tiny_config(**changes), 4, bptt=bptt, max_len=max_len)
+        ClassifierConfig(
+            tiny_config(**changes), 4, bptt=bptt, max_len=max_len, pool_embeddings=pool_embeddings
+        )
     )
 
 
@@ -138,8 +142,9 @@ def test_concat_pool_ignores_padding():
     assert torch.allclose(pooled[1], torch.cat([real[-1], real.max(0).values, real.mean(0)]))
 
 
-def test_classifier_output_independent_of_padding_and_of_chunking():
-    classifier = tiny_classifier(bptt=4).eval()
+@pytest.mark.parametrize("pool_embeddings", [False, True])
+def test_classifier_output_independent_of_padding_and_of_chunking(pool_embeddings):
+    classifier = tiny_classifier(bptt=4, pool_embeddings=pool_embeddings).eval()
     docs = tokens(seq=13)
     lengths = torch.tensor([13, 6, 2])
     with torch.no_grad():
@@ -151,6 +156,21 @@ def test_classifier_output_independent_of_padding_and_of_chunking():
             alone = classifier.pooled_features(docs[b : b + 1, : lengths[b]], lengths[b : b + 1])
             classifier.cfg = dataclasses.replace(classifier.cfg, bptt=4)
             assert torch.allclose(alone[0], chunked[b], atol=1e-6)
+
+
+def test_pool_embeddings_adds_the_word_vectors_max_and_mean():
+    plain = tiny_classifier(bptt=4).eval()
+    pooling = tiny_classifier(bptt=4, pool_embeddings=True).eval()
+    pooling.encoder.load_state_dict(plain.encoder.state_dict())
+    docs, lengths = tokens(seq=13), torch.tensor([13, 6, 2])
+    assert pooling.head.layers[0].num_features == 5 * EMBED == pooling.cfg.pooled_size
+    with torch.no_grad():
+        features = pooling.pooled_features(docs, lengths)
+        assert torch.equal(features[:, : 3 * EMBED], plain.pooled_features(docs, lengths))
+        for b, length in enumerate(lengths.tolist()):  # the real steps' word vectors only
+            words = pooling.encoder.embedding(docs[b, :length])  # (length, E)
+            expected = torch.cat([words.max(0).values, words.mean(0)])
+            assert torch.allclose(features[b, 3 * EMBED :], expected, atol=1e-6)
 
 
 def test_bpt3c_gradient_reaches_the_first_chunk():

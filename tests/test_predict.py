@@ -32,11 +32,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_classifier(seed: int = 0, num_classes: int = 3, vocab: int = VOCAB) -> SequenceClassifier:
+def tiny_classifier(
+    seed: int = 0, num_classes: int = 3, vocab: int = VOCAB, pool_embeddings: bool = False
+) -> SequenceClassifier:
     torch.manual_seed(seed)
     encoder = AWDLSTMConfig(vocab_size=vocab, embed_size=8, hidden_size=16, num_layers=3)
     # bptt 5 so that most documents span several BPT3C chunks
-    model = SequenceClassifier(ClassifierConfig(encoder=encoder, num_classes=num_classes, bptt=5))
+    config = ClassifierConfig(
+        encoder=encoder, num_classes=num_classes, bptt=5, pool_embeddings=pool_embeddings
+    )
+    model = SequenceClassifier(config)
     with torch.no_grad():  # non-trivial batch-norm statistics, as after training
         for module in model.head.modules():
             if isinstance(module, torch.nn.BatchNorm1d):
@@ -152,8 +157,9 @@ def test_ensemble_is_the_mean():
         ensemble(forward, backward[:1])
 
 
-def test_inference_classifier_matches_the_bpt3c_classifier():
-    model = tiny_classifier(seed=5)
+@pytest.mark.parametrize("pool_embeddings", [False, True])
+def test_inference_classifier_matches_the_bpt3c_classifier(pool_embeddings):
+    model = tiny_classifier(seed=5, pool_embeddings=pool_embeddings)
     docs = random_docs(25, seed=6)
     fast = InferenceClassifier(model)
     # one batch of very mixed lengths: most chunks run only some of the rows

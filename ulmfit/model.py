@@ -64,6 +64,16 @@ class ClassifierConfig:
     max_len: PositiveInt = (
         1400  # gradients flow through (at least) each document's last max_len tokens
     )
+    # Also max- and mean-pool the word vectors (the embedding layer's output) beside the last
+    # layer's: 5E features instead of 3E, a bag of fine-tuned word vectors next to ULMFiT's
+    # concat pooling. Off: the paper's head.
+    pool_embeddings: bool = False
+
+    @property
+    def pooled_size(self) -> int:
+        """The head's input: ``[h_last, max, mean]`` (3E), then ``[max, mean]`` of the word
+        vectors (2E more) with ``pool_embeddings``."""
+        return (5 if self.pool_embeddings else 3) * self.encoder.embed_size
 
 
 # ----------------------------------------------------------------------------- regularisers
@@ -214,11 +224,21 @@ class AWDLSTM(nn.Module):
         device, dtype = device or weight.device, dtype or weight.dtype
         return tuple(layer.zero_state(batch_size, device, dtype) for layer in self.layers)
 
+    def embed(self, tokens: Tensor) -> Tensor:
+        """(B, T) tokens -> (B, T, E) word vectors, with embedding (word) dropout in training."""
+        return self.embed_dropout(tokens, self.embedding)
+
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         # tokens: (B, T) -> raw last-layer output (B, T, E) and the new state
+        return self.forward_embedded(self.embed(tokens), state)
+
+    def forward_embedded(
+        self, embedded: Tensor, state: State | None = None
+    ) -> tuple[Tensor, State]:
+        """:meth:`forward` from the output of :meth:`embed` (B, T, E)."""
         if state is None:
-            state = self.init_state(tokens.size(0), tokens.device)
-        x = self.input_dropout(self.embed_dropout(tokens, self.embedding))  # (B, T, E)
+            state = self.init_state(embedded.size(0), embedded.device)
+        x = self.input_dropout(embedded)  # (B, T, E)
         new_state = []
         for i, (layer, layer_state) in enumerate(zip(self.layers, state, strict=True)):
             x, layer_state = layer(x, layer_state)  # (B, T, H_i)
@@ -306,15 +326,20 @@ def masked_concat_pool(outputs: Tensor, lengths: Tensor) -> Tensor:
 
     outputs: (B, T, E) right-padded; lengths: (B,) >= 1 -> (B, 3E). Padding never enters.
     """
+    last = outputs[torch.arange(outputs.size(0), device=outputs.device), lengths - 1]  # (B, E)
+    return torch.cat([last, masked_max_mean(outputs, lengths)], dim=1)
+
+
+def masked_max_mean(outputs: Tensor, lengths: Tensor) -> Tensor:
+    """``[max over time, mean over time]`` of the real steps: (B, T, E), (B,) -> (B, 2E)."""
     steps = torch.arange(outputs.size(1), device=outputs.device)
     real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, T, 1)
-    last = outputs[torch.arange(outputs.size(0), device=outputs.device), lengths - 1]  # (B, E)
     max_pool, sum_pool = masked_max_sum(outputs, real)
-    return torch.cat([last, max_pool, sum_pool / lengths[:, None].to(outputs.dtype)], dim=1)
+    return torch.cat([max_pool, sum_pool / lengths[:, None].to(outputs.dtype)], dim=1)
 
 
 class PooledOutput(NamedTuple):
-    features: Tensor  # (B, 3E) [h_last, max, mean]
+    features: Tensor  # (B, pooled_size): [h_last, max, mean] (+ the word vectors' [max, mean])
     activation: Tensor  # scalar: mean squared last-layer output in the gradient window (AR)
     temporal: Tensor  # scalar: mean squared step-to-step change of it (TAR)
 
@@ -354,11 +379,11 @@ class SequenceClassifier(nn.Module):
         self.cfg = cfg
         self.encoder = AWDLSTM(cfg.encoder)
         self.head = PoolingClassifierHead(
-            3 * cfg.encoder.embed_size, cfg.head_hidden, cfg.num_classes, cfg.head_dropouts
+            cfg.pooled_size, cfg.head_hidden, cfg.num_classes, cfg.head_dropouts
         )
 
     def pooled_features(self, tokens: Tensor, lengths: Tensor) -> Tensor:
-        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> (B, 3E).
+        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> (B, pooled_size).
 
         See :meth:`pooled_with_activations`, of which this is the features alone.
         """
@@ -367,7 +392,8 @@ class SequenceClassifier(nn.Module):
     def pooled_with_activations(
         self, tokens: Tensor, lengths: Tensor, *, activations: bool = True
     ) -> PooledOutput:
-        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> features (B, 3E).
+        """BPT3C (section 3.3): (B, T) right-padded tokens, (B,) lengths -> features
+        (B, ``cfg.pooled_size``).
 
         The batch runs in chunks of ``bptt`` with the state carried from chunk to chunk. Max,
         sum and the last real output are accumulated across chunks, masked per document, so
@@ -390,7 +416,7 @@ class SequenceClassifier(nn.Module):
         window_start = max(0, int(lengths.min()) - self.cfg.max_len)
         state = self.encoder.init_state(batch_size, tokens.device)
         batch_index = torch.arange(batch_size, device=tokens.device)
-        running_max = running_sum = last = None
+        running_max = running_sum = last = word_max = word_sum = None
         entered_window = False
         squares = changes = counted = changed = tokens.new_zeros((), dtype=torch.float32)
         previous = None  # (B, 1, E) the last output of the previous chunk in the window
@@ -400,12 +426,20 @@ class SequenceClassifier(nn.Module):
             if in_window and not entered_window:
                 state, entered_window = detach_state(state), True
             with torch.set_grad_enabled(in_window and torch.is_grad_enabled()):
-                output, state = self.encoder(chunk, state)  # (B, t, E)
+                embedded = self.encoder.embed(chunk)  # (B, t, E)
+                output, state = self.encoder.forward_embedded(embedded, state)  # (B, t, E)
                 # Pool in fp32: under bf16 autocast the pooled features' spread across
                 # documents can be smaller than bf16's resolution of their mean.
                 output = output.float()
                 steps = start + torch.arange(chunk.size(1), device=tokens.device)
                 real = (steps[None, :] < lengths[:, None]).unsqueeze(-1)  # (B, t, 1)
+                if self.cfg.pool_embeddings:
+                    chunk_word_max, chunk_word_sum = masked_max_sum(embedded.float(), real)
+                    if word_max is None:
+                        word_max, word_sum = chunk_word_max, chunk_word_sum
+                    else:
+                        word_max = torch.maximum(word_max, chunk_word_max)
+                        word_sum = word_sum + chunk_word_sum
                 chunk_max, chunk_sum = masked_max_sum(output, real)  # (B, E) each
                 offset = (lengths - 1 - start).clamp(0, chunk.size(1) - 1)  # (B,)
                 ends_here = ((lengths - 1 - start) >= 0) & ((lengths - 1 - start) < chunk.size(1))
@@ -426,8 +460,11 @@ class SequenceClassifier(nn.Module):
                     changes = changes + change.pow(2).masked_fill(~has_previous, 0.0).sum()
                     changed = changed + has_previous.sum() * output.size(-1)
                     previous = output[:, -1:]
-        mean = running_sum / lengths[:, None].to(running_sum.dtype)
-        features = torch.cat([last, running_max, mean], dim=1)
+        count = lengths[:, None].to(running_sum.dtype)
+        pooled = [last, running_max, running_sum / count]
+        if self.cfg.pool_embeddings:
+            pooled += [word_max, word_sum / count]
+        features = torch.cat(pooled, dim=1)
         return PooledOutput(
             features, squares / counted.clamp(min=1), changes / changed.clamp(min=1)
         )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ulmfit.checkpoint import unwrap_model
-from ulmfit.model import SequenceClassifier, masked_concat_pool
+from ulmfit.model import SequenceClassifier, masked_concat_pool, masked_max_mean
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -97,7 +97,10 @@ class InferenceClassifier(nn.Module):
                     state = (state[0][:, :active], state[1][:, :active])
                 x, states[index] = lstm(x, state)  # (b, t, H_l)
             output[:active, start : start + chunk] = x
-        logits = self.head(masked_concat_pool(output, lengths))  # (B, 3E) -> (B, C)
+        pooled = masked_concat_pool(output, lengths)  # (B, 3E)
+        if self.cfg.pool_embeddings:  # the word vectors' [max, mean]: (B, 5E)
+            pooled = torch.cat([pooled, masked_max_mean(embedded, lengths)], dim=1)
+        logits = self.head(pooled)  # -> (B, C)
         return logits[torch.argsort(order)]  # back to the caller's row order
 
 
