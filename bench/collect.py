@@ -35,7 +35,7 @@ ORDER = [
     "demo_recipes",
     "demo_profile",
     "demo_boundary",
-    "demo_pool_embeddings",
+    "demo_levers",
     "probe_imdb",
     "probe_imdb_finetune",
     "probe_bbc_news",
