@@ -65,6 +65,26 @@ def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
     assert not recipe.classifier.train.schedule.discriminative
 
 
+def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile():
+    """bench/imdb_pool_embeddings.yaml: each control is the profile's control of the same name
+    without "-pool" (or imdb_recipes.yaml's), with the word vectors pooled too."""
+    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
+    pooled = yaml.safe_load((ROOT / "bench" / "imdb_pool_embeddings.yaml").read_text())
+    data["controls"] = {
+        **data["controls"],
+        **yaml.safe_load((ROOT / "bench" / "imdb_recipes.yaml").read_text()),
+        **pooled,
+    }
+    params = parse_params(data)
+    for name in pooled:
+        control, plain = params.control(name), params.control(name.removesuffix("-pool"))
+        config = control.classifier.build(vocab_size=99, num_classes=2, dropout_multiplier=0.5)
+        assert config.pool_embeddings and config.pooled_size == 5 * config.encoder.embed_size
+        unpooled = dataclasses.replace(control.classifier.model, pool_embeddings=False)
+        assert dataclasses.replace(control.classifier, model=unpooled) == plain.classifier
+        assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+
+
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
     """bench/demo_recipes.yaml is pasted into a demo workspace's controls: ULMFiT's recipe at
     the demo's former rate, and one rate on every layer at the rates its section names."""
