@@ -85,6 +85,22 @@ def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile():
         assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
 
 
+def test_the_seed_controls_differ_from_their_control_by_the_seed_alone():
+    """bench/imdb_seeds.yaml: the profile's imdb-ulmfit-1000 with another classifier seed."""
+    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
+    seeds = yaml.safe_load((ROOT / "bench" / "imdb_seeds.yaml").read_text())
+    data["controls"] = {**data["controls"], **seeds}
+    params = parse_params(data)
+    plain = params.control("imdb-ulmfit-1000")
+    for name in seeds:
+        control = params.control(name)
+        seed = int(name.rsplit("seed", 1)[1])
+        assert control.classifier.train.seed == seed != plain.classifier.train.seed
+        train = dataclasses.replace(control.classifier.train, seed=plain.classifier.train.seed)
+        assert dataclasses.replace(control.classifier, train=train) == plain.classifier
+        assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+
+
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
     """bench/demo_recipes.yaml is pasted into a demo workspace's controls: ULMFiT's recipe at
     the demo's former rate, and one rate on every layer at the rates its section names."""
