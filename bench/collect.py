@@ -19,6 +19,7 @@ ORDER = [
     "stage_time_more",
     "bars",
     "trec6_boundary",
+    "trec6_seed",
     "ag_news_boundary",
     "imdb_boundary",
     "imdb_finetune_tokens",
