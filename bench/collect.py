@@ -21,6 +21,7 @@ ORDER = [
     "trec6_boundary",
     "trec6_seed",
     "ag_news_boundary",
+    "ag_news_seed",
     "imdb_boundary",
     "imdb_finetune_tokens",
     "imdb_pool_embeddings",
