@@ -51,12 +51,19 @@ def test_required_profiles_exist():
     assert {"default", "paper", "paper-slice", "benchmark"} <= {p.stem for p in PROFILES}
 
 
+def _benchmark_with(*files: str):
+    """The benchmark profile's params with the controls of ``bench/<file>`` pasted under its
+    own, as a reproduce line does, and the pasted entries by file."""
+    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
+    pasted = {name: yaml.safe_load((ROOT / "bench" / name).read_text()) for name in files}
+    data["controls"] = {**data["controls"], **{k: v for p in pasted.values() for k, v in p.items()}}
+    return parse_params(data), pasted
+
+
 def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
     """bench/imdb_recipes.yaml is pasted into a benchmark workspace's controls: each entry must
     parse there and train the recipe its description names."""
-    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
-    data["controls"] = yaml.safe_load((ROOT / "bench" / "imdb_recipes.yaml").read_text())
-    params = parse_params(data)
+    params, _ = _benchmark_with("imdb_recipes.yaml")
     grid = params.control("imdb-ulmfit-5000-grid").classifier
     assert [p.lr for p in grid.grid()] == [0.01, 0.001] and grid.train.gradual_unfreezing
     recipe = params.control("imdb-ulmfit-5000-scratch_recipe")
@@ -68,15 +75,8 @@ def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
 def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile():
     """bench/imdb_pool_embeddings.yaml: each control is the profile's control of the same name
     without "-pool" (or imdb_recipes.yaml's), with the word vectors pooled too."""
-    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
-    pooled = yaml.safe_load((ROOT / "bench" / "imdb_pool_embeddings.yaml").read_text())
-    data["controls"] = {
-        **data["controls"],
-        **yaml.safe_load((ROOT / "bench" / "imdb_recipes.yaml").read_text()),
-        **pooled,
-    }
-    params = parse_params(data)
-    for name in pooled:
+    params, pasted = _benchmark_with("imdb_recipes.yaml", "imdb_pool_embeddings.yaml")
+    for name in pasted["imdb_pool_embeddings.yaml"]:
         control, plain = params.control(name), params.control(name.removesuffix("-pool"))
         config = control.classifier.build(vocab_size=99, num_classes=2, dropout_multiplier=0.5)
         assert config.pool_embeddings and config.pooled_size == 5 * config.encoder.embed_size
@@ -85,20 +85,34 @@ def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile():
         assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
 
 
+def _differs_by_the_seed_alone(control, plain, seed: int) -> None:
+    assert control.classifier.train.seed == seed != plain.classifier.train.seed
+    train = dataclasses.replace(control.classifier.train, seed=plain.classifier.train.seed)
+    assert dataclasses.replace(control.classifier, train=train) == plain.classifier
+    assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+
+
 def test_the_seed_controls_differ_from_their_control_by_the_seed_alone():
     """bench/imdb_seeds.yaml: the profile's imdb-ulmfit-1000 with another classifier seed."""
-    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
-    seeds = yaml.safe_load((ROOT / "bench" / "imdb_seeds.yaml").read_text())
-    data["controls"] = {**data["controls"], **seeds}
-    params = parse_params(data)
-    plain = params.control("imdb-ulmfit-1000")
-    for name in seeds:
-        control = params.control(name)
+    params, pasted = _benchmark_with("imdb_seeds.yaml")
+    for name in pasted["imdb_seeds.yaml"]:
         seed = int(name.rsplit("seed", 1)[1])
-        assert control.classifier.train.seed == seed != plain.classifier.train.seed
-        train = dataclasses.replace(control.classifier.train, seed=plain.classifier.train.seed)
-        assert dataclasses.replace(control.classifier, train=train) == plain.classifier
-        assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+        _differs_by_the_seed_alone(params.control(name), params.control("imdb-ulmfit-1000"), seed)
+
+
+def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
+    """bench/imdb_lm_vs_random.yaml: the fine-tuned LM and the random encoder get the same
+    classifier (one rate 0.001 on every layer, x0.5, no one-rate copy), and each seed-1 control
+    differs from its pair by the seed alone."""
+    params, _ = _benchmark_with("imdb_lm_vs_random.yaml")
+    lm, scratch = (params.control(f"imdb-{arm}-1000-one_rate") for arm in ("ulmfit", "scratch"))
+    assert (lm.encoder, scratch.encoder) == ("finetuned", "scratch")
+    assert lm.classifier == scratch.classifier and lm.labels == scratch.labels == 1000
+    assert lm.classifier.grid() == [(0.001, 0.5, False)]
+    assert not lm.classifier.train.gradual_unfreezing
+    assert not lm.classifier.train.schedule.discriminative
+    for plain in (lm, scratch):
+        _differs_by_the_seed_alone(params.control(f"{plain.name}-seed1"), plain, 1)
 
 
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
