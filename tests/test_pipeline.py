@@ -316,6 +316,59 @@ def test_the_linear_probe_compares_another_fine_tuning_of_the_same_lm(pipeline, 
 
 
 @pytest.mark.slow
+def test_the_seed_ensemble_bench_reproduces_the_stages_errors_and_refuses_other_data(
+    pipeline, tmp_path
+):
+    """bench/seed_ensemble.py: each classifier alone, and the workspace's fwd + bwd, score what
+    the evaluate and control stages recorded, and again when scored again; a
+    workspace whose documents differ is refused in one line, with no table written."""
+    workspace = pipeline["workspace"]
+    evaluated = json.loads(
+        (workspace / stage_spec("evaluate", dataset="bbc_news").metrics).read_text()
+    )
+    control = "bbc_news-ulmfit-20"
+    spec = stage_spec("control", name=control, dataset="bbc_news")
+    control_error = json.loads((workspace / spec.metrics).read_text())["test_error"]
+    bench = [sys.executable, str(ROOT / "bench" / "seed_ensemble.py"), "--dataset", "bbc_news"]
+    bench += ["--batch-size", str(micro_params()["evaluate"]["batch_size"]), "--threads", "1"]
+    members = ["--member", f"a={workspace}", "--member", f"b={workspace}:{control}"]
+    out = tmp_path / "ensemble.md"
+    run([*bench, *members, "--member", f"again={workspace}", "--out", str(out)], workspace)
+    test = {
+        row.split(" | ")[0].removeprefix("| "): float(row.split(" | ")[3].split()[0])
+        for row in out.read_text().splitlines()
+        if row.startswith("| ") and row.split(" | ")[1].isdigit()
+    }
+    percent = lambda error: round(100 * error, 2)  # noqa: E731
+    assert test["a, fwd"] == test["again, fwd"] == percent(evaluated["test_error_fwd"])
+    assert test["a, bwd"] == percent(evaluated["test_error_bwd"])
+    assert test["a (fwd + bwd)"] == percent(evaluated["test_error_ensemble"])
+    assert test["b, fwd"] == percent(control_error)
+    assert test["again (fwd + bwd)"] == test["a (fwd + bwd)"]
+    assert {
+        "any 2 of the 3 members: mean (lowest to highest) over the 3 choices",
+        "all 3 members",
+    } <= set(test)
+    assert f'--member "b={workspace}:{control}"' in out.read_text()
+    other = tmp_path / "other"
+    shutil.copytree(workspace / "data", other / "data")
+    shutil.copy2(workspace / "params.yaml", other / "params.yaml")
+    tokens = other / Layout.tokens("bbc_news")
+    (tokens / "valid.parquet").write_bytes((tokens / "test.parquet").read_bytes())
+    refused = tmp_path / "refused.md"
+    result = run(
+        [*bench, *members[:2], "--member", f"c={other}", "--out", str(refused)],
+        workspace,
+        check=False,
+    )
+    assert result.returncode != 0 and not refused.exists()
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"{other}: its valid documents of bbc_news differ from {workspace}'s. Fix: compare "
+        "classifiers of workspaces made from the same data"
+    )
+
+
+@pytest.mark.slow
 def test_the_elmo_style_control_trains_a_head_on_the_frozen_awd_lstm_lms(pipeline):
     import torch
 
