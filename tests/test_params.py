@@ -102,8 +102,8 @@ def test_the_seed_controls_differ_from_their_control_by_the_seed_alone():
 
 def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
     """bench/imdb_lm_vs_random.yaml: the fine-tuned LM and the random encoder get the same
-    classifier (one rate 0.001 on every layer, x0.5, no one-rate copy), and each seed-1 control
-    differs from its pair by the seed alone."""
+    classifier (one rate 0.001 on every layer, x0.5, no one-rate copy), each seed-1 control
+    differs from its pair by the seed alone, and the LM's other rates by the rate alone."""
     params, _ = _benchmark_with("imdb_lm_vs_random.yaml")
     lm, scratch = (params.control(f"imdb-{arm}-1000-one_rate") for arm in ("ulmfit", "scratch"))
     assert (lm.encoder, scratch.encoder) == ("finetuned", "scratch")
@@ -113,6 +113,10 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
     assert not lm.classifier.train.schedule.discriminative
     for plain in (lm, scratch):
         _differs_by_the_seed_alone(params.control(f"{plain.name}-seed1"), plain, 1)
+    for lr in (0.003, 0.01):  # the LM's rate grid, one control per rate
+        control = params.control(f"{lm.name}-lr{str(lr)[2:]}")  # lr003, lr01
+        assert control.classifier == dataclasses.replace(lm.classifier, lrs=(lr,))
+        assert (control.labels, control.encoder) == (lm.labels, lm.encoder)
 
 
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
