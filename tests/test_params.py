@@ -117,6 +117,22 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
         control = params.control(f"{lm.name}-lr{str(lr)[2:]}")  # lr003, lr01
         assert control.classifier == dataclasses.replace(lm.classifier, lrs=(lr,))
         assert (control.labels, control.encoder) == (lm.labels, lm.encoder)
+    rate = params.control(f"{lm.name}-lr01")
+    _differs_by_the_seed_alone(params.control(f"{rate.name}-seed1"), rate, 1)
+    # At 100 and 5,000 labels: ULMFiT's classifier there, with one rate 0.01 instead of its
+    # recipe (the profile's control at 100 labels, the pipeline's own classifier at 5,000).
+    for labels, ulmfit in (
+        (100, params.control("imdb-ulmfit-100").classifier),
+        (5000, params.dataset("imdb").classifier),
+    ):
+        control = params.control(f"imdb-ulmfit-{labels}-one_rate-lr01")
+        assert control.encoder == "finetuned" and control.classifier.grid() == [(0.01, 0.5, False)]
+        one_rate = dataclasses.replace(
+            ulmfit.train,
+            gradual_unfreezing=False,
+            schedule=dataclasses.replace(ulmfit.train.schedule, discriminative=False),
+        )
+        assert control.classifier.train == one_rate
 
 
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
