@@ -40,7 +40,8 @@ class Figure:
 class Bar:
     """One row of issue 9's table. ``ulmfit``: the controls of the benchmark workspace that
     are ULMFiT classifiers on the bar's labels (the lowest validation error stands for it): the
-    profile's own, and those of ``bench/imdb_recipes.yaml`` where a workspace added them."""
+    profile's own, and those of ``bench/imdb_recipes.yaml`` and ``bench/imdb_lm_vs_random.yaml``
+    where a workspace added them (each at the profile's classifier seed)."""
 
     name: str
     goal: str
@@ -57,7 +58,7 @@ BARS = (
         "IMDb, 100 labels: ULMFiT vs TF-IDF",
         "ULMFiT lower",
         "imdb",
-        ("imdb-ulmfit-100", "imdb-ulmfit-100-grid"),
+        ("imdb-ulmfit-100", "imdb-ulmfit-100-grid", "imdb-ulmfit-100-one_rate-lr01"),
         pipeline=False,
         labels=100,
         strict=True,
@@ -66,7 +67,14 @@ BARS = (
         "IMDb, 1,000 labels: ULMFiT vs TF-IDF",
         "ULMFiT at or below",
         "imdb",
-        ("imdb-ulmfit-1000", "imdb-ulmfit-1000-grid", "imdb-ulmfit-1000-scratch_recipe"),
+        (
+            "imdb-ulmfit-1000",
+            "imdb-ulmfit-1000-grid",
+            "imdb-ulmfit-1000-scratch_recipe",
+            "imdb-ulmfit-1000-one_rate",
+            "imdb-ulmfit-1000-one_rate-lr003",
+            "imdb-ulmfit-1000-one_rate-lr01",
+        ),
         pipeline=False,
         labels=1000,
     ),
@@ -74,7 +82,12 @@ BARS = (
         "IMDb, 5,000 labels: ULMFiT vs TF-IDF",
         "ULMFiT at or below",
         "imdb",
-        ("imdb-ulmfit-5000-grid", "imdb-ulmfit-5000-dropout01", "imdb-ulmfit-5000-scratch_recipe"),
+        (
+            "imdb-ulmfit-5000-grid",
+            "imdb-ulmfit-5000-dropout01",
+            "imdb-ulmfit-5000-scratch_recipe",
+            "imdb-ulmfit-5000-one_rate-lr01",
+        ),
     ),
     Bar(
         "IMDb, 5,000 labels, from scratch",
