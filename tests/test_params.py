@@ -103,7 +103,8 @@ def test_the_seed_controls_differ_from_their_control_by_the_seed_alone():
 def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
     """bench/imdb_lm_vs_random.yaml: the fine-tuned LM and the random encoder get the same
     classifier (one rate 0.001 on every layer, x0.5, no one-rate copy), each seed-1 control
-    differs from its pair by the seed alone, and the LM's other rates by the rate alone."""
+    differs from its pair by the seed alone, the LM's other rates by the rate alone, and the
+    profile's own IMDb classifiers are the ones trained at one rate 0.01."""
     params, _ = _benchmark_with("imdb_lm_vs_random.yaml")
     lm, scratch = (params.control(f"imdb-{arm}-1000-one_rate") for arm in ("ulmfit", "scratch"))
     assert (lm.encoder, scratch.encoder) == ("finetuned", "scratch")
@@ -113,26 +114,26 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
     assert not lm.classifier.train.schedule.discriminative
     for plain in (lm, scratch):
         _differs_by_the_seed_alone(params.control(f"{plain.name}-seed1"), plain, 1)
-    for lr in (0.003, 0.01):  # the LM's rate grid, one control per rate
-        control = params.control(f"{lm.name}-lr{str(lr)[2:]}")  # lr003, lr01
+    for lr in (0.003, 0.01, 0.03):  # the LM's rate grid, one control per rate
+        control = params.control(f"{lm.name}-lr{str(lr)[2:]}")  # lr003, lr01, lr03
         assert control.classifier == dataclasses.replace(lm.classifier, lrs=(lr,))
         assert (control.labels, control.encoder) == (lm.labels, lm.encoder)
     rate = params.control(f"{lm.name}-lr01")
     _differs_by_the_seed_alone(params.control(f"{rate.name}-seed1"), rate, 1)
-    # At 100 and 5,000 labels: ULMFiT's classifier there, with one rate 0.01 instead of its
-    # recipe (the profile's control at 100 labels, the pipeline's own classifier at 5,000).
-    for labels, ulmfit in (
+    # The profile's ULMFiT classifiers on IMDb are the one-rate controls its comment cites: the
+    # controls at 100 and 1,000 labels, the pipeline's own classifier at 5,000.
+    for labels, profile in (
         (100, params.control("imdb-ulmfit-100").classifier),
+        (1000, params.control("imdb-ulmfit-1000").classifier),
         (5000, params.dataset("imdb").classifier),
     ):
         control = params.control(f"imdb-ulmfit-{labels}-one_rate-lr01")
-        assert control.encoder == "finetuned" and control.classifier.grid() == [(0.01, 0.5, False)]
-        one_rate = dataclasses.replace(
-            ulmfit.train,
-            gradual_unfreezing=False,
-            schedule=dataclasses.replace(ulmfit.train.schedule, discriminative=False),
+        assert control.encoder == "finetuned"
+        assert control.classifier.grid() == profile.grid() == [(0.01, 0.5, False)]
+        assert (control.classifier.train, control.classifier.model) == (
+            profile.train,
+            profile.model,
         )
-        assert control.classifier.train == one_rate
 
 
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
