@@ -74,6 +74,7 @@ BARS = (
             "imdb-ulmfit-1000-one_rate",
             "imdb-ulmfit-1000-one_rate-lr003",
             "imdb-ulmfit-1000-one_rate-lr01",
+            "imdb-ulmfit-1000-one_rate-lr03",
         ),
         pipeline=False,
         labels=1000,
