@@ -15,6 +15,7 @@ from ulmfit.io import atomic_write  # noqa: E402
 
 ORDER = [
     "bars_boundary",
+    "imdb_one_rate",
     "stage_time_bars",
     "stage_time_more",
     "bars",
