@@ -120,6 +120,10 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
         assert (control.labels, control.encoder) == (lm.labels, lm.encoder)
     rate = params.control(f"{lm.name}-lr01")
     _differs_by_the_seed_alone(params.control(f"{rate.name}-seed1"), rate, 1)
+    for step in (375, 750):  # the budget curve's snapshots at that rate
+        snapshot = params.control(f"{rate.name}-pretrain-{step}")
+        assert snapshot.pretrain_step == step and rate.pretrain_step is None
+        assert (snapshot.classifier, snapshot.labels) == (rate.classifier, rate.labels)
     # The profile's ULMFiT classifiers on IMDb are the one-rate controls its comment cites: the
     # controls at 100 and 1,000 labels, the pipeline's own classifier at 5,000.
     for labels, profile in (
