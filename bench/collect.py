@@ -35,6 +35,7 @@ ORDER = [
     "imdb_recipes",
     "pretraining_budget_trec6",
     "pretraining_budget_imdb",
+    "pretraining_budget_imdb_one_rate",
     "trec6_scratch",
     "trec6_recipe_grid",
     "demo_recipes",
