@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--member {member!r}: expected NAME=WORKSPACE or NAME=WORKSPACE:CONTROL")
         members.append((name, *classifier_files(spec, args.dataset)))
+    names = [m[0] for m in members]
+    if len(set(names)) != len(names):
+        parser.error(f"--member names must differ: got {names}")
     first = members[0][1]
     tokenizer = Tokenizer.load(first / Layout.tokenizer_dir / TOKENIZER_FILE)
     docs = split_docs(first, args.dataset, tokenizer)
@@ -136,7 +139,6 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{error([probs[k][s] for k in keys], labels[s]):.2f}" for s in SPLITS]
         return f"| {what} | {len(keys)} | {' | '.join(cells)} |"
 
-    names = [m[0] for m in members]
     of = {name: [k for k in probs if k[0] == name] for name in names}
     lines = [
         "| classifiers averaged | classifiers | valid error % | test error % |",
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in SPLITS
         }
         cells = [f"{np.mean(e):.2f} ({min(e):.2f} to {max(e):.2f})" for e in per_split.values()]
-        count = sum(len(of[n]) for n in choices[0])
+        counts = sorted({sum(len(of[n]) for n in c) for c in choices})
+        count = str(counts[0]) if len(counts) == 1 else f"{counts[0]} to {counts[-1]}"
         lines.append(
             f"| any {k} of the {len(names)} members: mean (lowest to highest) over "
             f"the {len(choices)} choices | {count} | {' | '.join(cells)} |"
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python bench/seed_ensemble.py --dataset {args.dataset} " + " ".join(
         f'--member "{m}"' for m in args.member
     )
+    if args.batch_size != 64:
+        command += f" --batch-size {args.batch_size}"
     if args.out:
         command += f" --out bench/results/{out.name}"
     if args.title != TITLE:

@@ -337,7 +337,7 @@ def test_the_seed_ensemble_bench_reproduces_the_stages_errors_and_refuses_other_
     test = {
         row.split(" | ")[0].removeprefix("| "): float(row.split(" | ")[3].split()[0])
         for row in out.read_text().splitlines()
-        if row.startswith("| ") and row.split(" | ")[1].isdigit()
+        if row.startswith("| ") and row.split(" | ")[1][0].isdigit()
     }
     percent = lambda error: round(100 * error, 2)  # noqa: E731
     assert test["a, fwd"] == test["again, fwd"] == percent(evaluated["test_error_fwd"])
@@ -350,6 +350,9 @@ def test_the_seed_ensemble_bench_reproduces_the_stages_errors_and_refuses_other_
         "all 3 members",
     } <= set(test)
     assert f'--member "b={workspace}:{control}"' in out.read_text()
+    assert "| 3 to 4 |" in out.read_text()  # two members of 2 classifiers and one of 1
+    twice = run([*bench, *members[:2], *members[:2]], workspace, check=False)
+    assert twice.returncode != 0 and "--member names must differ" in twice.stderr
     other = tmp_path / "other"
     shutil.copytree(workspace / "data", other / "data")
     shutil.copy2(workspace / "params.yaml", other / "params.yaml")
