@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arms import read_json, tfidf_row  # noqa: E402
 from collect import publish  # noqa: E402
 
+from tasks.params import parse_params  # noqa: E402
 from tasks.pipeline import stage_spec  # noqa: E402
 from tasks.tokens import TOKENIZER_FILE  # noqa: E402
 from tasks.training import MODEL_FILE, load_for  # noqa: E402
@@ -54,9 +55,8 @@ def classifier_files(spec: str, dataset: str) -> tuple[Path, list[tuple[str, Pat
     workspace, _, control = spec.partition(":")
     root = Path(workspace).resolve()
     if not control:
-        params = yaml.safe_load((root / "params.yaml").read_text())
-        entry = (params.get("datasets") or {}).get(dataset) or {}
-        directions = entry.get("directions") or ["fwd", "bwd"]
+        params = parse_params(yaml.safe_load((root / "params.yaml").read_text()))
+        directions = params.dataset(dataset).directions
         files = [(d, root / Layout.classifier(dataset, d) / MODEL_FILE) for d in directions]
         labels = None
     else:
