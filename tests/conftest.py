@@ -57,6 +57,24 @@ def one_thread_and_seed():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def benchmark_with():
+    """``benchmark_with(*files)``: the benchmark profile's params with the controls of each
+    ``bench/<file>`` pasted under its own, as a bench section's reproduce line does, and the
+    pasted entries by file."""
+    import yaml
+
+    from tasks.params import parse_params
+
+    def load(*files: str):
+        data = yaml.safe_load((REPO_ROOT / "profiles" / "benchmark.yaml").read_text())
+        pasted = {name: yaml.safe_load((REPO_ROOT / "bench" / name).read_text()) for name in files}
+        data["controls"].update({k: v for p in pasted.values() for k, v in p.items()})
+        return parse_params(data), pasted
+
+    return load
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with ``slow`` tests (the end-to-end pipelines) first, each module's own order
     kept: scripts/test hands whole modules to two workers in this order, and a long module

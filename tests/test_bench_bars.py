@@ -102,21 +102,14 @@ def test_bars_read_the_pipeline_classifiers_and_the_controls_chosen_on_validatio
     assert "not measured in these workspaces" in rows["TREC-6 ensemble"]
 
 
-def test_every_control_a_bar_reads_is_defined_on_the_bars_labels():
+def test_every_control_a_bar_reads_is_defined_on_the_bars_labels(benchmark_with):
     """Each control name in bench/bars.py's bars is a control of the benchmark profile or of a
     bench/*.yaml file pasted into it, on the bar's dataset and labels, at the profile's
     classifier seed: a renamed control would otherwise drop out of the table unnoticed."""
-    import yaml
-
-    from tasks.params import parse_params
-
     sys.path.insert(0, str(ROOT / "bench"))
     from bars import BARS
 
-    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
-    for name in ("imdb_recipes.yaml", "imdb_lm_vs_random.yaml"):
-        data["controls"].update(yaml.safe_load((ROOT / "bench" / name).read_text()))
-    params = parse_params(data)
+    params, _ = benchmark_with("imdb_recipes.yaml", "imdb_lm_vs_random.yaml")
     seed = params.dataset("imdb").classifier.train.seed
     for bar in BARS:
         for name in bar.ulmfit:

@@ -51,19 +51,10 @@ def test_required_profiles_exist():
     assert {"default", "paper", "paper-slice", "benchmark"} <= {p.stem for p in PROFILES}
 
 
-def _benchmark_with(*files: str):
-    """The benchmark profile's params with the controls of ``bench/<file>`` pasted under its
-    own, as a reproduce line does, and the pasted entries by file."""
-    data = yaml.safe_load((ROOT / "profiles" / "benchmark.yaml").read_text())
-    pasted = {name: yaml.safe_load((ROOT / "bench" / name).read_text()) for name in files}
-    data["controls"] = {**data["controls"], **{k: v for p in pasted.values() for k, v in p.items()}}
-    return parse_params(data), pasted
-
-
-def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
+def test_the_bench_recipe_controls_parse_in_the_benchmark_profile(benchmark_with):
     """bench/imdb_recipes.yaml is pasted into a benchmark workspace's controls: each entry must
     parse there and train the recipe its description names."""
-    params, _ = _benchmark_with("imdb_recipes.yaml")
+    params, _ = benchmark_with("imdb_recipes.yaml")
     grid = params.control("imdb-ulmfit-5000-grid").classifier
     assert [p.lr for p in grid.grid()] == [0.01, 0.001] and grid.train.gradual_unfreezing
     recipe = params.control("imdb-ulmfit-5000-scratch_recipe")
@@ -72,10 +63,10 @@ def test_the_bench_recipe_controls_parse_in_the_benchmark_profile():
     assert not recipe.classifier.train.schedule.discriminative
 
 
-def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile():
+def test_the_pool_embeddings_controls_parse_in_the_benchmark_profile(benchmark_with):
     """bench/imdb_pool_embeddings.yaml: each control is the profile's control of the same name
     without "-pool" (or imdb_recipes.yaml's), with the word vectors pooled too."""
-    params, pasted = _benchmark_with("imdb_recipes.yaml", "imdb_pool_embeddings.yaml")
+    params, pasted = benchmark_with("imdb_recipes.yaml", "imdb_pool_embeddings.yaml")
     for name in pasted["imdb_pool_embeddings.yaml"]:
         control, plain = params.control(name), params.control(name.removesuffix("-pool"))
         config = control.classifier.build(vocab_size=99, num_classes=2, dropout_multiplier=0.5)
@@ -92,20 +83,20 @@ def _differs_by_the_seed_alone(control, plain, seed: int) -> None:
     assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
 
 
-def test_the_seed_controls_differ_from_their_control_by_the_seed_alone():
+def test_the_seed_controls_differ_from_their_control_by_the_seed_alone(benchmark_with):
     """bench/imdb_seeds.yaml: the profile's imdb-ulmfit-1000 with another classifier seed."""
-    params, pasted = _benchmark_with("imdb_seeds.yaml")
+    params, pasted = benchmark_with("imdb_seeds.yaml")
     for name in pasted["imdb_seeds.yaml"]:
         seed = int(name.rsplit("seed", 1)[1])
         _differs_by_the_seed_alone(params.control(name), params.control("imdb-ulmfit-1000"), seed)
 
 
-def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section():
+def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section(benchmark_with):
     """bench/imdb_lm_vs_random.yaml: the fine-tuned LM and the random encoder get the same
     classifier (one rate 0.001 on every layer, x0.5, no one-rate copy), each seed-1 control
     differs from its pair by the seed alone, the LM's other rates by the rate alone, and the
     profile's own IMDb classifiers are the ones trained at one rate 0.01."""
-    params, _ = _benchmark_with("imdb_lm_vs_random.yaml")
+    params, _ = benchmark_with("imdb_lm_vs_random.yaml")
     lm, scratch = (params.control(f"imdb-{arm}-1000-one_rate") for arm in ("ulmfit", "scratch"))
     assert (lm.encoder, scratch.encoder) == ("finetuned", "scratch")
     assert lm.classifier == scratch.classifier and lm.labels == scratch.labels == 1000
