@@ -8,6 +8,7 @@ from torch import nn
 
 from ulmfit.optim import (
     NTASGD,
+    AdamWToStart,
     OptimizerConfig,
     clip_gradients,
     make_optimizer,
@@ -95,6 +96,57 @@ def test_exempt_biases_and_norms_takes_weight_decay_off_the_1d_parameters_only()
             assert torch.equal(p, before[name]), name
     default = make_optimizer([(lower, 0.1)], OptimizerConfig(weight_decay=0.5))
     assert [g["weight_decay"] for g in default.param_groups] == [0.5]  # every parameter
+
+
+def test_decay_toward_start_is_adamw_pulling_each_weight_to_its_starting_value() -> None:
+    """L2-SP: one step equals AdamW's step plus lr * decay * w_start, so a weight that never
+    gets a gradient signal returns to where training began instead of shrinking to zero."""
+    torch.manual_seed(0)
+    start = torch.randn(4, 3)
+    pulled, plain = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    cfg = OptimizerConfig(weight_decay=0.5, decay_toward="start")
+    to_start = make_optimizer([([pulled], 0.1)], cfg)
+    adamw = make_optimizer([([plain], 0.1)], OptimizerConfig(weight_decay=0.5))
+    assert isinstance(to_start, AdamWToStart)
+    grad = torch.randn(4, 3)
+    for param, optimizer in ((pulled, to_start), (plain, adamw)):
+        param.grad = grad.clone()
+        optimizer.step()
+    assert torch.allclose(pulled, plain + 0.1 * 0.5 * start)
+    with torch.no_grad():  # displaced by hand; zero gradients from now on
+        pulled.add_(1.0)
+        plain.add_(1.0)
+    for _ in range(200):
+        for param, optimizer in ((pulled, to_start), (plain, adamw)):
+            param.grad = torch.zeros_like(param)
+            optimizer.step()
+    assert torch.allclose(pulled, start, atol=1e-3)  # Adam's moments have long decayed
+    assert plain.abs().max() < 1e-3  # AdamW: toward zero
+
+
+def test_decay_toward_start_resumes_toward_the_first_runs_start() -> None:
+    """The starting weights travel with state_dict: an optimiser built on the later weights
+    and loaded from the checkpoint pulls toward the original ones."""
+    start = torch.ones(3)
+    weight = nn.Parameter(start.clone())
+    cfg = OptimizerConfig(weight_decay=1.0, decay_toward="start")
+    optimizer = make_optimizer([([weight], 0.1)], cfg)
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    resumed = make_optimizer([([weight], 0.1)], cfg)  # built on the moved weights
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.start[0], start)
+    with pytest.raises(ValueError, match="starting weights do not match"):
+        make_optimizer([([nn.Parameter(torch.ones(2))], 0.1)], cfg).load_state_dict(saved)
+
+
+def test_decay_toward_start_needs_adamw() -> None:
+    for cfg in ({"name": "ntasgd"}, {"decoupled_weight_decay": False}):
+        with pytest.raises(ValueError, match="decay_toward 'start' is decoupled weight decay"):
+            OptimizerConfig(decay_toward="start", **cfg)
+    with pytest.raises(ValueError, match="decay_toward must be 'zero' or 'start'"):
+        OptimizerConfig(decay_toward="pretrained")
 
 
 def test_clip_gradients_limits_the_global_norm() -> None:

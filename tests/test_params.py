@@ -131,6 +131,30 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section(ben
         )
 
 
+def test_each_regulariser_control_changes_one_thing_against_the_one_rate_control(benchmark_with):
+    """bench/imdb_regularisers.yaml: each control is imdb-ulmfit-1000-one_rate-lr01 (the
+    profile's IMDb classifier at 1,000 labels) with one change: the dropout multiplier, the
+    batch size, the decay toward the starting weights, or the word vectors pooled."""
+    params, pasted = benchmark_with("imdb_lm_vs_random.yaml", "imdb_regularisers.yaml")
+    plain = params.control("imdb-ulmfit-1000-one_rate-lr01").classifier
+    train, replace = plain.train, dataclasses.replace
+    expected = {
+        "dropout1": replace(plain, dropout_multipliers=(1.0,)),
+        "bs16": replace(plain, train=replace(train, batch_size=16)),
+        "pool": replace(plain, model=replace(plain.model, pool_embeddings=True)),
+    }
+    for decay in (1, 10):
+        optim = replace(train.optim, weight_decay=float(decay), decay_toward="start")
+        expected[f"l2sp{decay}"] = replace(plain, train=replace(train, optim=optim))
+    assert sorted(pasted["imdb_regularisers.yaml"]) == sorted(
+        f"imdb-ulmfit-1000-one_rate-lr01-{change}" for change in expected
+    )
+    for change, classifier in expected.items():
+        control = params.control(f"imdb-ulmfit-1000-one_rate-lr01-{change}")
+        assert control.classifier == classifier, change
+        assert (control.labels, control.encoder, control.dataset) == (1000, "finetuned", "imdb")
+
+
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
     """bench/demo_recipes.yaml is pasted into a demo workspace's controls: ULMFiT's recipe at
     the demo's former rate, and one rate on every layer at the rates its section names."""

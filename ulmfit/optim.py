@@ -4,7 +4,10 @@
   parameter group per layer group so that discriminative learning rates (paper eq. 2) are just
   per-group ``lr`` values. Weight decay is *decoupled* by default (AdamW, Loshchilov & Hutter
   2019), as fastai applies it ("true weight decay"); ``decoupled_weight_decay=False`` gives the
-  classic L2 penalty added to the gradient instead.
+  classic L2 penalty added to the gradient instead. ``decay_toward="start"`` pulls each
+  weight toward its value when training began instead of toward zero: L2-SP (Li, Grandvalet &
+  Davoine 2018, "Explicit inductive bias for transfer learning"), which lets few labels move a
+  pretrained encoder without forgetting what pretraining put there (:class:`AdamWToStart`).
 * NT-ASGD is the optimiser of the AWD-LSTM paper (Merity et al. 2017, section 3): plain SGD
   until the validation metric fails to improve on the best value seen more than ``nonmono``
   checks ago; from then on it keeps the running average of the weights after every step,
@@ -29,6 +32,7 @@ from torch import nn
 from ulmfit.config import Dropout, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat
 
 OPTIMIZERS = ("adam", "ntasgd")
+DECAY_TARGETS = ("zero", "start")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +43,9 @@ class OptimizerConfig:
     betas, eps: Adam's moment decay rates and denominator term.
     weight_decay: decay strength; decoupled (AdamW) for Adam unless
         ``decoupled_weight_decay`` is false, always L2 for NT-ASGD.
+    decay_toward: ``"zero"`` (the default: AdamW's decay) or ``"start"``: the decoupled decay
+        pulls each weight toward its value when training began (L2-SP), so the decay's
+        strength bounds how far fine-tuning moves the pretrained weights; Adam only.
     exempt_biases_and_norms: no weight decay on the 1-dimensional parameters (biases and the
         gains of LayerNorm/BatchNorm), as GPT, BERT and fastai's default (``wd_bn_bias=False``)
         do; false (the default) decays every parameter, as the AWD-LSTM code does.
@@ -51,6 +58,7 @@ class OptimizerConfig:
     eps: PositiveFloat = 1e-8
     weight_decay: NonNegativeFloat = 0.01
     decoupled_weight_decay: bool = True
+    decay_toward: Annotated[str, OneOf(DECAY_TARGETS)] = "zero"
     exempt_biases_and_norms: bool = False
     momentum: Dropout = 0.0
     nonmono: NonNegativeInt = 5
@@ -58,6 +66,15 @@ class OptimizerConfig:
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.name!r}")
+        if self.decay_toward not in DECAY_TARGETS:
+            raise ValueError(f"decay_toward must be 'zero' or 'start', got {self.decay_toward!r}")
+        if self.decay_toward == "start" and not (
+            self.name == "adam" and self.decoupled_weight_decay
+        ):
+            raise ValueError(
+                "decay_toward 'start' is decoupled weight decay (AdamW): it needs name 'adam' "
+                "and decoupled_weight_decay true"
+            )
 
 
 def make_optimizer(
@@ -91,6 +108,8 @@ def make_optimizer(
             nonmono=cfg.nonmono,
         )
     adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
+    if cfg.decay_toward == "start":
+        adam = AdamWToStart
     return adam(
         param_groups,
         lr=param_groups[0]["lr"],
@@ -98,6 +117,42 @@ def make_optimizer(
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
     )
+
+
+class AdamWToStart(torch.optim.AdamW):
+    """AdamW whose decoupled weight decay pulls each weight toward its value at construction
+    (the start of training) instead of toward zero: L2-SP's penalty
+    ``wd / 2 * ||w - w_start||^2`` applied as AdamW applies its own, decoupled from Adam's
+    moments. Each step is AdamW's, ``w <- w * (1 - lr * wd) - adam_update``, plus
+    ``lr * wd * w_start``, so ``w <- w - lr * wd * (w - w_start) - adam_update``. The starting
+    weights travel with ``state_dict`` so that a resumed run keeps pulling toward the same ones.
+    """
+
+    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.start = [p.detach().clone() for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch's signature
+        loss = super().step(closure)
+        params = (p for g in self.param_groups for p in g["params"])
+        rates = (g["lr"] * g["weight_decay"] for g in self.param_groups for _ in g["params"])
+        for param, start, rate in zip(params, self.start, rates, strict=True):
+            if param.grad is not None and rate:  # AdamW decays exactly these
+                param.add_(start, alpha=rate)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "start": [w.clone() for w in self.start]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        start = state_dict.pop("start")
+        super().load_state_dict(state_dict)
+        if [w.shape for w in start] != [w.shape for w in self.start]:
+            raise ValueError("the checkpoint's starting weights do not match the parameters")
+        for own, saved in zip(self.start, start, strict=True):
+            own.copy_(saved)
 
 
 def clip_gradients(parameters: Iterable[nn.Parameter], max_norm: float | None) -> float:
