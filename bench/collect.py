@@ -21,6 +21,7 @@ ORDER = [
     "bars",
     "trec6_boundary",
     "trec6_seed",
+    "trec6_one_rate_lr03",
     "ag_news_boundary",
     "ag_news_seed",
     "imdb_boundary",

@@ -155,6 +155,29 @@ def test_each_regulariser_control_changes_one_thing_against_the_one_rate_control
         assert (control.labels, control.encoder, control.dataset) == (1000, "finetuned", "imdb")
 
 
+def test_the_trec6_rate_controls_are_the_profiles_one_rate_search_at_003(benchmark_with):
+    """bench/trec6_one_rate_lr03.yaml: the profile's TREC-6 classifier trained at one rate 0.03
+    on every layer (beyond its one-rate grid, 0.003 and 0.01), one control per direction and
+    classifier seed."""
+    params, pasted = benchmark_with("trec6_one_rate_lr03.yaml")
+    profile = params.dataset("trec6").classifier
+    assert profile.one_rate_lrs == (0.003, 0.01)
+    for name in pasted["trec6_one_rate_lr03.yaml"]:
+        control = params.control(name)
+        direction, seed = name.split("-")[-2], int(name.rsplit("seed", 1)[1])
+        assert (control.dataset, control.direction, control.labels) == ("trec6", direction, None)
+        assert control.classifier.grid() == [(0.03, 0.5, False)]
+        one_rate = dataclasses.replace(
+            profile.train,
+            seed=seed,
+            gradual_unfreezing=False,
+            schedule=dataclasses.replace(profile.train.schedule, discriminative=False),
+        )
+        assert control.classifier == dataclasses.replace(
+            profile, lrs=(0.03,), one_rate_lrs=(), train=one_rate
+        ), name
+
+
 def test_the_demo_recipe_controls_parse_in_the_default_profile():
     """bench/demo_recipes.yaml is pasted into a demo workspace's controls: ULMFiT's recipe at
     the demo's former rate, and one rate on every layer at the rates its section names."""
