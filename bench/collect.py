@@ -16,6 +16,7 @@ from ulmfit.io import atomic_write  # noqa: E402
 ORDER = [
     "bars_boundary",
     "imdb_one_rate",
+    "imdb_regularisers",
     "stage_time_bars",
     "stage_time_more",
     "bars",

@@ -134,7 +134,8 @@ def test_the_lm_and_the_random_encoder_controls_train_one_classifier_section(ben
 def test_each_regulariser_control_changes_one_thing_against_the_one_rate_control(benchmark_with):
     """bench/imdb_regularisers.yaml: each control is imdb-ulmfit-1000-one_rate-lr01 (the
     profile's IMDb classifier at 1,000 labels) with one change: the dropout multiplier, the
-    batch size, the decay toward the starting weights, or the word vectors pooled."""
+    batch size, the decay toward the starting weights, or the word vectors pooled (and that
+    once more under classifier seed 1)."""
     params, pasted = benchmark_with("imdb_lm_vs_random.yaml", "imdb_regularisers.yaml")
     plain = params.control("imdb-ulmfit-1000-one_rate-lr01").classifier
     train, replace = plain.train, dataclasses.replace
@@ -147,12 +148,14 @@ def test_each_regulariser_control_changes_one_thing_against_the_one_rate_control
         optim = replace(train.optim, weight_decay=float(decay), decay_toward="start")
         expected[f"l2sp{decay}"] = replace(plain, train=replace(train, optim=optim))
     assert sorted(pasted["imdb_regularisers.yaml"]) == sorted(
-        f"imdb-ulmfit-1000-one_rate-lr01-{change}" for change in expected
+        f"imdb-ulmfit-1000-one_rate-lr01-{change}" for change in [*expected, "pool-seed1"]
     )
     for change, classifier in expected.items():
         control = params.control(f"imdb-ulmfit-1000-one_rate-lr01-{change}")
         assert control.classifier == classifier, change
         assert (control.labels, control.encoder, control.dataset) == (1000, "finetuned", "imdb")
+    pool = params.control("imdb-ulmfit-1000-one_rate-lr01-pool")
+    _differs_by_the_seed_alone(params.control(f"{pool.name}-seed1"), pool, 1)
 
 
 def test_the_trec6_rate_controls_are_the_profiles_one_rate_search_at_003(benchmark_with):
