@@ -137,7 +137,9 @@ def arm_row(name: str, spec: str, dataset: str) -> dict:
         row.update(pretrain_tokens=None, pretrain_minutes=None, pretrain_ppl=None, runs=[])
         reads = "no pretraining"
     elif "pretrain_step" in metrics:
-        row.update(pretrain_tokens=metrics.get("pretrain_tokens"), pretrain_ppl=None)
+        # the snapshot's share of the pretraining run's minutes is not recorded: no figure
+        row.update(pretrain_tokens=metrics.get("pretrain_tokens"), pretrain_minutes=None)
+        row.update(pretrain_ppl=None)
         reads = f"its own LM from pretraining step {metrics['pretrain_step']}"
     else:
         directions = {

@@ -46,12 +46,13 @@ def _workspace(root: Path, directions: list[str]) -> None:
     control = stage_spec("control", name="bbc-scratch", dataset="bbc_news")
     _write(root, control, {"test_error": 0.12, "train_documents": 300}, "scratch-run")
     subset = stage_spec("control", name="bbc-ulmfit-20", dataset="bbc_news")
-    _write(root, subset, {"test_error": 0.30, "train_documents": 20}, "subset-run")
+    metrics = {"test_error": 0.30, "train_documents": 20, "dataset": "bbc_news"}
+    _write(root, subset, metrics | {"encoder": "finetuned", "labels": 20}, "subset-run")
     baseline = {
         "test_error": 0.2,
         "runs": [
-            {"labels": None, "train_documents": 300, "test_error": 0.2},
-            {"labels": 20, "train_documents": 20, "test_error": 0.4},
+            {"labels": None, "train_documents": 300, "test_error": 0.2, "C": 1.0},
+            {"labels": 20, "train_documents": 20, "test_error": 0.4, "C": 1.0},
         ],
         "subsets": {"20": {"test_error": 0.4}},
     }
@@ -183,7 +184,10 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
     _workspace(tmp_path, ["fwd"])
     _write(tmp_path, stage_spec("pretrain", direction="fwd"), {"tokens_trained": 4000}, "lm-run")
     snapshot = stage_spec("control", name="bbc-ulmfit-20-pretrain-10", dataset="bbc_news")
-    _write(tmp_path, snapshot, {"test_error": 0.5, "pretrain_tokens": 1000}, "snapshot-run")
+    metrics = {"test_error": 0.5, "pretrain_tokens": 1000, "dataset": "bbc_news", "labels": 20}
+    _write(
+        tmp_path, snapshot, metrics | {"encoder": "finetuned", "pretrain_step": 10}, "snapshot-run"
+    )
 
     panel = collect(tmp_path, params).pretraining_budget["bbc_news, 20 labels, fwd"]
     assert panel["ULMFiT"] == [(1000, 0.5), (4000, 0.30)]  # fewest tokens first
@@ -202,6 +206,16 @@ def test_the_pretraining_budget_panel_and_its_bench_section_read_the_snapshot_co
         "| bbc_news, 20 labels, fwd | the whole run (control@bbc-ulmfit-20) "
         "| 4,000 | 30.00 | 40.00 | `subset-r` |",
     ]
+    # bench/arms.py gives the whole run's row the pretraining run's minutes and a snapshot's
+    # none: the snapshot's share of them is not recorded.
+    arms = [sys.executable, str(ROOT / "bench" / "arms.py"), "--dataset", "bbc_news"]
+    for name in ("bbc-ulmfit-20-pretrain-10", "bbc-ulmfit-20"):
+        arms += ["--arm", f"{name}={tmp_path}:{name}"]
+    arms += ["--out", str(tmp_path / "section" / "arms.md")]
+    subprocess.run(arms, check=True, capture_output=True, text=True)
+    table = (tmp_path / "section" / "arms.md").read_text().splitlines()
+    minutes = {row.split(" | ")[0][2:]: row.split(" | ")[3] for row in table if "| bbc-" in row}
+    assert minutes == {"bbc-ulmfit-20-pretrain-10": "–", "bbc-ulmfit-20": "1.0"}
     # The figure is one panel (5 x 4 inches at 110 dpi) with both series drawn: pixels of
     # matplotlib's first two line colours (ULMFiT, then TF-IDF + LR).
     from matplotlib.image import imread
