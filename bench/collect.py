@@ -17,6 +17,7 @@ ORDER = [
     "bars_boundary",
     "imdb_one_rate",
     "imdb_regularisers",
+    "imdb_lamb",
     "stage_time_bars",
     "stage_time_more",
     "bars",

@@ -9,6 +9,7 @@ from torch import nn
 from ulmfit.optim import (
     NTASGD,
     AdamWToStart,
+    Lamb,
     OptimizerConfig,
     clip_gradients,
     make_optimizer,
@@ -69,7 +70,7 @@ def test_make_optimizer_builds_one_group_per_layer_group() -> None:
     _, groups = _two_groups()
     assert isinstance(make_optimizer(groups, OptimizerConfig(name="ntasgd")), NTASGD)
     with pytest.raises(ValueError):
-        OptimizerConfig(name="lamb")
+        OptimizerConfig(name="sgd")
 
 
 def test_exempt_biases_and_norms_takes_weight_decay_off_the_1d_parameters_only() -> None:
@@ -142,11 +143,37 @@ def test_decay_toward_start_resumes_toward_the_first_runs_start() -> None:
 
 
 def test_decay_toward_start_needs_adamw() -> None:
-    for cfg in ({"name": "ntasgd"}, {"decoupled_weight_decay": False}):
+    for cfg in ({"name": "ntasgd"}, {"name": "lamb"}, {"decoupled_weight_decay": False}):
         with pytest.raises(ValueError, match="decay_toward 'start' is decoupled weight decay"):
             OptimizerConfig(decay_toward="start", **cfg)
     with pytest.raises(ValueError, match="decay_toward must be 'zero' or 'start'"):
         OptimizerConfig(decay_toward="pretrained")
+
+
+def test_lamb_moves_every_tensor_by_the_rate_times_its_own_norm() -> None:
+    """A weight ten times larger moves ten times further; a tensor of norm zero (a fresh bias)
+    takes Adam's first step, lr * g / |g|; decoupled decay joins the direction."""
+    torch.manual_seed(0)
+    small, large = nn.Parameter(0.05 * torch.randn(8, 4)), nn.Parameter(0.5 * torch.randn(8, 4))
+    bias = nn.Parameter(torch.zeros(4))
+    optimizer = make_optimizer(
+        [([small, large, bias], 0.01)], OptimizerConfig(name="lamb", weight_decay=0.0)
+    )
+    assert isinstance(optimizer, Lamb)
+    before = [p.detach().clone() for p in (small, large, bias)]
+    for p in (small, large, bias):
+        p.grad = torch.randn_like(p)
+    grads = [p.grad.clone() for p in (small, large, bias)]
+    optimizer.step()
+    for p, start in zip((small, large), before[:2], strict=True):
+        assert torch.isclose((p - start).norm(), 0.01 * start.norm(), rtol=1e-4)
+    assert torch.allclose(bias - before[2], -0.01 * grads[2].sign(), atol=1e-5)
+
+    decayed = nn.Parameter(torch.ones(3))
+    lamb = make_optimizer([([decayed], 0.1)], OptimizerConfig(name="lamb", weight_decay=1.0))
+    decayed.grad = torch.zeros(3)  # no gradient: only the decay gives the direction
+    lamb.step()
+    assert torch.allclose(decayed, torch.full((3,), 0.9))  # -0.1 * ||w|| * w / ||w||
 
 
 def test_clip_gradients_limits_the_global_norm() -> None:

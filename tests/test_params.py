@@ -158,6 +158,23 @@ def test_each_regulariser_control_changes_one_thing_against_the_one_rate_control
     _differs_by_the_seed_alone(params.control(f"{pool.name}-seed1"), pool, 1)
 
 
+def test_the_lamb_controls_are_the_one_rate_controls_with_lamb(benchmark_with):
+    """bench/imdb_lamb.yaml: the fine-tuned LM's one-rate control and the random encoder's,
+    with LAMB instead of Adam at the rate each name gives."""
+    params, pasted = benchmark_with("imdb_lm_vs_random.yaml", "imdb_lamb.yaml")
+    for name in pasted["imdb_lamb.yaml"]:
+        control = params.control(name)
+        arm, lr = name.split("-")[1], float("0." + name.rsplit("-lr", 1)[1])
+        plain = params.control(
+            "imdb-ulmfit-1000-one_rate-lr01" if arm == "ulmfit" else "imdb-scratch-1000-one_rate"
+        )
+        optim = dataclasses.replace(plain.classifier.train.optim, name="lamb")
+        train = dataclasses.replace(plain.classifier.train, optim=optim)
+        lamb = dataclasses.replace(plain.classifier, lrs=(lr,), train=train)
+        assert control.classifier == lamb, name
+        assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+
+
 def test_the_trec6_rate_controls_are_the_profiles_one_rate_search_at_003(benchmark_with):
     """bench/trec6_one_rate_lr03.yaml: the profile's TREC-6 classifier trained at one rate 0.03
     on every layer (beyond its one-rate grid, 0.003 and 0.01), one control per direction and

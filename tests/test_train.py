@@ -388,6 +388,8 @@ RUNNER = textwrap.dedent(
         optim = OptimizerConfig(weight_decay=0.1, exempt_biases_and_norms=True)
         if kind == "classifier-l2sp":  # the starting weights travel in the checkpoint
             optim = OptimizerConfig(weight_decay=0.5, decay_toward="start")
+        if kind == "classifier-lamb":
+            optim = OptimizerConfig(name="lamb", weight_decay=0.1)
         cfg = ClassifierTrainConfig(epochs=4, batch_size=4, lr=0.01, checkpoint_every=3,
                                     seed=5, optim=optim)
         result = train_classifier(model, classifier_docs(), classifier_docs(seed=1), cfg,
@@ -421,7 +423,8 @@ def run_training(
 
 
 @pytest.mark.parametrize(
-    "kind, kill_at", [("lm", 10), ("mlm", 10), ("classifier", 10), ("classifier-l2sp", 10)]
+    "kind, kill_at",
+    [("lm", 10), ("mlm", 10), ("classifier", 10), ("classifier-l2sp", 10), ("classifier-lamb", 10)],
 )
 def test_kill_and_resume_equals_an_uninterrupted_run(
     tmp_path: Path, kind: str, kill_at: int

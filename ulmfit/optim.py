@@ -31,7 +31,7 @@ from torch import nn
 
 from ulmfit.config import Dropout, NonNegativeFloat, NonNegativeInt, OneOf, PositiveFloat
 
-OPTIMIZERS = ("adam", "ntasgd")
+OPTIMIZERS = ("adam", "lamb", "ntasgd")
 DECAY_TARGETS = ("zero", "start")
 
 
@@ -39,7 +39,9 @@ DECAY_TARGETS = ("zero", "start")
 class OptimizerConfig:
     """What :func:`make_optimizer` builds.
 
-    name: ``"adam"`` (fine-tuning) or ``"ntasgd"`` (AWD-LSTM pretraining).
+    name: ``"adam"`` (fine-tuning), ``"lamb"`` (:class:`Lamb`: Adam's step scaled, tensor by
+        tensor, to the rate times the weight's own norm) or ``"ntasgd"`` (AWD-LSTM
+        pretraining).
     betas, eps: Adam's moment decay rates and denominator term.
     weight_decay: decay strength; decoupled (AdamW) for Adam unless
         ``decoupled_weight_decay`` is false, always L2 for NT-ASGD.
@@ -65,7 +67,7 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be 'adam' or 'ntasgd', got {self.name!r}")
+            raise ValueError(f"optimizer must be 'adam', 'lamb' or 'ntasgd', got {self.name!r}")
         if self.decay_toward not in DECAY_TARGETS:
             raise ValueError(f"decay_toward must be 'zero' or 'start', got {self.decay_toward!r}")
         if self.decay_toward == "start" and not (
@@ -107,6 +109,8 @@ def make_optimizer(
             weight_decay=cfg.weight_decay,
             nonmono=cfg.nonmono,
         )
+    if cfg.name == "lamb":
+        return Lamb(param_groups, betas=tuple(cfg.betas), eps=cfg.eps)
     adam = torch.optim.AdamW if cfg.decoupled_weight_decay else torch.optim.Adam
     if cfg.decay_toward == "start":
         adam = AdamWToStart
@@ -117,6 +121,61 @@ def make_optimizer(
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
     )
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, algorithm 2): Adam's direction with decoupled weight decay,
+    ``u = m_hat / (sqrt(v_hat) + eps) + wd * w``, stepped by ``lr * ||w|| / ||u||`` for each
+    tensor, so every weight moves by about ``lr`` times its own size whatever that size is
+    (a tensor whose norm is zero, such as a fresh bias, steps by ``lr * u``, as Adam would).
+
+    Why it is here: Adam moves each weight by about the rate whatever the weight's size, and a
+    fine-tuned LM's weights are 5 to 10 times a fresh encoder's (docs/pipeline.md, "One rate
+    on every layer, and why"), so the rate that suits one is wrong for the other. LAMB's rate
+    is relative, the same for both in principle; BENCHMARKS.md, "IMDb at 1,000 labels: LAMB",
+    measures whether it is in practice.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+    ) -> None:
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # noqa: D401 - torch's signature
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param)
+                    state["exp_avg_sq"] = torch.zeros_like(param)
+                state["step"] += 1
+                step = float(state["step"])
+                state["exp_avg"].lerp_(param.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
+                m_hat = state["exp_avg"] / (1 - beta1**step)
+                v_hat = state["exp_avg_sq"] / (1 - beta2**step)
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(param, alpha=group["weight_decay"])
+                weight_norm, update_norm = float(param.norm()), float(update.norm())
+                trust = weight_norm / update_norm if weight_norm and update_norm else 1.0
+                param.add_(update, alpha=-group["lr"] * trust)
+        return loss
 
 
 class AdamWToStart(torch.optim.AdamW):
