@@ -386,7 +386,7 @@ RUNNER = textwrap.dedent(
         model = SequenceClassifier(ClassifierConfig(encoder=TINY, num_classes=2, bptt=5))
         # two parameter groups per layer group: the resumed loop must map each one's rate
         optim = OptimizerConfig(weight_decay=0.1, exempt_biases_and_norms=True)
-        if kind == "classifier-l2sp":  # the starting weights travel in the checkpoint
+        if kind == "classifier-l2sp":  # its starting weights are optimiser state too
             optim = OptimizerConfig(weight_decay=0.5, decay_toward="start")
         if kind == "classifier-lamb":
             optim = OptimizerConfig(name="lamb", weight_decay=0.1)
