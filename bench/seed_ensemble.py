@@ -103,15 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--conditions", default="", help="how the members were trained")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    members = []
-    for member in args.member:
-        name, sep, spec = member.partition("=")
+    specs = [member.partition("=") for member in args.member]
+    for member, (_, sep, _) in zip(args.member, specs, strict=True):
         if not sep:
             parser.error(f"--member {member!r}: expected NAME=WORKSPACE or NAME=WORKSPACE:CONTROL")
-        members.append((name, *classifier_files(spec, args.dataset)))
-    names = [m[0] for m in members]
+    names = [name for name, _, _ in specs]
     if len(set(names)) != len(names):
         parser.error(f"--member names must differ: got {names}")
+    members = [(name, *classifier_files(spec, args.dataset)) for name, _, spec in specs]
     first = members[0][1]
     tokenizer = Tokenizer.load(first / Layout.tokenizer_dir / TOKENIZER_FILE)
     docs = split_docs(first, args.dataset, tokenizer)
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python bench/seed_ensemble.py --dataset {args.dataset} " + " ".join(
         f'--member "{m}"' for m in args.member
     )
-    if args.batch_size != 64:
+    if args.batch_size != parser.get_default("batch_size"):
         command += f" --batch-size {args.batch_size}"
     if args.out:
         command += f" --out bench/results/{out.name}"
