@@ -1026,6 +1026,31 @@ def _frozen_features(
     return problems
 
 
+def _direction_lm(
+    where: str, entry: Mapping[str, Any], dataset_entry: Mapping[str, Any]
+) -> list[Problem]:
+    """A control that starts from the dataset's fine-tuned LM of its direction needs the
+    dataset to train that direction (one with ``pretrain_step`` fine-tunes its own LM)."""
+    direction, directions = entry.get("direction", "fwd"), dataset_entry.get("directions")
+    if (
+        entry.get("encoder", "finetuned") != "finetuned"
+        or entry.get("pretrain_step") is not None
+        or not isinstance(directions, list)
+        or direction not in DIRECTIONS
+        or direction in directions
+    ):
+        return []
+    dataset = entry.get("dataset")
+    return [
+        Problem(
+            f"{where}.direction",
+            f"got {direction}, and datasets.{dataset}.directions leaves {direction} out, so "
+            f"there is no {direction} LM fine-tuned on {dataset} to start from",
+            f"train both: remove datasets.{dataset}.directions (or remove direction)",
+        )
+    ]
+
+
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: ``override`` wins, nested mappings are merged key by key."""
     out = dict(base)
@@ -1184,6 +1209,7 @@ def _control(
         classifier = _merge(classifier, {"train": ONE_RATE, "one_rate_lrs": []})
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
+    problems += _direction_lm(where, entry, dataset_entry)
     own = _nested(entry, "classifier", where)
     classifier = _merge(classifier, own)
     options = {k: entry[k] for k in keys if k in entry}

@@ -59,15 +59,18 @@ def one_thread_and_seed():
 
 @pytest.fixture
 def benchmark_with():
-    """``benchmark_with(*files)``: the benchmark profile's params with the controls of each
-    ``bench/<file>`` pasted under its own, as a bench section's reproduce line does, and the
-    pasted entries by file."""
+    """``benchmark_with(*files, both_directions=())``: the benchmark profile's params with the
+    controls of each ``bench/<file>`` pasted under its own, as a bench section's reproduce line
+    does, and the pasted entries by file. ``both_directions``: datasets whose ``directions`` is
+    removed first (they train both), as a file's header may ask."""
     import yaml
 
     from tasks.params import parse_params
 
-    def load(*files: str):
+    def load(*files: str, both_directions: tuple[str, ...] = ()):
         data = yaml.safe_load((REPO_ROOT / "profiles" / "benchmark.yaml").read_text())
+        for dataset in both_directions:
+            del data["datasets"][dataset]["directions"]
         pasted = {name: yaml.safe_load((REPO_ROOT / "bench" / name).read_text()) for name in files}
         data["controls"].update({k: v for p in pasted.values() for k, v in p.items()})
         return parse_params(data), pasted

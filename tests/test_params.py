@@ -32,6 +32,27 @@ def sizes(model) -> dict:
     return {k: v for k, v in dataclasses.asdict(model).items() if not k.endswith("dropout")}
 
 
+def test_a_backward_control_needs_the_datasets_backward_lm():
+    """A control that starts from the dataset's fine-tuned backward LM is refused, before any
+    work, where the dataset trains forward only; one that fine-tunes its own LM (from a
+    pretraining snapshot) or needs none (scratch) is not."""
+    data = _default()
+    data["datasets"]["bbc_news"]["directions"] = ["fwd"]
+    data["controls"] = {"c": {"dataset": "bbc_news", "direction": "bwd"}}
+    with pytest.raises(ValueError) as refused:
+        parse_params(data)
+    assert str(refused.value).count("\n") == 0, "one line"
+    assert "controls.c.direction: got bwd, and datasets.bbc_news.directions leaves bwd out" in (
+        str(refused.value)
+    )
+    assert "remove datasets.bbc_news.directions" in str(refused.value)
+    data["controls"]["c"]["encoder"] = "scratch"
+    assert parse_params(data).control("c").direction == "bwd"
+    del data["datasets"]["bbc_news"]["directions"]
+    data["controls"]["c"]["encoder"] = "finetuned"
+    assert parse_params(data).control("c").direction == "bwd"
+
+
 @pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
 def test_every_profile_parses(path):
     params = load_params(path, root=ROOT)  # the profiles' paths start at the project root
@@ -173,6 +194,25 @@ def test_the_lamb_controls_are_the_one_rate_controls_with_lamb(benchmark_with):
         lamb = dataclasses.replace(plain.classifier, lrs=(lr,), train=train)
         assert control.classifier == lamb, name
         assert (control.labels, control.encoder) == (plain.labels, plain.encoder)
+
+
+def test_the_backward_controls_are_the_one_rate_controls_reading_backward(benchmark_with):
+    """bench/imdb_bidirectional.yaml: each control is the profile's one-rate IMDb classifier at
+    its labels, reading backward; its header asks for both directions, and without them the
+    controls are refused."""
+    files = ("imdb_lm_vs_random.yaml", "imdb_bidirectional.yaml")
+    params, pasted = benchmark_with(*files, both_directions=("imdb",))
+    assert sorted(pasted["imdb_bidirectional.yaml"]) == [
+        f"imdb-ulmfit-{n}-one_rate-lr01-bwd" for n in (100, 1000, 5000)
+    ]
+    for name in pasted["imdb_bidirectional.yaml"]:
+        control, forward = params.control(name), params.control(name.removesuffix("-bwd"))
+        assert control.direction == "bwd" and forward.direction == "fwd"
+        assert dataclasses.replace(control, name=forward.name, direction="fwd", description="") == (
+            dataclasses.replace(forward, description="")
+        )
+    with pytest.raises(ValueError, match="datasets.imdb.directions leaves bwd out"):
+        benchmark_with(*files)
 
 
 def test_the_trec6_rate_controls_are_the_profiles_one_rate_search_at_003(benchmark_with):
