@@ -47,6 +47,7 @@ ORDER = [
     "demo_levers",
     "demo_seeds",
     "seed_ensemble_bbc_news",
+    "demo_vocab",
     "probe_imdb",
     "probe_imdb_finetune",
     "probe_bbc_news",
