@@ -48,7 +48,11 @@ def test_a_backward_control_needs_the_datasets_backward_lm():
     assert "remove datasets.bbc_news.directions" in str(refused.value)
     data["controls"]["c"]["encoder"] = "scratch"
     assert parse_params(data).control("c").direction == "bwd"
+    data["controls"]["c"] = {"dataset": "bbc_news", "direction": "bwd", "pretrain_step": 10}
+    data["pretrain"]["train"]["snapshot_steps"] = [10]
+    assert parse_params(data).control("c").pretrain_step == 10
     del data["datasets"]["bbc_news"]["directions"]
+    del data["controls"]["c"]["pretrain_step"]
     data["controls"]["c"]["encoder"] = "finetuned"
     assert parse_params(data).control("c").direction == "bwd"
 
