@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 from ulmfit.io import atomic_write  # noqa: E402
 
 ORDER = [
+    "bars_current",
     "bars_boundary",
     "imdb_one_rate",
     "imdb_regularisers",
