@@ -19,6 +19,7 @@ ORDER = [
     "imdb_one_rate",
     "imdb_regularisers",
     "imdb_lamb",
+    "stage_time_current",
     "stage_time_bars",
     "stage_time_more",
     "bars",
