@@ -564,6 +564,12 @@ def parse_params(data: Mapping[str, Any], *, root: Path | None = None) -> Params
             {name: c for name, c in controls.items() if c},
         )
 
+    attempt(
+        "controls",
+        _check_control_lms,
+        {name: d for name, d in datasets.items() if d},
+        {name: c for name, c in controls.items() if c},
+    )
     if pretrain and isinstance(pretrain.model, TransformerConfig):
         trainings = {"pretrain.train": pretrain.train}
         if finetune:
@@ -854,6 +860,29 @@ def _check_reuse(
         raise ConfigError(problems)
 
 
+def _check_control_lms(
+    datasets: Mapping[str, DatasetParams], controls: Mapping[str, ControlParams]
+) -> None:
+    """A control that starts from its dataset's fine-tuned LM needs the dataset to train that
+    direction (one with ``pretrain_step`` fine-tunes its own LM; other encoders need none)."""
+    problems = [
+        Problem(
+            f"controls.{name}.direction",
+            f"got {control.direction}, and datasets.{control.dataset}.directions leaves "
+            f"{control.direction} out, so there is no {control.direction} LM fine-tuned on "
+            f"{control.dataset} to start from",
+            f"train both: remove datasets.{control.dataset}.directions (or remove direction)",
+        )
+        for name, control in controls.items()
+        if control.encoder == "finetuned"
+        and control.pretrain_step is None
+        and control.dataset in datasets
+        and control.direction not in datasets[control.dataset].directions
+    ]
+    if problems:
+        raise ConfigError(problems)
+
+
 def _check_transformer_training(
     model: TransformerConfig, trainings: Mapping[str, LMTrainConfig]
 ) -> None:
@@ -1026,31 +1055,6 @@ def _frozen_features(
     return problems
 
 
-def _direction_lm(
-    where: str, entry: Mapping[str, Any], dataset_entry: Mapping[str, Any]
-) -> list[Problem]:
-    """A control that starts from the dataset's fine-tuned LM of its direction needs the
-    dataset to train that direction (one with ``pretrain_step`` fine-tunes its own LM)."""
-    direction, directions = entry.get("direction", "fwd"), dataset_entry.get("directions")
-    if (
-        entry.get("encoder", "finetuned") != "finetuned"
-        or entry.get("pretrain_step") is not None
-        or not isinstance(directions, list)
-        or direction not in DIRECTIONS
-        or direction in directions
-    ):
-        return []
-    dataset = entry.get("dataset")
-    return [
-        Problem(
-            f"{where}.direction",
-            f"got {direction}, and datasets.{dataset}.directions leaves {direction} out, so "
-            f"there is no {direction} LM fine-tuned on {dataset} to start from",
-            f"train both: remove datasets.{dataset}.directions (or remove direction)",
-        )
-    ]
-
-
 def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: ``override`` wins, nested mappings are merged key by key."""
     out = dict(base)
@@ -1209,7 +1213,6 @@ def _control(
         classifier = _merge(classifier, {"train": ONE_RATE, "one_rate_lrs": []})
     if entry.get("encoder") == "frozen_features":
         problems += _frozen_features(where, entry, dataset_entry, encoder)
-    problems += _direction_lm(where, entry, dataset_entry)
     own = _nested(entry, "classifier", where)
     classifier = _merge(classifier, own)
     options = {k: entry[k] for k in keys if k in entry}

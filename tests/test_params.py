@@ -51,9 +51,12 @@ def test_a_backward_control_needs_the_datasets_backward_lm():
     data["controls"]["c"] = {"dataset": "bbc_news", "direction": "bwd", "pretrain_step": 10}
     data["pretrain"]["train"]["snapshot_steps"] = [10]
     assert parse_params(data).control("c").pretrain_step == 10
-    del data["datasets"]["bbc_news"]["directions"]
     del data["controls"]["c"]["pretrain_step"]
     data["controls"]["c"]["encoder"] = "finetuned"
+    for both in ([], ["fwd", "bwd"]):  # an empty list is the default: both directions
+        data["datasets"]["bbc_news"]["directions"] = both
+        assert parse_params(data).control("c").direction == "bwd"
+    del data["datasets"]["bbc_news"]["directions"]
     assert parse_params(data).control("c").direction == "bwd"
 
 
