@@ -222,6 +222,69 @@ def test_the_backward_controls_are_the_one_rate_controls_reading_backward(benchm
         benchmark_with(*files)
 
 
+def test_the_benchmark_profile_holds_the_bars_and_the_budget_curve_alone(benchmark_with):
+    """Issue 9's budget is the whole benchmark profile in 120 minutes: each of its controls is
+    one that bench/bars.py reads for a bar, or a point of the pretraining-budget curve (a
+    pretraining snapshot, at each snapshot step, on TREC-6 and IMDb at 1,000 labels). A control
+    added beyond those goes in a bench/*.yaml file, outside the budget."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bars import BARS
+
+    params, _ = benchmark_with()
+    read_by_bars = {name for bar in BARS for name in bar.ulmfit}
+    budget = {name for name, c in params.controls.items() if c.pretrain_step is not None}
+    assert set(params.controls) - budget <= read_by_bars
+    snapshots = params.pretrain.train.snapshot_steps
+    assert {
+        (params.control(n).dataset, params.control(n).labels, params.control(n).pretrain_step)
+        for n in budget
+    } == {
+        (d, labels, step) for d, labels in (("trec6", None), ("imdb", 1000)) for step in snapshots
+    }
+
+
+def test_the_paper_ablations_and_figure3_points_parse_beside_the_profile(benchmark_with):
+    """bench/paper_figure3_ablations.yaml holds what the profile left out for its time budget:
+    the paper's six TREC-6 ablations (section 5: no pretraining, no LM fine-tuning, from
+    scratch, and each of the three recipe tricks removed) and Figure 3's from-scratch points at
+    100 and 1,000 IMDb labels, which search the dropout too. Pasted into the profile, they
+    parse, and none of them is the profile's own."""
+    profile, _ = benchmark_with()
+    params, pasted = benchmark_with("paper_figure3_ablations.yaml")
+    moved = {name: params.control(name) for name in pasted["paper_figure3_ablations.yaml"]}
+    assert not set(moved) & set(profile.controls)
+    ablations = {n: c for n, c in moved.items() if c.dataset == "trec6"}
+    assert sorted(c.encoder for c in ablations.values()) == sorted(
+        ["lm_from_scratch", "pretrained", "scratch", "finetuned", "finetuned", "finetuned"]
+    )
+    ulmfit = params.dataset("trec6").classifier
+    assert ulmfit.train.gradual_unfreezing and ulmfit.train.schedule.discriminative
+    assert ulmfit.train.schedule.stlr
+    removed = set()
+    for control in ablations.values():
+        if control.encoder != "finetuned":
+            continue
+        train, schedule = control.classifier.train, control.classifier.train.schedule
+        assert control.classifier.one_rate_lrs == ()  # no one-rate copy: it has none of the tricks
+        removed |= {
+            trick
+            for trick, on in (
+                ("gradual_unfreezing", train.gradual_unfreezing),
+                ("discriminative", schedule.discriminative),
+                ("stlr", schedule.stlr),
+            )
+            if not on
+        }
+    assert removed == {"gradual_unfreezing", "discriminative", "stlr"}
+    figure3 = {c.labels: c for c in moved.values() if c.dataset == "imdb"}
+    assert sorted(figure3) == [100, 1000]
+    for control in figure3.values():
+        assert control.encoder == "scratch"
+        assert control.classifier.dropout_multipliers == (0.5, 0.1)
+
+
 def test_the_trec6_rate_controls_are_the_profiles_one_rate_search_at_003(benchmark_with):
     """bench/trec6_one_rate_lr03.yaml: the profile's TREC-6 classifier trained at one rate 0.03
     on every layer (beyond its one-rate grid, 0.003 and 0.01), one control per direction and
