@@ -6,8 +6,12 @@ and command) and its sample-efficiency and pretraining-budget figures into ``ben
 under a header that says where and how the run was made. Produce the workspace with the
 pipeline's own commands:
 
-    ulmfit profile benchmark && ulmfit repro      # about 4 hours on 2 CPU cores
+    ulmfit profile benchmark && ulmfit repro      # issue 9's budget: 120 minutes on 2 cores
     python bench/accuracy.py --workspace .        # then: python bench/collect.py
+
+For the paper's ablations and Figure 3's from-scratch points too, paste the entries of
+``bench/paper_figure3_ablations.yaml`` under ``controls:`` in the workspace's params.yaml
+before ``ulmfit repro``.
 
 ``--workspace`` may be another clone of the project (the run needs no change to this one).
 """

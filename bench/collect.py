@@ -14,6 +14,8 @@ sys.path.insert(0, str(ROOT))
 from ulmfit.io import atomic_write  # noqa: E402
 
 ORDER = [
+    "bars_profile",
+    "stage_time_profile",
     "bars_current",
     "bars_boundary",
     "imdb_one_rate",
