@@ -268,7 +268,7 @@ def test_the_paper_ablations_and_figure3_points_parse_beside_the_profile(benchma
             continue
         train, schedule = control.classifier.train, control.classifier.train.schedule
         assert control.classifier.one_rate_lrs == ()  # no one-rate copy: it has none of the tricks
-        removed |= {
+        off = {
             trick
             for trick, on in (
                 ("gradual_unfreezing", train.gradual_unfreezing),
@@ -277,6 +277,8 @@ def test_the_paper_ablations_and_figure3_points_parse_beside_the_profile(benchma
             )
             if not on
         }
+        assert len(off) == 1, off  # one trick removed per ablation
+        removed |= off
     assert removed == {"gradual_unfreezing", "discriminative", "stlr"}
     figure3 = {c.labels: c for c in moved.values() if c.dataset == "imdb"}
     assert sorted(figure3) == [100, 1000]
