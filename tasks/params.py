@@ -555,21 +555,11 @@ def parse_params(data: Mapping[str, Any], *, root: Path | None = None) -> Params
         )
         for name, entry in sections["controls"].items()
     }
+    parsed_datasets = {name: d for name, d in datasets.items() if d}
+    parsed_controls = {name: c for name, c in controls.items() if c}
     if pretrain and pretrain.reuse:
-        attempt(
-            "pretrain.reuse",
-            _check_reuse,
-            pretrain,
-            {name: d for name, d in datasets.items() if d},
-            {name: c for name, c in controls.items() if c},
-        )
-
-    attempt(
-        "controls",
-        _check_control_lms,
-        {name: d for name, d in datasets.items() if d},
-        {name: c for name, c in controls.items() if c},
-    )
+        attempt("pretrain.reuse", _check_reuse, pretrain, parsed_datasets, parsed_controls)
+    attempt("controls", _check_control_lms, parsed_datasets, parsed_controls)
     if pretrain and isinstance(pretrain.model, TransformerConfig):
         trainings = {"pretrain.train": pretrain.train}
         if finetune:
